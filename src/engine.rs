@@ -1,0 +1,389 @@
+//! The limiter's state and its decisions: windowed counters by (check, key),
+//! open-connection leases by (owner, connection id), and the verdict for
+//! each event of an SMTP session (`docs/policy.md` §1).
+//!
+//! Deterministic and pure: no I/O, no clock. Every call takes `now` (seconds
+//! since the epoch), so a Raft state machine, a single node and the milter's
+//! fallback all decide the same from the same events.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use hashbrown::{Equivalent, HashMap};
+use serde::{Deserialize, Serialize};
+
+use crate::check::{Check, Measure, Reply};
+use crate::policy::{Client, Policy};
+use crate::window::{Window, WindowConfig};
+
+/// Seconds since the Unix epoch.
+pub type Time = u64;
+
+/// An open connection: which node holds its lease, and its number there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ConnId {
+    pub owner: u64,
+    pub conn: u64,
+}
+
+/// One step of an SMTP session, as the milter reports it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Event {
+    /// Counts ConnRate, takes a ConnOpen lease; decides both.
+    Connect { conn: ConnId, client: Client },
+    /// At HELO: ConnRate and ConnOpen again, counting nothing.
+    Recheck { client: Client },
+    /// At MAIL FROM: MaxMsgs and the message rates, counting nothing.
+    /// `msgs_in_conn` counts this MAIL.
+    Mail { client: Client, msgs_in_conn: u32 },
+    /// At RCPT TO: counts the recipient rates; decides them, MaxRcpt and
+    /// the connection checks. `rcpts_in_msg` counts this RCPT.
+    Rcpt { client: Client, rcpts_in_msg: u32 },
+    /// At end of message: counts the message rates.
+    Message { client: Client },
+    /// The connection ended: releases its lease.
+    Close { conn: ConnId },
+}
+
+impl Event {
+    /// Whether applying the event changes the state (a write that must go
+    /// through the log) or only reads it.
+    pub fn is_write(&self) -> bool {
+        !matches!(self, Event::Recheck { .. } | Event::Mail { .. })
+    }
+}
+
+/// Why an event was refused, with what the client hears.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    pub check: Check,
+    pub count: u64,
+    pub limit: u64,
+    pub reply: Reply,
+    /// When trying again could succeed, in seconds (0: now, on a new
+    /// connection or message).
+    pub retry_after: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Allow,
+    Refuse(Refusal),
+}
+
+impl Verdict {
+    pub fn is_allowed(&self) -> bool {
+        matches!(self, Verdict::Allow)
+    }
+
+    pub fn refusal(&self) -> Option<&Refusal> {
+        match self {
+            Verdict::Allow => None,
+            Verdict::Refuse(r) => Some(r),
+        }
+    }
+}
+
+/// Who a windowed counter counts: a client address or a name (sender,
+/// AUTH user).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum CounterKey {
+    Ip(IpAddr),
+    Name(Box<str>),
+}
+
+/// One windowed counter: a check and who it counts.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct CounterId {
+    pub check: Check,
+    pub key: CounterKey,
+}
+
+/// A borrowed [`CounterKey`] for lookups without allocating. The variants
+/// and fields mirror the owned ones, so both hash alike.
+#[derive(Hash)]
+enum CounterKeyRef<'a> {
+    Ip(IpAddr),
+    Name(&'a str),
+}
+
+#[derive(Hash)]
+struct CounterIdRef<'a> {
+    check: Check,
+    key: CounterKeyRef<'a>,
+}
+
+impl Equivalent<CounterId> for CounterIdRef<'_> {
+    fn equivalent(&self, id: &CounterId) -> bool {
+        self.check == id.check
+            && match (&self.key, &id.key) {
+                (CounterKeyRef::Ip(a), CounterKey::Ip(b)) => a == b,
+                (CounterKeyRef::Name(a), CounterKey::Name(b)) => *a == &**b,
+                _ => false,
+            }
+    }
+}
+
+impl CounterKeyRef<'_> {
+    fn to_owned(&self) -> CounterKey {
+        match *self {
+            CounterKeyRef::Ip(ip) => CounterKey::Ip(ip),
+            CounterKeyRef::Name(n) => CounterKey::Name(n.into()),
+        }
+    }
+}
+
+/// The key a windowed check counts a client by, if the client has one.
+fn counter_key(check: Check, client: &Client) -> Option<CounterKeyRef<'_>> {
+    use crate::check::KeyKind;
+    match check.key_kind() {
+        KeyKind::Client => client.ip.map(CounterKeyRef::Ip),
+        KeyKind::Sender => client.sender.as_deref().map(CounterKeyRef::Name),
+        KeyKind::AuthUser => client.auth.as_deref().map(CounterKeyRef::Name),
+    }
+}
+
+/// The limiter state.
+#[derive(Clone, Debug)]
+pub struct Engine {
+    policy: Arc<Policy>,
+    window: WindowConfig,
+    counters: HashMap<CounterId, Window>,
+    /// Open connections and the address each counts against.
+    leases: HashMap<ConnId, IpAddr>,
+    /// Open connections per address; an address with none has no entry.
+    open: HashMap<IpAddr, u32>,
+    /// The bucket in which idle counters were last swept away.
+    swept: u64,
+}
+
+impl Engine {
+    pub fn new(policy: Arc<Policy>) -> Engine {
+        Engine {
+            window: policy.window(),
+            policy,
+            counters: HashMap::new(),
+            leases: HashMap::new(),
+            open: HashMap::new(),
+            swept: 0,
+        }
+    }
+
+    pub fn policy(&self) -> &Arc<Policy> {
+        &self.policy
+    }
+
+    /// Puts a new policy in force and keeps every count. If the window
+    /// changed, each count moves to the new bucket of its time.
+    pub fn set_policy(&mut self, policy: Arc<Policy>) {
+        let (from, to) = (self.window, policy.window());
+        if from != to {
+            for w in self.counters.values_mut() {
+                *w = w.rebucket(from, to);
+            }
+        }
+        self.window = to;
+        self.policy = policy;
+    }
+
+    /// Applies one event at `now` and returns its verdict.
+    pub fn apply(&mut self, event: &Event, now: Time) -> Verdict {
+        self.sweep_if_due(now);
+        match event {
+            Event::Connect { conn, client } => {
+                self.count(&[Check::ConnRate], client, now);
+                if let Some(ip) = client.ip {
+                    self.acquire(*conn, ip);
+                }
+                self.connection_verdict(client, now)
+            }
+            Event::Recheck { client } => self.connection_verdict(client, now),
+            Event::Mail {
+                client,
+                msgs_in_conn,
+            } => self
+                .per_connection(Check::MaxMsgs, client, *msgs_in_conn)
+                .or_else(|| self.message_rates(client, now))
+                .map_or(Verdict::Allow, Verdict::Refuse),
+            Event::Rcpt {
+                client,
+                rcpts_in_msg,
+            } => {
+                const RATES: [Check; 3] =
+                    [Check::RcptRate, Check::RcptRateFrom, Check::RcptRateAuth];
+                self.count(&RATES, client, now);
+                match self.connection_verdict(client, now) {
+                    Verdict::Allow => [Check::MaxRcpt, Check::MaxRcptFrom]
+                        .into_iter()
+                        .find_map(|c| self.per_connection(c, client, *rcpts_in_msg))
+                        .or_else(|| RATES.into_iter().find_map(|c| self.over(c, client, now, 0)))
+                        .map_or(Verdict::Allow, Verdict::Refuse),
+                    refused => refused,
+                }
+            }
+            Event::Message { client } => {
+                self.count(
+                    &[Check::MsgRate, Check::MsgRateFrom, Check::MsgRateAuth],
+                    client,
+                    now,
+                );
+                Verdict::Allow
+            }
+            Event::Close { conn } => {
+                self.release(*conn);
+                Verdict::Allow
+            }
+        }
+    }
+
+    /// The count of a windowed check for a client at `now`.
+    pub fn count_of(&self, check: Check, client: &Client, now: Time) -> u64 {
+        match check.measure() {
+            Measure::Window => counter_key(check, client)
+                .and_then(|key| self.counters.get(&CounterIdRef { check, key }))
+                .map_or(0, |w| u64::from(w.count(self.window, now))),
+            Measure::Open => client.ip.map_or(0, |ip| self.open_count(ip)),
+            Measure::PerConnection => 0,
+        }
+    }
+
+    pub fn open_count(&self, ip: IpAddr) -> u64 {
+        self.open.get(&ip).copied().map_or(0, u64::from)
+    }
+
+    /// How many (check, key) counters are kept.
+    pub fn counters_len(&self) -> usize {
+        self.counters.len()
+    }
+
+    pub fn leases_len(&self) -> usize {
+        self.leases.len()
+    }
+
+    /// Releases every lease of a node (a node that stopped heartbeating).
+    pub fn release_owner(&mut self, owner: u64) -> usize {
+        let gone: Vec<ConnId> = self
+            .leases
+            .keys()
+            .filter(|c| c.owner == owner)
+            .copied()
+            .collect();
+        gone.iter().for_each(|c| self.release(*c));
+        gone.len()
+    }
+
+    /// Adds one event to each enabled windowed check of `checks`.
+    fn count(&mut self, checks: &[Check], client: &Client, now: Time) {
+        for &check in checks {
+            if !self.policy.is_enabled(check) {
+                continue;
+            }
+            let Some(key) = counter_key(check, client) else {
+                continue;
+            };
+            let window = self.window;
+            let lookup = CounterIdRef { check, key };
+            match self.counters.get_mut(&lookup) {
+                Some(w) => {
+                    w.add(window, now, 1);
+                }
+                None => {
+                    let mut w = Window::new(window);
+                    w.add(window, now, 1);
+                    self.counters.insert(
+                        CounterId {
+                            check,
+                            key: lookup.key.to_owned(),
+                        },
+                        w,
+                    );
+                }
+            }
+        }
+    }
+
+    fn acquire(&mut self, conn: ConnId, ip: IpAddr) {
+        // A retried Connect must not take a second slot.
+        if self.leases.insert(conn, ip).is_none() {
+            *self.open.entry(ip).or_insert(0) += 1;
+        }
+    }
+
+    fn release(&mut self, conn: ConnId) {
+        let Some(ip) = self.leases.remove(&conn) else {
+            return;
+        };
+        if let Some(n) = self.open.get_mut(&ip) {
+            *n -= 1;
+            if *n == 0 {
+                self.open.remove(&ip);
+            }
+        }
+    }
+
+    /// ConnRate then ConnOpen, as at connect, helo and every rcpt.
+    fn connection_verdict(&self, client: &Client, now: Time) -> Verdict {
+        self.over(Check::ConnRate, client, now, 0)
+            .or_else(|| self.over(Check::ConnOpen, client, now, 0))
+            .map_or(Verdict::Allow, Verdict::Refuse)
+    }
+
+    /// MsgRate, MsgRateFrom, MsgRateAuth at MAIL FROM: the message about to
+    /// be sent must fit, so N messages pass and the (N+1)-th is refused.
+    fn message_rates(&self, client: &Client, now: Time) -> Option<Refusal> {
+        [Check::MsgRate, Check::MsgRateFrom, Check::MsgRateAuth]
+            .into_iter()
+            .find_map(|c| self.over(c, client, now, 1))
+    }
+
+    /// Refuses when `count + pending` exceeds the limit of a windowed or
+    /// open-connection check.
+    fn over(&self, check: Check, client: &Client, now: Time, pending: u64) -> Option<Refusal> {
+        let limit = self.policy.limit(check, client)?;
+        let count = self.count_of(check, client, now);
+        if count + pending <= limit {
+            return None;
+        }
+        let (window, retry_after) = match check.measure() {
+            Measure::Window => {
+                let w = counter_key(check, client)
+                    .and_then(|key| self.counters.get(&CounterIdRef { check, key }));
+                let retry = w.map_or(0, |w| w.retry_after(self.window, now, limit));
+                (Some(self.window.window_secs()), retry)
+            }
+            // Nobody knows when a connection will close; a bucket is a fair wait.
+            _ => (None, u64::from(self.window.bucket_secs())),
+        };
+        Some(Refusal {
+            check,
+            count,
+            limit,
+            reply: check.reply(count, limit, window),
+            retry_after,
+        })
+    }
+
+    /// MaxMsgs, MaxRcpt, MaxRcptFrom: counts the milter keeps per connection.
+    fn per_connection(&self, check: Check, client: &Client, count: u32) -> Option<Refusal> {
+        let limit = self.policy.limit(check, client)?;
+        let count = u64::from(count);
+        (count > limit).then(|| Refusal {
+            check,
+            count,
+            limit,
+            reply: check.reply(count, limit, None),
+            retry_after: 0,
+        })
+    }
+
+    /// Forgets counters with nothing left in their window, once per bucket,
+    /// so memory follows the active clients, not every client ever seen.
+    fn sweep_if_due(&mut self, now: Time) {
+        let bucket = self.window.bucket_of(now);
+        if bucket > self.swept {
+            let window = self.window;
+            self.counters.retain(|_, w| !w.is_idle(window, now));
+            self.swept = bucket;
+        }
+    }
+}

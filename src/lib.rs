@@ -1,0 +1,24 @@
+//! relayrate: outgoing-mail rate limits that hold for a whole cluster of
+//! relays.
+//!
+//! How the crate is laid out, from the inside out:
+//! - [`check`]: the checks of ze-filter (ConnRate, MsgRate, ...), their
+//!   switches, defaults and SMTP replies.
+//! - [`policy`]: reads `ze-policy.txt` and answers "which limit applies to
+//!   this client" in a few hash probes.
+//! - [`window`]: the sliding-window counter (30 s buckets over 600 s).
+//! - [`engine`]: the limiter state; applies the events of SMTP sessions at
+//!   a given time and returns verdicts. Pure: no I/O, no clock.
+//! - [`proto`]: the gRPC messages of `proto/relayrate/v1/`.
+//!
+//! Data flows one way: the MTA's milter turns an SMTP session into
+//! [`engine::Event`]s, the engine (on a node, replicated through Raft, or
+//! in the milter's fallback) turns them into [`engine::Verdict`]s, and the
+//! milter answers the MTA with the verdict's reply.
+#![forbid(unsafe_code)]
+
+pub mod check;
+pub mod engine;
+pub mod policy;
+pub mod proto;
+pub mod window;

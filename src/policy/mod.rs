@@ -1,0 +1,286 @@
+//! The policy: an administrator's `ze-policy.txt` files read into tables,
+//! and the answer to "which limit applies to this client for this check"
+//! (`docs/policy.md` §3).
+
+mod parse;
+pub mod report;
+mod table;
+
+use std::fmt;
+use std::net::IpAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+pub use table::{Entry, Key, Origin, Table};
+
+use crate::check::{Check, KeyKind, Switch};
+use crate::window::WindowConfig;
+
+/// A policy file's name and content. The content, not the path, is what a
+/// policy is made of, so that it can be replicated and compared.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PolicyFile {
+    pub name: String,
+    pub text: String,
+}
+
+/// A message about one place in a policy file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Diagnostic {
+    pub file: Arc<str>,
+    pub line: u32,
+    /// 1-based, in characters.
+    pub column: u32,
+    pub message: String,
+}
+
+impl fmt::Display for Diagnostic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}:{}:{}: {}",
+            self.file, self.line, self.column, self.message
+        )
+    }
+}
+
+/// Why a policy was refused. A refused policy is refused whole.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    /// A file could not be read.
+    #[error("{path}: cannot read: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    /// One or more lines are wrong; each diagnostic names its place.
+    #[error("{}", .0.iter().map(|d| d.to_string()).collect::<Vec<_>>().join("\n"))]
+    Invalid(Vec<Diagnostic>),
+}
+
+/// A parsed policy, immutable once built.
+#[derive(Clone, Debug)]
+pub struct Policy {
+    switches: [bool; Switch::ALL.len()],
+    tables: [Table<Option<u64>>; Check::ALL.len()],
+    netclass: Table<Box<str>>,
+    window: WindowConfig,
+    dry_run: bool,
+    files: Vec<PolicyFile>,
+    warnings: Vec<Diagnostic>,
+}
+
+/// What the MTA told us about the client: the input of every lookup.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub struct Client {
+    /// `None` only for a client the MTA could not name (a Unix socket).
+    pub ip: Option<IpAddr>,
+    /// `{client_name}`, lower case, without a trailing dot.
+    pub host: Option<String>,
+    /// Envelope sender, lower case, without angle brackets.
+    pub sender: Option<String>,
+    /// `{auth_authen}`, lower case.
+    pub auth: Option<String>,
+}
+
+impl Client {
+    /// A client known by address only. IPv4-mapped IPv6 addresses are
+    /// taken as IPv4, as an administrator writes them.
+    pub fn from_ip(ip: IpAddr) -> Client {
+        Client {
+            ip: Some(canonical_ip(ip)),
+            ..Client::default()
+        }
+    }
+
+    pub fn with_host(mut self, host: &str) -> Client {
+        let host = host.trim_end_matches('.').to_ascii_lowercase();
+        // Postfix sends "unknown" when the name could not be verified.
+        self.host = (!host.is_empty() && host != "unknown").then_some(host);
+        self
+    }
+
+    pub fn with_sender(mut self, sender: &str) -> Client {
+        let s = sender
+            .trim()
+            .trim_start_matches('<')
+            .trim_end_matches('>')
+            .to_ascii_lowercase();
+        self.sender = (!s.is_empty()).then_some(s);
+        self
+    }
+
+    pub fn with_auth(mut self, user: &str) -> Client {
+        let u = user.trim().to_ascii_lowercase();
+        self.auth = (!u.is_empty()).then_some(u);
+        self
+    }
+}
+
+/// IPv4-mapped IPv6 (`::ffff:1.2.3.4`) becomes IPv4.
+pub fn canonical_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map(IpAddr::V4)
+            .unwrap_or(IpAddr::V6(v6)),
+        v4 => v4,
+    }
+}
+
+/// Which entry gave a limit.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Matched<'a> {
+    Entry(&'a Origin),
+    BuiltIn,
+}
+
+/// The limit of one check for one client, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Resolved<'a> {
+    pub check: Check,
+    pub enabled: bool,
+    /// The limit in force: `None` is no limit (also when the check is off).
+    pub limit: Option<u64>,
+    pub matched: Matched<'a>,
+}
+
+impl Policy {
+    /// Reads and parses files in order (earlier files win duplicates).
+    pub fn from_paths<P: AsRef<Path>>(paths: &[P]) -> Result<Policy, PolicyError> {
+        let files = paths
+            .iter()
+            .map(|p| {
+                let p = p.as_ref();
+                std::fs::read_to_string(p)
+                    .map(|text| PolicyFile {
+                        name: p.display().to_string(),
+                        text,
+                    })
+                    .map_err(|source| PolicyError::Read {
+                        path: p.display().to_string(),
+                        source,
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Policy::parse(files)
+    }
+
+    /// Parses file contents in order. Any error refuses the whole policy.
+    pub fn parse(files: Vec<PolicyFile>) -> Result<Policy, PolicyError> {
+        parse::parse(files)
+    }
+
+    /// Parses one text, named `name` in diagnostics.
+    pub fn parse_str(name: &str, text: &str) -> Result<Policy, PolicyError> {
+        Policy::parse(vec![PolicyFile {
+            name: name.to_string(),
+            text: text.to_string(),
+        }])
+    }
+
+    pub fn is_enabled(&self, check: Check) -> bool {
+        self.switch(check.switch())
+    }
+
+    pub fn switch(&self, switch: Switch) -> bool {
+        self.switches[switch as usize]
+    }
+
+    pub fn window(&self) -> WindowConfig {
+        self.window
+    }
+
+    /// `DryRun YES`: count and log refusals, refuse nothing.
+    pub fn dry_run(&self) -> bool {
+        self.dry_run
+    }
+
+    pub fn files(&self) -> &[PolicyFile] {
+        &self.files
+    }
+
+    /// Duplicates and entries of switched-off checks.
+    pub fn warnings(&self) -> &[Diagnostic] {
+        &self.warnings
+    }
+
+    pub fn entries(&self, check: Check) -> &Table<Option<u64>> {
+        &self.tables[check.index()]
+    }
+
+    pub fn netclass_entries(&self) -> &Table<Box<str>> {
+        &self.netclass
+    }
+
+    /// The limit in force for `check`, `None` for no limit. The hot path.
+    pub fn limit(&self, check: Check, client: &Client) -> Option<u64> {
+        if !self.is_enabled(check) {
+            return None;
+        }
+        match self.lookup(check, client) {
+            Some(entry) => entry.value,
+            None => check.builtin_default(),
+        }
+    }
+
+    /// The limit and the entry it came from, for `policy explain`.
+    pub fn resolve(&self, check: Check, client: &Client) -> Resolved<'_> {
+        let enabled = self.is_enabled(check);
+        let (limit, matched) = match self.lookup(check, client) {
+            Some(entry) => (entry.value, Matched::Entry(&entry.origin)),
+            None => (check.builtin_default(), Matched::BuiltIn),
+        };
+        Resolved {
+            check,
+            enabled,
+            limit: if enabled { limit } else { None },
+            matched,
+        }
+    }
+
+    /// The client's class label: a `NetClass` entry, else `local` for the
+    /// loopback address; `auth` once the client has authenticated.
+    pub fn class_of<'a>(&'a self, client: &Client) -> Option<&'a str> {
+        if client.auth.is_some() {
+            return Some("auth");
+        }
+        let by_net = client.ip.and_then(|ip| self.netclass.by_address(ip));
+        let by_host = || {
+            client
+                .host
+                .as_deref()
+                .and_then(|h| self.netclass.by_domain(h))
+        };
+        match by_net.or_else(by_host) {
+            Some(entry) => Some(&entry.value),
+            None => match client.ip {
+                Some(ip) if ip.is_loopback() && is_loopback_one(ip) => Some("local"),
+                _ => None,
+            },
+        }
+    }
+
+    /// The first match of `policy.md` §3's precedence.
+    fn lookup(&self, check: Check, client: &Client) -> Option<&Entry<Option<u64>>> {
+        let table = &self.tables[check.index()];
+        let found = match check.key_kind() {
+            KeyKind::Client => client
+                .ip
+                .and_then(|ip| table.by_address(ip))
+                .or_else(|| client.host.as_deref().and_then(|h| table.by_domain(h)))
+                .or_else(|| self.class_of(client).and_then(|label| table.by_name(label))),
+            KeyKind::Sender => client.sender.as_deref().and_then(|s| table.by_sender(s)),
+            KeyKind::AuthUser => client.auth.as_deref().and_then(|u| table.by_name(u)),
+        };
+        found.or_else(|| table.default_entry())
+    }
+}
+
+/// 127.0.0.1 and ::1, the addresses `policy.md` makes `LOCAL`.
+fn is_loopback_one(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => v4.octets() == [127, 0, 0, 1],
+        IpAddr::V6(v6) => v6.is_loopback(),
+    }
+}
