@@ -6,7 +6,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     if std::env::var_os("PROTOC").is_none() {
         std::env::set_var("PROTOC", protoc_bin_vendored::protoc_bin_path()?);
     }
-    let protos = ["proto/relayrate/v1/limiter.proto"];
+    let protos = [
+        "proto/relayrate/v1/limiter.proto",
+        "proto/relayrate/v1/raft.proto",
+    ];
     tonic_prost_build::configure().compile_protos(&protos, &["proto"])?;
     for p in protos {
         println!("cargo:rerun-if-changed={p}");

@@ -53,19 +53,28 @@ impl Event {
     }
 }
 
-/// Why an event was refused, with what the client hears.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// Why an event was refused.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Refusal {
     pub check: Check,
     pub count: u64,
     pub limit: u64,
-    pub reply: Reply,
+    /// The window the count is over; `None` for open connections and the
+    /// per-connection counts.
+    pub window_secs: Option<u32>,
     /// When trying again could succeed, in seconds (0: now, on a new
     /// connection or message).
     pub retry_after: u64,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+impl Refusal {
+    /// What the client hears.
+    pub fn reply(&self) -> Reply {
+        self.check.reply(self.count, self.limit, self.window_secs)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Verdict {
     Allow,
     Refuse(Refusal),
@@ -143,6 +152,15 @@ fn counter_key(check: Check, client: &Client) -> Option<CounterKeyRef<'_>> {
     }
 }
 
+/// The engine's counters and leases, to store and send. Windows are kept
+/// in the shape of the policy's window at the time.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct EngineState {
+    pub counters: Vec<(CounterId, Window)>,
+    pub leases: Vec<(ConnId, IpAddr)>,
+    pub swept: u64,
+}
+
 /// The limiter state.
 #[derive(Clone, Debug)]
 pub struct Engine {
@@ -197,14 +215,7 @@ impl Engine {
                 }
                 self.connection_verdict(client, now)
             }
-            Event::Recheck { client } => self.connection_verdict(client, now),
-            Event::Mail {
-                client,
-                msgs_in_conn,
-            } => self
-                .per_connection(Check::MaxMsgs, client, *msgs_in_conn)
-                .or_else(|| self.message_rates(client, now))
-                .map_or(Verdict::Allow, Verdict::Refuse),
+            Event::Recheck { .. } | Event::Mail { .. } => self.read(event, now),
             Event::Rcpt {
                 client,
                 rcpts_in_msg,
@@ -234,6 +245,54 @@ impl Engine {
                 Verdict::Allow
             }
         }
+    }
+
+    /// Decides a read-only event (Recheck, Mail) without changing anything.
+    /// A write event is answered as if it were allowed.
+    pub fn read(&self, event: &Event, now: Time) -> Verdict {
+        match event {
+            Event::Recheck { client } => self.connection_verdict(client, now),
+            Event::Mail {
+                client,
+                msgs_in_conn,
+            } => self
+                .per_connection(Check::MaxMsgs, client, *msgs_in_conn)
+                .or_else(|| self.message_rates(client, now))
+                .map_or(Verdict::Allow, Verdict::Refuse),
+            _ => Verdict::Allow,
+        }
+    }
+
+    /// Everything but the policy, to snapshot.
+    pub fn state(&self) -> EngineState {
+        EngineState {
+            counters: self
+                .counters
+                .iter()
+                .map(|(id, w)| (id.clone(), w.clone()))
+                .collect(),
+            leases: self.leases.iter().map(|(c, ip)| (*c, *ip)).collect(),
+            swept: self.swept,
+        }
+    }
+
+    /// An engine with a snapshot's state, deciding with `policy`.
+    pub fn from_state(policy: Arc<Policy>, state: EngineState) -> Engine {
+        let mut engine = Engine::new(policy);
+        engine.counters = state.counters.into_iter().collect();
+        for (conn, ip) in state.leases {
+            engine.acquire(conn, ip);
+        }
+        engine.swept = state.swept;
+        engine
+    }
+
+    pub fn counter_ids(&self) -> impl Iterator<Item = &CounterId> {
+        self.counters.keys()
+    }
+
+    pub fn lease_ids(&self) -> impl Iterator<Item = &ConnId> {
+        self.leases.keys()
     }
 
     /// The count of a windowed check for a client at `now`.
@@ -358,7 +417,7 @@ impl Engine {
             check,
             count,
             limit,
-            reply: check.reply(count, limit, window),
+            window_secs: window,
             retry_after,
         })
     }
@@ -367,11 +426,11 @@ impl Engine {
     fn per_connection(&self, check: Check, client: &Client, count: u32) -> Option<Refusal> {
         let limit = self.policy.limit(check, client)?;
         let count = u64::from(count);
-        (count > limit).then(|| Refusal {
+        (count > limit).then_some(Refusal {
             check,
             count,
             limit,
-            reply: check.reply(count, limit, None),
+            window_secs: None,
             retry_after: 0,
         })
     }

@@ -21,4 +21,5 @@ pub mod check;
 pub mod engine;
 pub mod policy;
 pub mod proto;
+pub mod raft;
 pub mod window;

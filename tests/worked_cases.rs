@@ -41,8 +41,9 @@ fn close(e: &mut Engine, n: u64, now: u64) {
 #[track_caller]
 fn refused(v: &Verdict, check: Check, code: u16) -> String {
     let r = v.refusal().expect("a refusal");
-    assert_eq!((r.check, r.reply.code), (check, code), "{r:?}");
-    r.reply.to_string()
+    let reply = r.reply();
+    assert_eq!((r.check, reply.code), (check, code), "{r:?}");
+    reply.to_string()
 }
 
 #[test]

@@ -1,0 +1,31 @@
+//! Raft for the limiter: openraft's type configuration, the sled log store
+//! and state machine, and the tonic transport between nodes.
+
+pub mod log_store;
+pub mod network;
+pub mod state;
+pub mod state_machine;
+
+use std::io::Cursor;
+
+pub use state::{Command, Request, RequestId, Response};
+
+/// Node ids are small integers chosen by the operator (a pod's ordinal).
+pub type NodeId = u64;
+/// A node's address for the Raft transport, `host:port`.
+pub type Node = openraft::BasicNode;
+
+openraft::declare_raft_types!(
+    /// relayrate's Raft: limiter commands in, responses with verdicts out.
+    pub TypeConfig:
+        D = Request,
+        R = Response,
+        NodeId = NodeId,
+        Node = Node,
+        Entry = openraft::Entry<TypeConfig>,
+        SnapshotData = Cursor<Vec<u8>>,
+        AsyncRuntime = openraft::TokioRuntime,
+);
+
+pub type Entry = openraft::Entry<TypeConfig>;
+pub type Raft = openraft::Raft<TypeConfig>;

@@ -1,0 +1,172 @@
+//! The Raft transport over tonic: a client per peer for openraft's RPCs,
+//! and the server side that hands them to the local Raft. Messages travel
+//! as bincode in a `RaftPayload`; replies carry openraft's own result, so
+//! a remote Raft error reaches openraft as a remote error.
+
+use openraft::error::{
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tonic::transport::{Channel, Endpoint};
+
+use super::{Node, NodeId, Raft, TypeConfig};
+use crate::proto::v1::raft_client::RaftClient;
+use crate::proto::v1::RaftPayload;
+
+/// Largest message between nodes (snapshots go in chunks below this).
+pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+
+pub fn encode<T: Serialize>(value: &T) -> RaftPayload {
+    RaftPayload {
+        data: bincode::serialize(value).expect("raft messages encode"),
+    }
+}
+
+pub fn decode<T: DeserializeOwned>(payload: &RaftPayload) -> Result<T, tonic::Status> {
+    bincode::deserialize(&payload.data)
+        .map_err(|e| tonic::Status::invalid_argument(format!("bad payload: {e}")))
+}
+
+/// A lazily connected channel to a node's Raft port.
+pub fn channel(addr: &str) -> Result<Channel, tonic::transport::Error> {
+    Ok(Endpoint::from_shared(format!("http://{addr}"))?
+        .tcp_nodelay(true)
+        .connect_lazy())
+}
+
+pub fn client(channel: Channel) -> RaftClient<Channel> {
+    RaftClient::new(channel)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES)
+}
+
+/// Makes a client per peer.
+#[derive(Clone, Default)]
+pub struct Network;
+
+pub struct Peer {
+    target: NodeId,
+    client: Option<RaftClient<Channel>>,
+    addr: String,
+}
+
+impl RaftNetworkFactory<TypeConfig> for Network {
+    type Network = Peer;
+
+    async fn new_client(&mut self, target: NodeId, node: &Node) -> Peer {
+        Peer {
+            target,
+            client: channel(&node.addr).ok().map(client),
+            addr: node.addr.clone(),
+        }
+    }
+}
+
+type RpcResult<T, E> = Result<T, RPCError<NodeId, Node, RaftError<NodeId, E>>>;
+
+impl Peer {
+    async fn call<Req, Resp, E>(
+        &mut self,
+        which: fn(RaftClient<Channel>, tonic::Request<RaftPayload>) -> futures_call::Call,
+        req: &Req,
+        option: &RPCOption,
+    ) -> RpcResult<Resp, E>
+    where
+        Req: Serialize,
+        Resp: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+    {
+        let Some(client) = self.client.clone() else {
+            let e = std::io::Error::other(format!("bad address {}", self.addr));
+            return Err(RPCError::Unreachable(Unreachable::new(&e)));
+        };
+        let mut request = tonic::Request::new(encode(req));
+        request.set_timeout(option.hard_ttl());
+        let reply = which(client, request)
+            .await
+            .map_err(|status| match status.code() {
+                tonic::Code::Unavailable => RPCError::Unreachable(Unreachable::new(&status)),
+                _ => RPCError::Network(NetworkError::new(&status)),
+            })?;
+        let result: Result<Resp, RaftError<NodeId, E>> = decode(&reply.into_inner())
+            .map_err(|status| RPCError::Network(NetworkError::new(&status)))?;
+        result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+    }
+}
+
+/// The tonic calls, boxed so that one `call` serves the three RPCs.
+mod futures_call {
+    use std::future::Future;
+    use std::pin::Pin;
+
+    use crate::proto::v1::RaftPayload;
+
+    pub type Call =
+        Pin<Box<dyn Future<Output = Result<tonic::Response<RaftPayload>, tonic::Status>> + Send>>;
+}
+
+impl RaftNetwork<TypeConfig> for Peer {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> RpcResult<AppendEntriesResponse<NodeId>, openraft::error::Infallible> {
+        self.call(
+            |mut c, r| Box::pin(async move { c.append_entries(r).await }),
+            &rpc,
+            &option,
+        )
+        .await
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> RpcResult<InstallSnapshotResponse<NodeId>, InstallSnapshotError> {
+        self.call(
+            |mut c, r| Box::pin(async move { c.install_snapshot(r).await }),
+            &rpc,
+            &option,
+        )
+        .await
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> RpcResult<VoteResponse<NodeId>, openraft::error::Infallible> {
+        self.call(
+            |mut c, r| Box::pin(async move { c.vote(r).await }),
+            &rpc,
+            &option,
+        )
+        .await
+    }
+}
+
+/// Hands openraft's RPCs to the local Raft; replies carry its result.
+pub async fn serve_append(raft: &Raft, p: &RaftPayload) -> Result<RaftPayload, tonic::Status> {
+    let req: AppendEntriesRequest<TypeConfig> = decode(p)?;
+    Ok(encode(&raft.append_entries(req).await))
+}
+
+pub async fn serve_vote(raft: &Raft, p: &RaftPayload) -> Result<RaftPayload, tonic::Status> {
+    let req: VoteRequest<NodeId> = decode(p)?;
+    Ok(encode(&raft.vote(req).await))
+}
+
+pub async fn serve_install_snapshot(
+    raft: &Raft,
+    p: &RaftPayload,
+) -> Result<RaftPayload, tonic::Status> {
+    let req: InstallSnapshotRequest<TypeConfig> = decode(p)?;
+    Ok(encode(&raft.install_snapshot(req).await))
+}

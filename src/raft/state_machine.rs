@@ -1,0 +1,204 @@
+//! The Raft state machine: [`LimiterState`] in memory, shared with the
+//! node that answers reads from it, and its latest snapshot on sled (tree
+//! `raft_snapshot`). After a restart the state is the snapshot's, and
+//! openraft re-applies the log entries after it.
+
+use std::io::Cursor;
+use std::sync::{Arc, RwLock};
+
+use openraft::storage::{RaftStateMachine, Snapshot};
+use openraft::{
+    EntryPayload, LogId, OptionalSend, RaftSnapshotBuilder, SnapshotMeta, StorageError,
+    StorageIOError, StoredMembership,
+};
+use serde::{Deserialize, Serialize};
+
+use super::state::{LimiterSnapshot, LimiterState, Response};
+use super::{Entry, Node, NodeId, TypeConfig};
+use crate::policy::Policy;
+
+type StoreResult<T> = Result<T, StorageError<NodeId>>;
+
+const CURRENT: &str = "current";
+
+/// The snapshot as stored: openraft's meta and our state, bincode-encoded.
+#[derive(Serialize, Deserialize)]
+struct StoredSnapshot {
+    meta: SnapshotMeta<NodeId, Node>,
+    data: Vec<u8>,
+}
+
+/// The state, readable by the node while Raft applies to it.
+pub type SharedState = Arc<RwLock<LimiterState>>;
+
+#[derive(Clone)]
+pub struct StateMachine {
+    state: SharedState,
+    last_applied: Option<LogId<NodeId>>,
+    membership: StoredMembership<NodeId, Node>,
+    snapshots: sled::Tree,
+    db: sled::Db,
+    /// Makes snapshot ids unique.
+    builds: u64,
+}
+
+/// A new cluster's state: no policy in force until one is applied, so
+/// that every node starts from the same state.
+pub fn initial_state() -> LimiterState {
+    LimiterState::new(Arc::new(
+        Policy::parse_str("(none)", "").expect("the empty policy parses"),
+    ))
+}
+
+impl StateMachine {
+    /// Opens the state machine, restoring the stored snapshot if any.
+    pub fn open(db: &sled::Db) -> StoreResult<StateMachine> {
+        let snapshots = db
+            .open_tree("raft_snapshot")
+            .map_err(|e| StorageIOError::read_state_machine(&e))?;
+        let mut sm = StateMachine {
+            state: Arc::new(RwLock::new(initial_state())),
+            last_applied: None,
+            membership: StoredMembership::default(),
+            snapshots,
+            db: db.clone(),
+            builds: 0,
+        };
+        if let Some(stored) = sm.stored()? {
+            sm.restore(&stored.meta, &stored.data)?;
+        }
+        Ok(sm)
+    }
+
+    pub fn shared(&self) -> SharedState {
+        self.state.clone()
+    }
+
+    fn stored(&self) -> StoreResult<Option<StoredSnapshot>> {
+        let bytes = self
+            .snapshots
+            .get(CURRENT)
+            .map_err(|e| StorageIOError::read_snapshot(None, &e))?;
+        bytes
+            .map(|b| {
+                bincode::deserialize(&b).map_err(|e| StorageIOError::read_snapshot(None, &e).into())
+            })
+            .transpose()
+    }
+
+    async fn store(&self, stored: &StoredSnapshot) -> StoreResult<()> {
+        let sig = Some(stored.meta.signature());
+        let bytes = bincode::serialize(stored)
+            .map_err(|e| StorageIOError::write_snapshot(sig.clone(), &e))?;
+        self.snapshots
+            .insert(CURRENT, bytes)
+            .map_err(|e| StorageIOError::write_snapshot(sig.clone(), &e))?;
+        self.db
+            .flush_async()
+            .await
+            .map_err(|e| StorageIOError::write_snapshot(sig, &e))?;
+        Ok(())
+    }
+
+    fn restore(&mut self, meta: &SnapshotMeta<NodeId, Node>, data: &[u8]) -> StoreResult<()> {
+        let bad = |e: &dyn std::error::Error| {
+            StorageIOError::read_snapshot(
+                Some(meta.signature()),
+                &openraft::AnyError::error(e.to_string()),
+            )
+        };
+        let snap: LimiterSnapshot = bincode::deserialize(data).map_err(|e| bad(&e))?;
+        let state = LimiterState::from_snapshot(snap).map_err(|e| bad(&e))?;
+        *self.state.write().expect("state lock") = state;
+        self.last_applied = meta.last_log_id;
+        self.membership = meta.last_membership.clone();
+        Ok(())
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
+    async fn build_snapshot(&mut self) -> StoreResult<Snapshot<TypeConfig>> {
+        // Copy under the lock, encode outside it: deciding goes on meanwhile.
+        let (snap, last_applied, membership) = {
+            let state = self.state.read().expect("state lock");
+            (state.snapshot(), self.last_applied, self.membership.clone())
+        };
+        let data = bincode::serialize(&snap).map_err(|e| StorageIOError::read_state_machine(&e))?;
+        let snapshot_id = match last_applied {
+            Some(id) => format!("{}-{}-{}", id.leader_id, id.index, self.builds),
+            None => format!("none-{}", self.builds),
+        };
+        let meta = SnapshotMeta {
+            last_log_id: last_applied,
+            last_membership: membership,
+            snapshot_id,
+        };
+        let stored = StoredSnapshot { meta, data };
+        self.store(&stored).await?;
+        Ok(Snapshot {
+            meta: stored.meta,
+            snapshot: Box::new(Cursor::new(stored.data)),
+        })
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotBuilder = Self;
+
+    async fn applied_state(
+        &mut self,
+    ) -> StoreResult<(Option<LogId<NodeId>>, StoredMembership<NodeId, Node>)> {
+        Ok((self.last_applied, self.membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> StoreResult<Vec<Response>>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut responses = Vec::new();
+        let mut state = self.state.write().expect("state lock");
+        for entry in entries {
+            self.last_applied = Some(entry.log_id);
+            responses.push(match entry.payload {
+                EntryPayload::Blank => Response::Done,
+                EntryPayload::Normal(request) => state.apply(&request),
+                EntryPayload::Membership(m) => {
+                    self.membership = StoredMembership::new(Some(entry.log_id), m);
+                    Response::Done
+                }
+            });
+        }
+        Ok(responses)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.builds += 1;
+        self.clone()
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> StoreResult<Box<Cursor<Vec<u8>>>> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<NodeId, Node>,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> StoreResult<()> {
+        let data = snapshot.into_inner();
+        self.restore(meta, &data)?;
+        self.store(&StoredSnapshot {
+            meta: meta.clone(),
+            data,
+        })
+        .await
+    }
+
+    async fn get_current_snapshot(&mut self) -> StoreResult<Option<Snapshot<TypeConfig>>> {
+        Ok(self.stored()?.map(|s| Snapshot {
+            meta: s.meta,
+            snapshot: Box::new(Cursor::new(s.data)),
+        }))
+    }
+}
