@@ -17,8 +17,11 @@
 //! milter answers the MTA with the verdict's reply.
 #![forbid(unsafe_code)]
 
+pub mod bench;
 pub mod check;
+pub mod convert;
 pub mod engine;
+pub mod node;
 pub mod policy;
 pub mod proto;
 pub mod raft;

@@ -21,8 +21,10 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachine, TempDir> for SledStores {
 }
 
 #[test]
-fn openraft_suite_passes_on_the_sled_stores() -> Result<(), StorageError<NodeId>> {
-    Suite::test_all(SledStores)
+fn openraft_suite_passes_on_the_sled_stores() {
+    if let Err(e) = Suite::test_all(SledStores) {
+        panic!("storage suite failed: {e}");
+    }
 }
 
 #[tokio::test]

@@ -1,13 +1,20 @@
 //! The relayrate server and its administrator commands.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use relayrate::check::Check;
+use relayrate::node::{self, NodeConfig, NodeHandle, Start};
 use relayrate::policy::report::{explain, explain_check, summary};
-use relayrate::policy::{Client, Policy, PolicyError};
+use relayrate::policy::{Client, Policy, PolicyError, PolicyFile};
+
+/// The seed's policy, used by `relayrate run` when no --policy is given.
+const DEFAULT_POLICY: &str = include_str!("../../examples/ze-policy.txt");
+/// Exit code for a configuration that cannot be used (sysexits EX_USAGE).
+const EXIT_CONFIG: u8 = 64;
 
 #[derive(Parser)]
 #[command(
@@ -25,6 +32,51 @@ enum Command {
     /// Check and explain ze-policy.txt files.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// One node on this host: a new one-node cluster in an empty data dir.
+    Run(RunArgs),
+    /// A member of a relayrate cluster.
+    Node(NodeArgs),
+    /// Load generator for the Limiter service.
+    Bench(relayrate::bench::BenchArgs),
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Policy files (default: the seed's policy, built in).
+    #[arg(long)]
+    policy: Vec<PathBuf>,
+    #[arg(long, default_value = "relayrate-data")]
+    data_dir: PathBuf,
+    /// gRPC address (Limiter and Raft services).
+    #[arg(long, default_value = "127.0.0.1:7450")]
+    listen: SocketAddr,
+}
+
+#[derive(Args)]
+struct NodeArgs {
+    /// This node's id in the cluster (a small integer, unique).
+    #[arg(long)]
+    id: u64,
+    /// gRPC address to bind (Limiter and Raft services).
+    #[arg(long)]
+    listen: SocketAddr,
+    /// Address the other nodes reach this one at (default: --listen).
+    #[arg(long)]
+    advertise: Option<String>,
+    #[arg(long)]
+    data_dir: PathBuf,
+    /// Policy files to put in force if the cluster's policy differs.
+    #[arg(long)]
+    policy: Vec<PathBuf>,
+    /// Create a new cluster with this node (empty data dir only).
+    #[arg(long, conflicts_with = "join")]
+    bootstrap: bool,
+    /// Join the cluster that ADDR belongs to (empty data dir only).
+    #[arg(long)]
+    join: Option<String>,
+    /// How long this node's open-connection leases outlive its silence.
+    #[arg(long, default_value = "60")]
+    lease_ttl_secs: u64,
 }
 
 #[derive(Subcommand)]
@@ -59,6 +111,40 @@ enum PolicyCommand {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Run(args) => {
+            let policy = if args.policy.is_empty() {
+                vec![PolicyFile {
+                    name: "examples/ze-policy.txt (built in)".into(),
+                    text: DEFAULT_POLICY.into(),
+                }]
+            } else {
+                match load_policy(&args.policy) {
+                    Some(p) => p.files().to_vec(),
+                    None => return ExitCode::from(EXIT_CONFIG),
+                }
+            };
+            let mut config = NodeConfig::new(1, args.listen, args.data_dir, Start::Bootstrap);
+            config.policy = policy;
+            serve(config)
+        }
+        Command::Node(args) => {
+            let start = match (args.bootstrap, args.join) {
+                (true, _) => Start::Bootstrap,
+                (false, Some(seed)) => Start::Join(seed),
+                (false, None) => Start::Resume,
+            };
+            let mut config = NodeConfig::new(args.id, args.listen, args.data_dir, start);
+            config.advertise = args.advertise;
+            config.lease_ttl = Duration::from_secs(args.lease_ttl_secs);
+            if !args.policy.is_empty() {
+                match load_policy(&args.policy) {
+                    Some(p) => config.policy = p.files().to_vec(),
+                    None => return ExitCode::from(EXIT_CONFIG),
+                }
+            }
+            serve(config)
+        }
+        Command::Bench(args) => runtime().block_on(relayrate::bench::run(args)),
         Command::Policy(PolicyCommand::Check { files }) => {
             let Some(policy) = load_policy(&files) else {
                 return ExitCode::FAILURE;
@@ -96,6 +182,55 @@ fn main() -> ExitCode {
             }
             ExitCode::SUCCESS
         }
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+fn init_logs() {
+    use tracing_subscriber::EnvFilter;
+    let filter =
+        EnvFilter::try_from_env("RELAYRATE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// Runs a node until SIGTERM or Ctrl-C, then stops it gracefully.
+fn serve(config: NodeConfig) -> ExitCode {
+    init_logs();
+    runtime().block_on(async move {
+        let handle: NodeHandle = match node::start(config).await {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::error!("{e}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        };
+        println!(
+            "relayrate node {} listening on {}",
+            handle.node.id, handle.addr
+        );
+        wait_for_signal().await;
+        tracing::info!("stopping: draining requests");
+        handle.shutdown().await;
+        tracing::info!("stopped");
+        ExitCode::SUCCESS
+    })
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
     }
 }
 

@@ -68,7 +68,8 @@ pub(super) fn parse(files: Vec<PolicyFile>) -> Result<Policy, PolicyError> {
     let mut b = Builder::default();
     for file in &files {
         let name: Arc<str> = file.name.as_str().into();
-        for (i, raw) in file.text.lines().enumerate() {
+        let text = file.text.strip_prefix('\u{feff}').unwrap_or(&file.text);
+        for (i, raw) in text.lines().enumerate() {
             let place = Place {
                 file: &name,
                 line_no: i as u32 + 1,
@@ -103,28 +104,27 @@ impl Builder {
         if head.starts_with('#') {
             return;
         }
-        // The value is the rest of the line; every kind of value here is one
-        // word, so a second word is an error (no trailing comments).
         let value = token(p.line, end);
-        if let Some((_, vend)) = value {
-            if let Some((extra, _)) = token(p.line, vend) {
-                let found = p.line[extra..].trim_end();
-                self.errors.push(p.diag(
-                    extra,
-                    format!(
-                        "expected the end of the line after the value, found `{found}` \
-                         (comments go on a line of their own)"
-                    ),
-                ));
-                return;
-            }
-        }
         let result = match head.split_once(':') {
             Some((name, key)) => self.entry(p, start, name, key, value),
             None => self.directive(p, start, head, value),
         };
         if let Err(d) = result {
             self.errors.push(d);
+            return;
+        }
+        // The value is the rest of the line; every kind of value here is one
+        // word, so a second word is an error (no trailing comments).
+        let extra = value.and_then(|(_, vend)| token(p.line, vend));
+        if let Some((extra, _)) = extra {
+            let found = p.line[extra..].trim_end();
+            self.errors.push(p.diag(
+                extra,
+                format!(
+                    "expected the end of the line after the value, found `{found}` \
+                     (comments go on a line of their own)"
+                ),
+            ));
         }
     }
 
@@ -159,6 +159,12 @@ impl Builder {
         }
         let kind = check.map_or(KeyKind::Client, Check::key_kind);
         let norm = parse_key(kind, key).map_err(|msg| p.diag(key_at, msg))?;
+        if is_netclass && norm == Key::Default {
+            return Err(p.diag(
+                key_at,
+                "NetClass takes an address, network or domain, not `default`".to_string(),
+            ));
+        }
         let Some((vstart, vend)) = value else {
             return Err(p.diag(p.line.len(), format!("expected a value after `{head}`")));
         };
@@ -289,6 +295,13 @@ impl Builder {
                 });
             }
         }
+        // In the order of the files and their lines, as a reader expects.
+        let order = |d: &Diagnostic| {
+            let file = files.iter().position(|f| *f.name == *d.file);
+            (file, d.line, d.column)
+        };
+        self.errors.sort_by_key(order);
+        self.warnings.sort_by_key(order);
         if !self.errors.is_empty() {
             return Err(PolicyError::Invalid(self.errors));
         }
@@ -454,7 +467,7 @@ fn parse_client_key(key: &str, lower: String) -> Result<Key, String> {
                 net.trunc()
             ));
         }
-        return Ok(Key::Net(net));
+        return Ok(Key::Net(ipv4_mapped_net(net)));
     }
     if key.contains(':') {
         return key
@@ -480,6 +493,18 @@ fn parse_client_key(key: &str, lower: String) -> Result<Key, String> {
         Err(format!(
             "invalid key `{key}`: expected an IP address, prefix or network, a host or domain name, or a class label"
         ))
+    }
+}
+
+/// An IPv4-mapped IPv6 network (`::ffff:1.1.1.0/120`) is the IPv4 network,
+/// since mapped client addresses are looked up as IPv4.
+fn ipv4_mapped_net(net: IpNet) -> IpNet {
+    match net {
+        IpNet::V6(v6) if v6.prefix_len() >= 96 => match v6.network().to_ipv4_mapped() {
+            Some(v4) => IpNet::V4(Ipv4Net::new(v4, v6.prefix_len() - 96).expect("length <= 32")),
+            None => net,
+        },
+        _ => net,
     }
 }
 

@@ -104,7 +104,7 @@ impl StateMachine {
         let bad = |e: &dyn std::error::Error| {
             StorageIOError::read_snapshot(
                 Some(meta.signature()),
-                &openraft::AnyError::error(e.to_string()),
+                openraft::AnyError::error(e.to_string()),
             )
         };
         let snap: LimiterSnapshot = bincode::deserialize(data).map_err(|e| bad(&e))?;

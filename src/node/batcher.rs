@@ -1,0 +1,99 @@
+//! Gathers the events of concurrent callers into one log entry. While
+//! [`MAX_IN_FLIGHT`] batches are being written, new events wait and pile
+//! up, so the batch grows with the load: one fsync and one replication
+//! round then serve many decisions.
+
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, oneshot, Semaphore};
+
+use super::{Node, NodeError};
+use crate::engine::{Event, Verdict};
+use crate::raft::{Command, RequestId, Response};
+
+/// Batches being written at once.
+pub const MAX_IN_FLIGHT: usize = 4;
+/// Events in one batch at most.
+pub const MAX_EVENTS: usize = 2048;
+
+/// One caller's events and where to send their verdicts.
+pub struct Pending {
+    pub events: Vec<Event>,
+    pub reply: oneshot::Sender<Result<Vec<Verdict>, NodeError>>,
+}
+
+pub async fn run(node: Arc<Node>, mut rx: mpsc::Receiver<Pending>) {
+    let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    while let Some(first) = rx.recv().await {
+        let permit = in_flight
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("never closed");
+        let mut count = first.events.len();
+        let mut batch = vec![first];
+        while count < MAX_EVENTS {
+            match rx.try_recv() {
+                Ok(p) => {
+                    count += p.events.len();
+                    batch.push(p);
+                }
+                Err(_) => break,
+            }
+        }
+        let node = node.clone();
+        tokio::spawn(async move {
+            decide_batch(&node, batch).await;
+            drop(permit);
+        });
+    }
+}
+
+/// Decides a batch: one log entry if it counts anything, else a
+/// linearizable read at the leader; then hands each caller its verdicts.
+async fn decide_batch(node: &Node, batch: Vec<Pending>) {
+    let events: Vec<Event> = batch
+        .iter()
+        .flat_map(|p| p.events.iter().cloned())
+        .collect();
+    let result = if events.iter().any(Event::is_write) {
+        let first = node.next_seqs(events.len() as u64);
+        let events = events
+            .into_iter()
+            .enumerate()
+            .map(|(i, e)| {
+                let id = RequestId {
+                    origin: node.incarnation,
+                    seq: first + i as u64,
+                };
+                (id, e)
+            })
+            .collect();
+        let command = Command::Decide {
+            origin: node.incarnation,
+            events,
+        };
+        match node.propose(command).await {
+            Ok(Response::Verdicts(v)) => Ok(v),
+            Ok(other) => Err(NodeError::Raft(format!("unexpected response {other:?}"))),
+            Err(e) => Err(e),
+        }
+    } else {
+        node.read(events).await
+    };
+    match result {
+        Ok(verdicts) => {
+            let mut verdicts = verdicts.into_iter();
+            for p in batch {
+                let mine = verdicts.by_ref().take(p.events.len()).collect();
+                let _ = p.reply.send(Ok(mine));
+            }
+        }
+        Err(e) => {
+            let why = e.to_string();
+            for p in batch {
+                let _ = p.reply.send(Err(NodeError::NoLeader(why.clone())));
+            }
+        }
+    }
+}
