@@ -194,8 +194,8 @@ fn runtime() -> tokio::runtime::Runtime {
 
 fn init_logs() {
     use tracing_subscriber::EnvFilter;
-    let filter =
-        EnvFilter::try_from_env("RELAYRATE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = EnvFilter::try_from_env("RELAYRATE_LOG")
+        .unwrap_or_else(|_| EnvFilter::new("info,openraft=warn"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

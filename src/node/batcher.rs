@@ -71,6 +71,7 @@ async fn decide_batch(node: &Node, batch: Vec<Pending>) {
             .collect();
         let command = Command::Decide {
             origin: node.incarnation,
+            ttl_ms: node.lease_ttl.as_millis() as u64,
             events,
         };
         match node.propose(command).await {

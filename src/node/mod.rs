@@ -433,7 +433,6 @@ fn raft_config(t: &RaftTuning) -> Result<openraft::Config, NodeError> {
         install_snapshot_timeout: t.election_max_ms.max(2000),
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(t.snapshot_every),
         max_in_snapshot_log_to_keep: t.keep_behind_snapshot,
-        purge_batch_size: 256,
         snapshot_max_chunk_size: (MAX_MESSAGE_BYTES / 4) as u64,
         ..Default::default()
     }
@@ -610,7 +609,7 @@ async fn heartbeat(node: Arc<Node>) {
                 tracing::warn!(error = %e, "heartbeat not written");
             }
         }
-        tokio::time::sleep(every.max(Duration::from_millis(100))).await;
+        tokio::time::sleep(every).await;
     }
 }
 

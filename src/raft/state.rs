@@ -14,8 +14,7 @@ use crate::policy::{Policy, PolicyFile};
 /// Milliseconds since the Unix epoch, as stamped by the leader.
 pub type StampMs = u64;
 
-/// How long a node's leases live after its last word, unless it says
-/// otherwise in its heartbeats.
+/// How long a node's leases live after its last word, by default.
 pub const DEFAULT_LEASE_TTL_MS: u64 = 60_000;
 
 /// Which node first received an event, and its sequence there: a retried
@@ -31,9 +30,11 @@ pub struct RequestId {
 /// A log entry's command.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
-    /// A batch of events gathered by one node, decided in order.
+    /// A batch of events gathered by one node, decided in order. The
+    /// node's leases live `ttl_ms` past this entry.
     Decide {
         origin: u64,
+        ttl_ms: u64,
         events: Vec<(RequestId, Event)>,
     },
     /// Puts a policy in force; counters are kept.
@@ -119,7 +120,6 @@ impl Seen {
 /// A node that has spoken: when its leases end unless it speaks again.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 struct Owner {
-    ttl_ms: u64,
     deadline_ms: StampMs,
 }
 
@@ -192,17 +192,22 @@ impl LimiterState {
         self.now_ms
     }
 
-    /// Nodes whose leases are alive.
-    pub fn owners(&self) -> impl Iterator<Item = u64> + '_ {
-        self.owners.keys().copied()
+    /// Nodes whose leases are alive, with the stamp their leases end at
+    /// unless they speak again.
+    pub fn owners(&self) -> impl Iterator<Item = (u64, StampMs)> + '_ {
+        self.owners.iter().map(|(id, o)| (*id, o.deadline_ms))
     }
 
     pub fn apply(&mut self, request: &Request) -> Response {
         self.now_ms = self.now_ms.max(request.stamp_ms);
         self.expire_silent_owners();
         match &request.command {
-            Command::Decide { origin, events } => {
-                self.heard_from(*origin, None);
+            Command::Decide {
+                origin,
+                ttl_ms,
+                events,
+            } => {
+                self.heard_from(*origin, *ttl_ms);
                 let now = self.now_ms / 1000;
                 let verdicts = events
                     .iter()
@@ -220,7 +225,7 @@ impl LimiterState {
                 Err(e) => Response::PolicyRefused(e.to_string()),
             },
             Command::Heartbeat { origin, ttl_ms } => {
-                self.heard_from(*origin, Some(*ttl_ms));
+                self.heard_from(*origin, *ttl_ms);
                 Response::Done
             }
         }
@@ -248,16 +253,9 @@ impl LimiterState {
         }
     }
 
-    fn heard_from(&mut self, origin: u64, ttl_ms: Option<u64>) {
-        let now = self.now_ms;
-        let owner = self.owners.entry(origin).or_insert(Owner {
-            ttl_ms: DEFAULT_LEASE_TTL_MS,
-            deadline_ms: now,
-        });
-        if let Some(ttl) = ttl_ms {
-            owner.ttl_ms = ttl;
-        }
-        owner.deadline_ms = now + owner.ttl_ms;
+    fn heard_from(&mut self, origin: u64, ttl_ms: u64) {
+        let deadline_ms = self.now_ms + ttl_ms;
+        self.owners.insert(origin, Owner { deadline_ms });
     }
 
     /// Releases the leases of nodes silent past their TTL, and forgets
@@ -344,7 +342,11 @@ mod tests {
         let origin = events[0].0.origin;
         let r = s.apply(&Request {
             stamp_ms,
-            command: Command::Decide { origin, events },
+            command: Command::Decide {
+                origin,
+                ttl_ms: 5_000,
+                events,
+            },
         });
         match r {
             Response::Verdicts(v) => v,
