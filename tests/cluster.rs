@@ -404,3 +404,28 @@ async fn a_node_silent_past_the_ttl_loses_its_leases() {
     // Not before its TTL.
     assert!(killed_at.elapsed() >= Duration::from_millis(1500));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_leader_shut_down_gracefully_hands_over_and_its_counts_stay() {
+    let mut c = Cluster::start("CHECK_CONN_RATE YES\nConnRate:default 1000\n", |_| {}).await;
+    let leader = c.leader_index().unwrap();
+    let mut lc = client(c.node(leader).addr).await;
+    for _ in 0..10 {
+        assert_eq!(decide(&mut lc, &connect("10.1.0.6")).await, Some(true));
+    }
+    let stopped_at = Instant::now();
+    c.nodes[leader].take().unwrap().shutdown().await;
+    // It waited for a successor, which is known at once.
+    let new_leader = c.leader_index().expect("a leader right after the shutdown");
+    assert_ne!(new_leader, leader);
+    eprintln!(
+        "graceful shutdown of the leader took {:?}",
+        stopped_at.elapsed()
+    );
+    let mut nc = client(c.node(new_leader).addr).await;
+    assert_eq!(decide(&mut nc, &connect("10.1.0.6")).await, Some(true));
+    assert_eq!(
+        count_on(c.node(new_leader), Check::ConnRate, "10.1.0.6"),
+        11
+    );
+}

@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{mpsc, oneshot};
 
 use super::{Node, NodeError};
 use crate::engine::{Event, Verdict};
@@ -23,9 +23,9 @@ pub struct Pending {
 }
 
 pub async fn run(node: Arc<Node>, mut rx: mpsc::Receiver<Pending>) {
-    let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     while let Some(first) = rx.recv().await {
-        let permit = in_flight
+        let permit = node
+            .in_flight
             .clone()
             .acquire_owned()
             .await

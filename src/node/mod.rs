@@ -22,7 +22,7 @@ use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
 use openraft::ChangeMembers;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::task::JoinHandle;
 
 use crate::engine::{Event, Verdict};
@@ -172,6 +172,8 @@ pub struct Node {
     pub raft: Raft,
     state: SharedState,
     batches: mpsc::Sender<batcher::Pending>,
+    /// Batches being written; all permits free means nothing in flight.
+    in_flight: Arc<Semaphore>,
     draining: AtomicBool,
     lease_ttl: Duration,
 }
@@ -362,6 +364,8 @@ pub struct NodeHandle {
     pub addr: SocketAddr,
     stop: Option<oneshot::Sender<()>>,
     server: JoinHandle<()>,
+    batcher: JoinHandle<()>,
+    /// Heartbeats, joining, policy sync.
     tasks: Vec<JoinHandle<()>>,
     db: sled::Db,
 }
@@ -371,6 +375,9 @@ impl NodeHandle {
     /// another voter, finishes in-flight requests, flushes, stops Raft.
     pub async fn shutdown(mut self) {
         self.node.draining.store(true, Ordering::Relaxed);
+        // No more heartbeats: they would keep this node leading.
+        self.abort_background().await;
+        self.wait_in_flight(Duration::from_secs(5)).await;
         hand_over_leadership(&self.node).await;
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
@@ -378,6 +385,29 @@ impl NodeHandle {
         let _ = (&mut self.server).await;
         self.stop_tasks().await;
         let _ = self.db.flush_async().await;
+    }
+
+    /// Waits (bounded) until no event is queued or being decided.
+    async fn wait_in_flight(&self, bound: Duration) {
+        let until = Instant::now() + bound;
+        let node = &self.node;
+        while Instant::now() < until {
+            let queued = node.batches.max_capacity() - node.batches.capacity();
+            if queued == 0 && node.in_flight.available_permits() == batcher::MAX_IN_FLIGHT {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tracing::warn!("requests still in flight at shutdown");
+    }
+
+    async fn abort_background(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+        for t in self.tasks.drain(..) {
+            let _ = t.await;
+        }
     }
 
     /// Stops at once, as a crash would (minus the process exit): the server
@@ -389,12 +419,9 @@ impl NodeHandle {
     }
 
     async fn stop_tasks(&mut self) {
-        for t in &self.tasks {
-            t.abort();
-        }
-        for t in self.tasks.drain(..) {
-            let _ = t.await;
-        }
+        self.abort_background().await;
+        self.batcher.abort();
+        let _ = (&mut self.batcher).await;
         let _ = self.node.raft.shutdown().await;
     }
 }
@@ -486,6 +513,7 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, NodeError> {
         raft: raft.clone(),
         state,
         batches: batch_tx,
+        in_flight: Arc::new(Semaphore::new(batcher::MAX_IN_FLIGHT)),
         draining: AtomicBool::new(false),
         lease_ttl: config.lease_ttl,
     });
@@ -533,7 +561,8 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, NodeError> {
         }
     }
 
-    let mut tasks = vec![tokio::spawn(batcher::run(node.clone(), batch_rx))];
+    let batcher = tokio::spawn(batcher::run(node.clone(), batch_rx));
+    let mut tasks = Vec::new();
     if let Start::Join(seed) = &config.start {
         if !raft.is_initialized().await.unwrap_or(true) {
             tasks.push(tokio::spawn(join(
@@ -553,6 +582,7 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, NodeError> {
         addr,
         stop: Some(stop_tx),
         server,
+        batcher,
         tasks,
         db,
     })
