@@ -11,11 +11,11 @@
 pub mod batcher;
 mod services;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::task::JoinHandle;
+use tonic::transport::Channel;
 
 use crate::engine::{Event, Verdict};
 use crate::policy::PolicyFile;
@@ -176,11 +177,25 @@ pub struct Node {
     in_flight: Arc<Semaphore>,
     draining: AtomicBool,
     lease_ttl: Duration,
+    /// Channels to the other nodes, by address.
+    peers: Mutex<HashMap<String, Channel>>,
 }
 
 impl Node {
     pub fn state(&self) -> &SharedState {
         &self.state
+    }
+
+    /// A channel to a peer, kept for the next forward: one HTTP/2
+    /// connection carries every forwarded batch.
+    fn channel_to(&self, addr: &str) -> Result<Channel, tonic::transport::Error> {
+        let mut peers = self.peers.lock().expect("peers lock");
+        if let Some(c) = peers.get(addr) {
+            return Ok(c.clone());
+        }
+        let c = network::channel(addr)?;
+        peers.insert(addr.to_string(), c.clone());
+        Ok(c)
     }
 
     /// Gives `n` request ids of this incarnation.
@@ -242,7 +257,7 @@ impl Node {
                 Some((leader, _)) if leader == self.id => {
                     self.serve_proposal(proposal.clone()).await
                 }
-                Some((_, addr)) => forward(&addr, &proposal).await,
+                Some((_, addr)) => forward(self, &addr, &proposal).await,
                 None => ProposalReply::NotLeader,
             };
             match reply {
@@ -343,8 +358,8 @@ impl Node {
 }
 
 /// Sends a proposal to another node's `Propose` RPC.
-async fn forward(addr: &str, proposal: &Proposal) -> ProposalReply {
-    let channel = match network::channel(addr) {
+async fn forward(node: &Node, addr: &str, proposal: &Proposal) -> ProposalReply {
+    let channel = match node.channel_to(addr) {
         Ok(c) => c,
         Err(e) => return ProposalReply::Failed(e.to_string()),
     };
@@ -516,6 +531,7 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, NodeError> {
         in_flight: Arc::new(Semaphore::new(batcher::MAX_IN_FLIGHT)),
         draining: AtomicBool::new(false),
         lease_ttl: config.lease_ttl,
+        peers: Mutex::new(HashMap::new()),
     });
 
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
@@ -606,7 +622,7 @@ async fn join(node: Arc<Node>, seed: String, advertise: String) {
             addr: advertise.clone(),
         };
         let target = node.leader_addr().map_or(seed.clone(), |(_, a)| a);
-        match forward(&target, &proposal).await {
+        match forward(&node, &target, &proposal).await {
             ProposalReply::Joined => {
                 tracing::info!(%target, "joined the cluster");
                 return;
