@@ -429,3 +429,31 @@ async fn a_leader_shut_down_gracefully_hands_over_and_its_counts_stay() {
         11
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_client_alternating_between_nodes_gets_exactly_its_message_limit() {
+    let c = Cluster::start("CHECK_MSG_RATE YES\nMsgRate:10.1.0.7 3\n", |_| {}).await;
+    let mut clients = Vec::new();
+    for h in c.running() {
+        clients.push(client(h.addr).await);
+    }
+    let who = ip_client("10.1.0.7");
+    let mail = Event::Mail {
+        client: who.clone(),
+        msgs_in_conn: 1,
+    };
+    let message = Event::Message { client: who };
+    let mut sent = 0;
+    for i in 0..9 {
+        // MAIL FROM asked at one node, end of message counted at the next:
+        // a read that missed the count just acknowledged would let a 4th through.
+        if decide(&mut clients[i % 3], &mail).await.expect("a verdict") {
+            assert_eq!(
+                decide(&mut clients[(i + 1) % 3], &message).await,
+                Some(true)
+            );
+            sent += 1;
+        }
+    }
+    assert_eq!(sent, 3);
+}

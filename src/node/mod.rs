@@ -540,9 +540,14 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, NodeError> {
         let peers = RaftServer::new(services::RaftService::new(node.clone()))
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        // Accepted sockets need TCP_NODELAY set here: tonic only sets it on
+        // listeners it binds itself. Without it, Nagle's algorithm meets
+        // delayed ACKs and replies stall for 40 ms.
+        let incoming = tokio_stream::StreamExt::map(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            |socket| socket.and_then(|s| s.set_nodelay(true).map(|()| s)),
+        );
         let fut = tonic::transport::Server::builder()
-            .tcp_nodelay(true)
             .add_service(limiter)
             .add_service(peers)
             .serve_with_incoming_shutdown(incoming, async {

@@ -1,10 +1,12 @@
 //! The Raft log on sled: entries in tree `raft_log` keyed by big-endian
 //! index, the vote, the committed id and the last purged id in tree
 //! `raft_meta`. An append is reported flushed only once sled has flushed
-//! it to disk.
+//! it to disk: a flusher thread does that for every append waiting at the
+//! time with one flush (group commit), in order, while Raft goes on.
 
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
+use std::sync::mpsc;
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{LogId, OptionalSend, RaftLogReader, StorageError, StorageIOError, Vote};
@@ -25,6 +27,29 @@ pub struct LogStore {
     db: sled::Db,
     log: sled::Tree,
     meta: sled::Tree,
+    flusher: mpsc::Sender<LogFlushed<TypeConfig>>,
+}
+
+/// Flushes sled for the appends waiting, then reports them flushed, in
+/// order. Ends when the last log store handle is dropped.
+fn spawn_flusher(db: sled::Db) -> std::io::Result<mpsc::Sender<LogFlushed<TypeConfig>>> {
+    let (tx, rx) = mpsc::channel::<LogFlushed<TypeConfig>>();
+    std::thread::Builder::new()
+        .name("relayrate-log-flush".into())
+        .spawn(move || {
+            while let Ok(first) = rx.recv() {
+                let waiting: Vec<_> = std::iter::once(first).chain(rx.try_iter()).collect();
+                let flushed = db.flush();
+                for callback in waiting {
+                    let result = match &flushed {
+                        Ok(_) => Ok(()),
+                        Err(e) => Err(std::io::Error::other(e.to_string())),
+                    };
+                    callback.log_io_completed(result);
+                }
+            }
+        })?;
+    Ok(tx)
 }
 
 fn key(index: u64) -> [u8; 8] {
@@ -47,6 +72,7 @@ impl LogStore {
             db: db.clone(),
             log: db.open_tree("raft_log")?,
             meta: db.open_tree("raft_meta")?,
+            flusher: spawn_flusher(db.clone())?,
         })
     }
 
@@ -168,8 +194,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .apply_batch(batch)
             .map_err(|e| StorageIOError::write_logs(&e))?;
         // Readable now; durable, and so reported, only after the flush.
-        let flushed = self.db.flush_async().await;
-        callback.log_io_completed(flushed.map(|_| ()).map_err(std::io::Error::other));
+        if let Err(mpsc::SendError(callback)) = self.flusher.send(callback) {
+            let gone = std::io::Error::other("log flusher stopped");
+            callback.log_io_completed(Err(gone));
+        }
         Ok(())
     }
 
