@@ -42,9 +42,9 @@ fn policy(text: &str) -> Vec<PolicyFile> {
 
 fn fast_raft() -> RaftTuning {
     RaftTuning {
-        heartbeat_ms: 100,
-        election_min_ms: 500,
-        election_max_ms: 1000,
+        heartbeat_ms: 250,
+        election_min_ms: 750,
+        election_max_ms: 1500,
         ..RaftTuning::default()
     }
 }

@@ -163,7 +163,11 @@ impl Cluster {
             .arg("--data-dir")
             .arg(&n.data_dir)
             .arg("--policy")
-            .arg(&policy);
+            .arg(&policy)
+            // Snapshots and log purges happen during the run, so crashes
+            // also land around them.
+            .arg("--snapshot-every")
+            .arg("200");
         match mode {
             StartMode::Bootstrap => {
                 cmd.arg("--bootstrap");
@@ -598,6 +602,8 @@ fn check_sled(data_dir: &Path) -> String {
         .get("last_purged")
         .expect("raft_meta reads")
         .map(|b| bincode::deserialize(&b).expect("last_purged decodes"));
+    // With --snapshot-every 200 every node has snapshotted and purged.
+    assert!(purged.is_some(), "the log was purged behind a snapshot");
     if let (Some(p), Some(f)) = (purged, first) {
         assert!(
             f <= p.index + 1,

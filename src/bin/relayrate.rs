@@ -77,6 +77,9 @@ struct NodeArgs {
     /// How long this node's open-connection leases outlive its silence.
     #[arg(long, default_value = "60")]
     lease_ttl_secs: u64,
+    /// Take a snapshot (and purge the log behind it) every N log entries.
+    #[arg(long, default_value = "5000")]
+    snapshot_every: u64,
 }
 
 #[derive(Subcommand)]
@@ -136,6 +139,9 @@ fn main() -> ExitCode {
             let mut config = NodeConfig::new(args.id, args.listen, args.data_dir, start);
             config.advertise = args.advertise;
             config.lease_ttl = Duration::from_secs(args.lease_ttl_secs);
+            config.raft.snapshot_every = args.snapshot_every;
+            config.raft.keep_behind_snapshot =
+                config.raft.keep_behind_snapshot.min(args.snapshot_every);
             if !args.policy.is_empty() {
                 match load_policy(&args.policy) {
                     Some(p) => config.policy = p.files().to_vec(),

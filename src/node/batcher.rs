@@ -1,7 +1,8 @@
-//! Gathers the events of concurrent callers into one log entry. While
-//! [`MAX_IN_FLIGHT`] batches are being written, new events wait and pile
-//! up, so the batch grows with the load: one fsync and one replication
-//! round then serve many decisions.
+//! Gathers the events of concurrent callers into one log entry: the
+//! node's own milters' events, and on the leader the batches its followers
+//! forward. While a batch is being written, new events wait and pile up,
+//! so the batch grows with the load: one fsync and one replication round
+//! then serve many decisions.
 
 use std::sync::Arc;
 
@@ -9,16 +10,19 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{Node, NodeError};
 use crate::engine::{Event, Verdict};
-use crate::raft::{Command, RequestId, Response};
+use crate::raft::{Command, RequestId, Response, Sender};
 
-/// Batches being written at once.
-pub const MAX_IN_FLIGHT: usize = 4;
+/// Batches being written at once. One: the next batch gathers while the
+/// current one commits, which measured faster than several small ones.
+pub const MAX_IN_FLIGHT: usize = 1;
 /// Events in one batch at most.
 pub const MAX_EVENTS: usize = 2048;
 
-/// One caller's events and where to send their verdicts.
+/// One caller's events, with their request ids, and where to send their
+/// verdicts.
 pub struct Pending {
-    pub events: Vec<Event>,
+    pub sender: Sender,
+    pub events: Vec<(RequestId, Event)>,
     pub reply: oneshot::Sender<Result<Vec<Verdict>, NodeError>>,
 }
 
@@ -52,35 +56,25 @@ pub async fn run(node: Arc<Node>, mut rx: mpsc::Receiver<Pending>) {
 /// Decides a batch: one log entry if it counts anything, else a
 /// linearizable read at the leader; then hands each caller its verdicts.
 async fn decide_batch(node: &Node, batch: Vec<Pending>) {
-    let events: Vec<Event> = batch
+    let mut senders: Vec<Sender> = Vec::new();
+    for p in &batch {
+        if !senders.iter().any(|s| s.origin == p.sender.origin) {
+            senders.push(p.sender);
+        }
+    }
+    let events: Vec<(RequestId, Event)> = batch
         .iter()
         .flat_map(|p| p.events.iter().cloned())
         .collect();
-    let result = if events.iter().any(Event::is_write) {
-        let first = node.next_seqs(events.len() as u64);
-        let events = events
-            .into_iter()
-            .enumerate()
-            .map(|(i, e)| {
-                let id = RequestId {
-                    origin: node.incarnation,
-                    seq: first + i as u64,
-                };
-                (id, e)
-            })
-            .collect();
-        let command = Command::Decide {
-            origin: node.incarnation,
-            ttl_ms: node.lease_ttl.as_millis() as u64,
-            events,
-        };
-        match node.propose(command).await {
+    let result = if events.iter().any(|(_, e)| e.is_write()) {
+        match node.propose(Command::Decide { senders, events }).await {
             Ok(Response::Verdicts(v)) => Ok(v),
             Ok(other) => Err(NodeError::Raft(format!("unexpected response {other:?}"))),
             Err(e) => Err(e),
         }
     } else {
-        node.read(events).await
+        node.read(events.into_iter().map(|(_, e)| e).collect())
+            .await
     };
     match result {
         Ok(verdicts) => {

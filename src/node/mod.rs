@@ -34,7 +34,7 @@ use crate::raft::log_store::LogStore;
 use crate::raft::network::{self, Network, MAX_MESSAGE_BYTES};
 use crate::raft::state::{policy_hash, DEFAULT_LEASE_TTL_MS};
 use crate::raft::state_machine::{SharedState, StateMachine};
-use crate::raft::{Command, Node as PeerNode, NodeId, Raft, Request, Response};
+use crate::raft::{Command, Node as PeerNode, NodeId, Raft, Request, RequestId, Response, Sender};
 
 /// How a node with an empty data dir enters a cluster.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -48,6 +48,11 @@ pub enum Start {
 }
 
 /// Raft timing. The defaults suit loopback and LAN clusters.
+///
+/// openraft gives each AppendEntries RPC one heartbeat interval to
+/// complete, the follower's fsync included: a short interval turns a slow
+/// disk moment into timeouts and resends, so it is not made shorter than
+/// a few hundred milliseconds.
 #[derive(Clone, Debug)]
 pub struct RaftTuning {
     pub heartbeat_ms: u64,
@@ -62,9 +67,9 @@ pub struct RaftTuning {
 impl Default for RaftTuning {
     fn default() -> Self {
         RaftTuning {
-            heartbeat_ms: 200,
-            election_min_ms: 1000,
-            election_max_ms: 2000,
+            heartbeat_ms: 500,
+            election_min_ms: 1500,
+            election_max_ms: 3000,
             snapshot_every: 5000,
             keep_behind_snapshot: 1000,
         }
@@ -220,9 +225,43 @@ impl Node {
         if self.draining.load(Ordering::Relaxed) {
             return Err(NodeError::ShuttingDown);
         }
+        let first = self.next_seqs(events.len() as u64);
+        let events = events
+            .into_iter()
+            .enumerate()
+            .map(|(i, e)| {
+                let id = RequestId {
+                    origin: self.incarnation,
+                    seq: first + i as u64,
+                };
+                (id, e)
+            })
+            .collect();
+        self.enqueue(self.sender(), events).await
+    }
+
+    /// This node as the sender of events.
+    fn sender(&self) -> Sender {
+        Sender {
+            origin: self.incarnation,
+            ttl_ms: self.lease_ttl.as_millis() as u64,
+        }
+    }
+
+    /// Hands identified events to the batcher and waits for their verdicts.
+    async fn enqueue(
+        &self,
+        sender: Sender,
+        events: Vec<(RequestId, Event)>,
+    ) -> Result<Vec<Verdict>, NodeError> {
         let (reply, answer) = oneshot::channel();
+        let pending = batcher::Pending {
+            sender,
+            events,
+            reply,
+        };
         self.batches
-            .send(batcher::Pending { events, reply })
+            .send(pending)
             .await
             .map_err(|_| NodeError::ShuttingDown)?;
         answer.await.map_err(|_| NodeError::ShuttingDown)?
@@ -254,9 +293,7 @@ impl Node {
         let mut wait = Duration::from_millis(20);
         loop {
             let reply = match self.leader_addr() {
-                Some((leader, _)) if leader == self.id => {
-                    self.serve_proposal(proposal.clone()).await
-                }
+                Some((leader, _)) if leader == self.id => self.serve_local(proposal.clone()).await,
                 Some((_, addr)) => forward(self, &addr, &proposal).await,
                 None => ProposalReply::NotLeader,
             };
@@ -276,8 +313,30 @@ impl Node {
         }
     }
 
-    /// What the leader does with a proposal (local or forwarded).
-    pub async fn serve_proposal(&self, proposal: Proposal) -> ProposalReply {
+    /// A proposal forwarded by another node. A follower's batch of events
+    /// joins this leader's next batch, so that one entry serves them all.
+    pub async fn serve_forwarded(&self, proposal: Proposal) -> ProposalReply {
+        match proposal {
+            Proposal::Command(Command::Decide { senders, events }) if self.is_leader() => {
+                let sender = match senders.as_slice() {
+                    [one] => *one,
+                    _ => {
+                        return self
+                            .serve_local(Proposal::Command(Command::Decide { senders, events }))
+                            .await
+                    }
+                };
+                match self.enqueue(sender, events).await {
+                    Ok(verdicts) => ProposalReply::Response(Response::Verdicts(verdicts)),
+                    Err(e) => ProposalReply::Failed(e.to_string()),
+                }
+            }
+            other => self.serve_local(other).await,
+        }
+    }
+
+    /// What the leader does with a proposal.
+    async fn serve_local(&self, proposal: Proposal) -> ProposalReply {
         match proposal {
             Proposal::Command(command) => self.write(command).await,
             Proposal::Read(events) => match self.read_index().await {
@@ -475,6 +534,9 @@ fn raft_config(t: &RaftTuning) -> Result<openraft::Config, NodeError> {
         install_snapshot_timeout: t.election_max_ms.max(2000),
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(t.snapshot_every),
         max_in_snapshot_log_to_keep: t.keep_behind_snapshot,
+        // Entries are batches of up to MAX_EVENTS events: keep each
+        // AppendEntries small enough to finish well within a heartbeat.
+        max_payload_entries: 64,
         snapshot_max_chunk_size: (MAX_MESSAGE_BYTES / 4) as u64,
         ..Default::default()
     }

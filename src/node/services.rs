@@ -84,7 +84,7 @@ impl pb::raft_server::Raft for RaftService {
 
     async fn propose(&self, request: Request<pb::RaftPayload>) -> Reply {
         let proposal: Proposal = network::decode(request.get_ref())?;
-        let reply = self.node.serve_proposal(proposal).await;
+        let reply = self.node.serve_forwarded(proposal).await;
         Ok(Response::new(network::encode(&reply)))
     }
 }

@@ -12,7 +12,7 @@ pub mod state_machine;
 
 use std::io::Cursor;
 
-pub use state::{Command, Request, RequestId, Response};
+pub use state::{Command, Request, RequestId, Response, Sender};
 
 /// Node ids are small integers chosen by the operator (a pod's ordinal).
 pub type NodeId = u64;

@@ -27,14 +27,20 @@ pub struct RequestId {
     pub seq: u64,
 }
 
+/// A node that sent events, and how long its leases outlive its silence.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Sender {
+    pub origin: u64,
+    pub ttl_ms: u64,
+}
+
 /// A log entry's command.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
-    /// A batch of events gathered by one node, decided in order. The
-    /// node's leases live `ttl_ms` past this entry.
+    /// A batch of events, decided in order, gathered from the nodes in
+    /// `senders`, whose leases live their TTL past this entry.
     Decide {
-        origin: u64,
-        ttl_ms: u64,
+        senders: Vec<Sender>,
         events: Vec<(RequestId, Event)>,
     },
     /// Puts a policy in force; counters are kept.
@@ -202,12 +208,10 @@ impl LimiterState {
         self.now_ms = self.now_ms.max(request.stamp_ms);
         self.expire_silent_owners();
         match &request.command {
-            Command::Decide {
-                origin,
-                ttl_ms,
-                events,
-            } => {
-                self.heard_from(*origin, *ttl_ms);
+            Command::Decide { senders, events } => {
+                for s in senders {
+                    self.heard_from(s.origin, s.ttl_ms);
+                }
                 let now = self.now_ms / 1000;
                 let verdicts = events
                     .iter()
@@ -343,8 +347,10 @@ mod tests {
         let r = s.apply(&Request {
             stamp_ms,
             command: Command::Decide {
-                origin,
-                ttl_ms: 5_000,
+                senders: vec![Sender {
+                    origin,
+                    ttl_ms: 5_000,
+                }],
                 events,
             },
         });
