@@ -6,7 +6,7 @@
 
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{LogId, OptionalSend, RaftLogReader, StorageError, StorageIOError, Vote};
@@ -27,14 +27,31 @@ pub struct LogStore {
     db: sled::Db,
     log: sled::Tree,
     meta: sled::Tree,
-    flusher: mpsc::Sender<LogFlushed<TypeConfig>>,
+    flusher: Arc<Flusher>,
+}
+
+/// The flusher thread and the way to it. Dropping the last handle stops
+/// the thread and waits for it, so the database is closed when the log
+/// store is gone (and can be opened again at once).
+struct Flusher {
+    tx: Option<mpsc::Sender<LogFlushed<TypeConfig>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Flusher {
+    fn drop(&mut self) {
+        self.tx.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 /// Flushes sled for the appends waiting, then reports them flushed, in
-/// order. Ends when the last log store handle is dropped.
-fn spawn_flusher(db: sled::Db) -> std::io::Result<mpsc::Sender<LogFlushed<TypeConfig>>> {
+/// order.
+fn spawn_flusher(db: sled::Db) -> std::io::Result<Flusher> {
     let (tx, rx) = mpsc::channel::<LogFlushed<TypeConfig>>();
-    std::thread::Builder::new()
+    let thread = std::thread::Builder::new()
         .name("relayrate-log-flush".into())
         .spawn(move || {
             while let Ok(first) = rx.recv() {
@@ -49,7 +66,10 @@ fn spawn_flusher(db: sled::Db) -> std::io::Result<mpsc::Sender<LogFlushed<TypeCo
                 }
             }
         })?;
-    Ok(tx)
+    Ok(Flusher {
+        tx: Some(tx),
+        thread: Some(thread),
+    })
 }
 
 fn key(index: u64) -> [u8; 8] {
@@ -72,7 +92,7 @@ impl LogStore {
             db: db.clone(),
             log: db.open_tree("raft_log")?,
             meta: db.open_tree("raft_meta")?,
-            flusher: spawn_flusher(db.clone())?,
+            flusher: Arc::new(spawn_flusher(db.clone())?),
         })
     }
 
@@ -194,7 +214,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .apply_batch(batch)
             .map_err(|e| StorageIOError::write_logs(&e))?;
         // Readable now; durable, and so reported, only after the flush.
-        if let Err(mpsc::SendError(callback)) = self.flusher.send(callback) {
+        let tx = self.flusher.tx.as_ref().expect("set until dropped");
+        if let Err(mpsc::SendError(callback)) = tx.send(callback) {
             let gone = std::io::Error::other("log flusher stopped");
             callback.log_io_completed(Err(gone));
         }
