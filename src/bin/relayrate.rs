@@ -225,8 +225,15 @@ fn serve(config: NodeConfig) -> ExitCode {
         );
         wait_for_signal().await;
         tracing::info!("stopping: draining requests");
+        let raft = handle.node.raft.clone();
         handle.shutdown().await;
-        tracing::info!("stopped");
+        let m = raft.metrics().borrow().clone();
+        tracing::info!(
+            term = m.current_term,
+            last_log_index = ?m.last_log_index,
+            last_applied = ?m.last_applied.map(|l| l.index),
+            "stopped"
+        );
         ExitCode::SUCCESS
     })
 }

@@ -1,0 +1,211 @@
+//! Getting things done at the leader: writes (stamped with the leader's
+//! clock), linearizable reads, joins and policy changes. A follower
+//! forwards them in one RPC; this is the one place that knows how.
+
+use std::time::{Duration, Instant};
+
+use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
+use openraft::ChangeMembers;
+use serde::{Deserialize, Serialize};
+
+use super::{now_ms, Node, NodeError};
+use crate::engine::{Event, Verdict};
+use crate::policy::PolicyFile;
+use crate::raft::network;
+use crate::raft::state::policy_hash;
+use crate::raft::{Command, Node as PeerNode, NodeId, Request, Response};
+
+/// What a node asks the leader through the internal `Propose` RPC.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum Proposal {
+    Command(Command),
+    /// Read-only events, answered after a read-index check.
+    Read(Vec<Event>),
+    /// Add a node as a learner, then as a voter.
+    Join {
+        id: NodeId,
+        addr: String,
+    },
+    /// Put these files in force unless the cluster's policy is the same.
+    EnsurePolicy(Vec<PolicyFile>),
+}
+
+/// The leader's answer.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum ProposalReply {
+    Response(Response),
+    Verdicts(Vec<Verdict>),
+    Joined,
+    /// Not the leader (any more): ask again.
+    NotLeader,
+    Failed(String),
+}
+
+/// How long a proposal may look for a leader before giving up.
+const PROPOSE_DEADLINE: Duration = Duration::from_secs(10);
+
+impl Node {
+    /// Writes a command at the leader and returns its response; retries
+    /// across leader changes until [`PROPOSE_DEADLINE`]. A retried
+    /// `Decide` keeps its request ids, so it is counted once.
+    pub async fn propose(&self, command: Command) -> Result<Response, NodeError> {
+        match self.at_leader(Proposal::Command(command)).await? {
+            ProposalReply::Response(r) => Ok(r),
+            other => Err(NodeError::Raft(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    /// Decides read-only events so that they see every count acknowledged
+    /// before they were asked: at the leader, after a read-index check.
+    pub async fn read(&self, events: Vec<Event>) -> Result<Vec<Verdict>, NodeError> {
+        match self.at_leader(Proposal::Read(events)).await? {
+            ProposalReply::Verdicts(v) => Ok(v),
+            other => Err(NodeError::Raft(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    /// Runs a proposal at the leader: here if this node leads, else
+    /// forwarded in one RPC. The one place that knows about forwarding.
+    pub(super) async fn at_leader(&self, proposal: Proposal) -> Result<ProposalReply, NodeError> {
+        let deadline = Instant::now() + PROPOSE_DEADLINE;
+        let mut wait = Duration::from_millis(20);
+        loop {
+            let reply = match self.leader_addr() {
+                Some((leader, _)) if leader == self.id => self.serve_local(proposal.clone()).await,
+                Some((_, addr)) => forward(self, &addr, &proposal).await,
+                None => ProposalReply::NotLeader,
+            };
+            match reply {
+                ProposalReply::NotLeader => {}
+                ProposalReply::Failed(why) if Instant::now() >= deadline => {
+                    return Err(NodeError::NoLeader(why))
+                }
+                ProposalReply::Failed(why) => tracing::debug!(%why, "proposal failed, retrying"),
+                done => return Ok(done),
+            }
+            if Instant::now() >= deadline {
+                return Err(NodeError::NoLeader("no leader known".into()));
+            }
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(Duration::from_millis(500));
+        }
+    }
+
+    /// A proposal forwarded by another node. A follower's batch of events
+    /// joins this leader's next batch, so that one entry serves them all.
+    pub async fn serve_forwarded(&self, proposal: Proposal) -> ProposalReply {
+        match proposal {
+            Proposal::Command(Command::Decide { senders, events }) if self.is_leader() => {
+                let sender = match senders.as_slice() {
+                    [one] => *one,
+                    _ => {
+                        return self
+                            .serve_local(Proposal::Command(Command::Decide { senders, events }))
+                            .await
+                    }
+                };
+                match self.enqueue(sender, events).await {
+                    Ok(verdicts) => ProposalReply::Response(Response::Verdicts(verdicts)),
+                    Err(e) => ProposalReply::Failed(e.to_string()),
+                }
+            }
+            other => self.serve_local(other).await,
+        }
+    }
+
+    /// What the leader does with a proposal.
+    async fn serve_local(&self, proposal: Proposal) -> ProposalReply {
+        match proposal {
+            Proposal::Command(command) => self.write(command).await,
+            Proposal::Read(events) => match self.read_index().await {
+                Ok(()) => {
+                    let state = self.state.read().expect("state lock");
+                    ProposalReply::Verdicts(events.iter().map(|e| state.read(e)).collect())
+                }
+                Err(reply) => reply,
+            },
+            Proposal::Join { id, addr } => self.add_member(id, addr).await,
+            Proposal::EnsurePolicy(files) => {
+                if let Err(reply) = self.read_index().await {
+                    return reply;
+                }
+                let current =
+                    self.state.read().expect("state lock").policy_hash() == policy_hash(&files);
+                if current {
+                    ProposalReply::Response(Response::Done)
+                } else {
+                    self.write(Command::SetPolicy { files }).await
+                }
+            }
+        }
+    }
+
+    /// Appends a command stamped with this leader's clock.
+    async fn write(&self, command: Command) -> ProposalReply {
+        let request = Request {
+            stamp_ms: now_ms(),
+            command,
+        };
+        match self.raft.client_write(request).await {
+            Ok(r) => ProposalReply::Response(r.data),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
+                ProposalReply::NotLeader
+            }
+            Err(e) => ProposalReply::Failed(e.to_string()),
+        }
+    }
+
+    /// Confirms leadership with a quorum and waits until the local state
+    /// has applied everything committed before: reads after it are
+    /// linearizable.
+    async fn read_index(&self) -> Result<(), ProposalReply> {
+        match self.raft.ensure_linearizable().await {
+            Ok(_) => Ok(()),
+            Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(_))) => {
+                Err(ProposalReply::NotLeader)
+            }
+            Err(e) => Err(ProposalReply::Failed(e.to_string())),
+        }
+    }
+
+    async fn add_member(&self, id: NodeId, addr: String) -> ProposalReply {
+        if !self.is_leader() {
+            return ProposalReply::NotLeader;
+        }
+        let voters: Vec<NodeId> = {
+            let m = self.raft.metrics().borrow().membership_config.clone();
+            m.membership().voter_ids().collect()
+        };
+        if !voters.contains(&id) {
+            if let Err(e) = self
+                .raft
+                .add_learner(id, PeerNode::new(addr.clone()), true)
+                .await
+            {
+                return ProposalReply::Failed(e.to_string());
+            }
+            let add = ChangeMembers::AddVoterIds([id].into_iter().collect());
+            if let Err(e) = self.raft.change_membership(add, false).await {
+                return ProposalReply::Failed(e.to_string());
+            }
+            tracing::info!(id, %addr, "node joined as a voter");
+        }
+        ProposalReply::Joined
+    }
+}
+
+/// Sends a proposal to another node's `Propose` RPC.
+pub(super) async fn forward(node: &Node, addr: &str, proposal: &Proposal) -> ProposalReply {
+    let channel = match node.channel_to(addr) {
+        Ok(c) => c,
+        Err(e) => return ProposalReply::Failed(e.to_string()),
+    };
+    let mut client = network::client(channel);
+    let mut request = tonic::Request::new(network::encode(proposal));
+    request.set_timeout(Duration::from_secs(5));
+    match client.propose(request).await {
+        Ok(reply) => network::decode(&reply.into_inner())
+            .unwrap_or_else(|s: tonic::Status| ProposalReply::Failed(s.to_string())),
+        Err(status) => ProposalReply::Failed(status.to_string()),
+    }
+}

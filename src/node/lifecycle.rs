@@ -1,0 +1,318 @@
+//! Starting and stopping a node: open the data dir, start Raft and the gRPC
+//! server, bootstrap, join or resume; heartbeats and policy sync in the
+//! background; graceful shutdown and, for tests, a crash.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::task::JoinHandle;
+
+use super::config::{raft_config, NodeConfig, Start};
+use super::leader::{forward, Proposal, ProposalReply};
+use super::{batcher, services, Node, NodeError};
+use crate::policy::PolicyFile;
+use crate::proto::v1::limiter_server::LimiterServer;
+use crate::proto::v1::raft_server::RaftServer;
+use crate::raft::log_store::LogStore;
+use crate::raft::network::{Network, MAX_MESSAGE_BYTES};
+use crate::raft::state::policy_hash;
+use crate::raft::state_machine::StateMachine;
+use crate::raft::{Command, Node as PeerNode, NodeId, Raft, Response};
+
+/// A started node: its address, and how to stop it.
+pub struct NodeHandle {
+    pub node: Arc<Node>,
+    pub addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    server: JoinHandle<()>,
+    batcher: JoinHandle<()>,
+    /// Heartbeats, joining, policy sync.
+    tasks: Vec<JoinHandle<()>>,
+    db: sled::Db,
+}
+
+impl NodeHandle {
+    /// Stops gracefully: refuses new events, lets leadership pass to
+    /// another voter, finishes in-flight requests, flushes, stops Raft.
+    pub async fn shutdown(mut self) {
+        self.node.draining.store(true, Ordering::Relaxed);
+        // No more heartbeats: they would keep this node leading.
+        self.abort_background().await;
+        self.wait_in_flight(Duration::from_secs(5)).await;
+        hand_over_leadership(&self.node).await;
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let _ = (&mut self.server).await;
+        self.stop_tasks().await;
+        let _ = self.db.flush_async().await;
+    }
+
+    /// Waits (bounded) until no event is queued or being decided.
+    async fn wait_in_flight(&self, bound: Duration) {
+        let until = Instant::now() + bound;
+        let node = &self.node;
+        while Instant::now() < until {
+            let queued = node.batches.max_capacity() - node.batches.capacity();
+            if queued == 0 && node.in_flight.available_permits() == batcher::MAX_IN_FLIGHT {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tracing::warn!("requests still in flight at shutdown");
+    }
+
+    async fn abort_background(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+        for t in self.tasks.drain(..) {
+            let _ = t.await;
+        }
+    }
+
+    /// Stops at once, as a crash would (minus the process exit): the server
+    /// and tasks are aborted, Raft is stopped, nothing is flushed.
+    pub async fn kill(mut self) {
+        self.server.abort();
+        let _ = (&mut self.server).await;
+        self.stop_tasks().await;
+    }
+
+    async fn stop_tasks(&mut self) {
+        self.abort_background().await;
+        self.batcher.abort();
+        let _ = (&mut self.batcher).await;
+        let _ = self.node.raft.shutdown().await;
+    }
+}
+
+/// If this node leads a cluster of several voters, stop its heartbeats so
+/// that another voter takes over, and wait (bounded) until one has.
+async fn hand_over_leadership(node: &Node) {
+    let m = node.raft.metrics().borrow().clone();
+    let voters = m.membership_config.membership().voter_ids().count();
+    if m.current_leader != Some(node.id) || voters < 2 {
+        return;
+    }
+    node.raft.runtime_config().heartbeat(false);
+    node.raft.runtime_config().elect(false);
+    let wait = Duration::from_millis(node.raft.config().election_timeout_max * 3);
+    let handed = node
+        .raft
+        .wait(Some(wait))
+        .metrics(
+            |m| m.current_leader.is_some_and(|l| l != node.id),
+            "another leader",
+        )
+        .await;
+    match handed {
+        Ok(m) => tracing::info!(new_leader = ?m.current_leader, "leadership handed over"),
+        Err(e) => tracing::warn!(error = %e, "leadership not handed over"),
+    }
+}
+
+/// Starts a node and returns once it serves; joining and putting the
+/// policy in force go on in the background.
+pub async fn start(config: NodeConfig) -> Result<NodeHandle, NodeError> {
+    let policy_files = config.policy.clone();
+    std::fs::create_dir_all(&config.data_dir).map_err(|source| NodeError::DataDir {
+        path: config.data_dir.clone(),
+        source,
+    })?;
+    let db = sled::open(config.data_dir.join("sled")).map_err(|e| NodeError::DataDir {
+        path: config.data_dir.clone(),
+        source: std::io::Error::other(e),
+    })?;
+    let storage = |e: &dyn std::fmt::Display| NodeError::Storage(e.to_string());
+    let log = LogStore::open(&db).map_err(|e| storage(&e))?;
+    let sm = StateMachine::open(&db).map_err(|e| storage(&e))?;
+    let state = sm.shared();
+    let raft = Raft::new(
+        config.id,
+        Arc::new(raft_config(&config.raft)?),
+        Network,
+        log,
+        sm,
+    )
+    .await
+    .map_err(|e| NodeError::Raft(e.to_string()))?;
+
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| NodeError::Listen {
+            addr: config.listen,
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| NodeError::Listen {
+        addr: config.listen,
+        source,
+    })?;
+    let advertise = config.advertise.clone().unwrap_or_else(|| addr.to_string());
+
+    let (batch_tx, batch_rx) = mpsc::channel(4096);
+    let node = Arc::new(Node {
+        id: config.id,
+        incarnation: incarnation(config.id),
+        seq: AtomicU64::new(1),
+        raft: raft.clone(),
+        state,
+        batches: batch_tx,
+        in_flight: Arc::new(Semaphore::new(batcher::MAX_IN_FLIGHT)),
+        draining: AtomicBool::new(false),
+        lease_ttl: config.lease_ttl,
+        peers: Mutex::new(HashMap::new()),
+    });
+
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let server = {
+        let limiter = LimiterServer::new(services::LimiterService::new(node.clone()));
+        let peers = RaftServer::new(services::RaftService::new(node.clone()))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        // Accepted sockets need TCP_NODELAY set here: tonic only sets it on
+        // listeners it binds itself. Without it, Nagle's algorithm meets
+        // delayed ACKs and replies stall for 40 ms.
+        let incoming = tokio_stream::StreamExt::map(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            |socket| socket.and_then(|s| s.set_nodelay(true).map(|()| s)),
+        );
+        let fut = tonic::transport::Server::builder()
+            .add_service(limiter)
+            .add_service(peers)
+            .serve_with_incoming_shutdown(incoming, async {
+                let _ = stop_rx.await;
+            });
+        tokio::spawn(async move {
+            if let Err(e) = fut.await {
+                tracing::error!(error = %e, "gRPC server failed");
+            }
+        })
+    };
+
+    if !raft
+        .is_initialized()
+        .await
+        .map_err(|e| NodeError::Raft(e.to_string()))?
+    {
+        match &config.start {
+            Start::Bootstrap => {
+                let members = BTreeMap::from([(config.id, PeerNode::new(advertise.clone()))]);
+                raft.initialize(members)
+                    .await
+                    .map_err(|e| NodeError::Raft(e.to_string()))?;
+                tracing::info!(id = config.id, %advertise, "bootstrapped a new cluster");
+            }
+            Start::Join(_) => {}
+            Start::Resume => {
+                server.abort();
+                let _ = raft.shutdown().await;
+                return Err(NodeError::NotInitialized);
+            }
+        }
+    }
+
+    let batcher = tokio::spawn(batcher::run(node.clone(), batch_rx));
+    let mut tasks = Vec::new();
+    if let Start::Join(seed) = &config.start {
+        if !raft.is_initialized().await.unwrap_or(true) {
+            tasks.push(tokio::spawn(join(
+                node.clone(),
+                seed.clone(),
+                advertise.clone(),
+            )));
+        }
+    }
+    tasks.push(tokio::spawn(heartbeat(node.clone())));
+    if !policy_files.is_empty() {
+        tasks.push(tokio::spawn(sync_policy(node.clone(), policy_files)));
+    }
+    tracing::info!(id = config.id, %addr, incarnation = node.incarnation, "node serving");
+    Ok(NodeHandle {
+        node,
+        addr,
+        stop: Some(stop_tx),
+        server,
+        batcher,
+        tasks,
+        db,
+    })
+}
+
+/// A number unique to this start of this node: request ids and lease
+/// owners of an earlier run never collide with this one's.
+fn incarnation(id: NodeId) -> u64 {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    (nanos << 8) ^ id ^ u64::from(std::process::id()) << 40
+}
+
+/// Asks `seed` (and then the leader it points to) to add this node.
+async fn join(node: Arc<Node>, seed: String, advertise: String) {
+    let mut wait = Duration::from_millis(100);
+    loop {
+        let proposal = Proposal::Join {
+            id: node.id,
+            addr: advertise.clone(),
+        };
+        let target = node.leader_addr().map_or(seed.clone(), |(_, a)| a);
+        match forward(&node, &target, &proposal).await {
+            ProposalReply::Joined => {
+                tracing::info!(%target, "joined the cluster");
+                return;
+            }
+            other => tracing::info!(%target, reply = ?other, "join: not yet"),
+        }
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(Duration::from_secs(2));
+    }
+}
+
+/// Tells the cluster this node is alive, every third of its lease TTL.
+async fn heartbeat(node: Arc<Node>) {
+    let every = node.lease_ttl / 3;
+    loop {
+        let member = node
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .get_node(&node.id)
+            .is_some();
+        if member {
+            let hb = Command::Heartbeat {
+                origin: node.incarnation,
+                ttl_ms: node.lease_ttl.as_millis() as u64,
+            };
+            if let Err(e) = node.propose(hb).await {
+                tracing::warn!(error = %e, "heartbeat not written");
+            }
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
+/// Puts this node's `--policy` in force if the cluster's differs.
+async fn sync_policy(node: Arc<Node>, files: Vec<PolicyFile>) {
+    let hash = policy_hash(&files);
+    loop {
+        match node.at_leader(Proposal::EnsurePolicy(files.clone())).await {
+            Ok(ProposalReply::Response(Response::Done)) => {
+                tracing::info!(%hash, "policy in force");
+                return;
+            }
+            Ok(other) => {
+                tracing::error!(reply = ?other, "policy refused");
+                return;
+            }
+            Err(e) => tracing::warn!(error = %e, "policy not in force yet"),
+        }
+    }
+}
