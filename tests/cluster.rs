@@ -350,12 +350,14 @@ async fn a_follower_that_missed_a_lot_catches_up_by_snapshot() {
         async move { n == 150 }
     })
     .await;
-    let m = h.node.raft.metrics().borrow().clone();
-    assert!(
-        m.snapshot.is_some_and(|s| s.index > 100),
-        "installed a snapshot: {:?}",
-        m.snapshot
-    );
+    // It could only have caught up from the leader's snapshot: the log
+    // before index 100 is gone.
+    let raft = h.node.raft.clone();
+    eventually("the follower's snapshot is the leader's", || {
+        let m = raft.metrics().borrow().clone();
+        async move { m.snapshot.is_some_and(|s| s.index > 100) }
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -57,6 +57,8 @@ pub enum NodeError {
     NoLeader(String),
     #[error("the node is shutting down")]
     ShuttingDown,
+    #[error("the node's policy is not in force yet")]
+    NotReady,
     #[error("raft: {0}")]
     Raft(String),
 }
@@ -80,12 +82,20 @@ pub struct Node {
     /// Batches being written; all permits free means nothing in flight.
     in_flight: Arc<Semaphore>,
     draining: AtomicBool,
+    /// Set once this node's `--policy` is in force (at once without one):
+    /// until then no event is decided, so none is decided with no limits.
+    ready: AtomicBool,
     lease_ttl: Duration,
     /// Channels to the other nodes, by address.
     peers: Mutex<HashMap<String, Channel>>,
 }
 
 impl Node {
+    /// Whether the node decides events: its policy is in force.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+
     pub fn state(&self) -> &SharedState {
         &self.state
     }
@@ -123,6 +133,9 @@ impl Node {
     pub async fn decide(&self, events: Vec<Event>) -> Result<Vec<Verdict>, NodeError> {
         if self.draining.load(Ordering::Relaxed) {
             return Err(NodeError::ShuttingDown);
+        }
+        if !self.is_ready() {
+            return Err(NodeError::NotReady);
         }
         let first = self.next_seqs(events.len() as u64);
         let events = events
