@@ -21,6 +21,7 @@ pub mod bench;
 pub mod check;
 pub mod convert;
 pub mod engine;
+pub mod milter;
 pub mod node;
 pub mod policy;
 pub mod proto;

@@ -242,3 +242,24 @@ fn several_files_are_read_in_order_and_the_first_duplicate_wins() {
         "{msgs:?}"
     );
 }
+
+#[test]
+fn a_policy_divided_among_relays_divides_cluster_limits_only() {
+    let p = Policy::parse_str(
+        "p",
+        "CHECK_CONN_RATE YES\nCHECK_OPEN_CONNECTIONS YES\nCHECK_NB_RCPT YES\n\
+         ConnRate:default 50\nConnOpen:default 2\nMaxRcpt:default 50\n",
+    )
+    .unwrap();
+    let third = p.divided(3);
+    let c = ip("192.0.2.1");
+    assert_eq!(third.limit(Check::ConnRate, &c), Some(16));
+    assert_eq!(third.limit(Check::ConnOpen, &c), Some(1), "never below 1");
+    assert_eq!(
+        third.limit(Check::MaxRcpt, &c),
+        Some(50),
+        "per connection: whole"
+    );
+    assert_eq!(third.limit(Check::MsgRate, &c), None, "switched off");
+    assert_eq!(p.limit(Check::ConnRate, &c), Some(50));
+}

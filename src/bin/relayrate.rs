@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use relayrate::check::Check;
+use relayrate::milter::{self, FailMode, ListenAddr, MilterConfig, MilterListener};
 use relayrate::node::{self, NodeConfig, NodeHandle, Start};
 use relayrate::policy::report::{explain, explain_check, summary};
 use relayrate::policy::{Client, Policy, PolicyError, PolicyFile};
@@ -36,6 +37,8 @@ enum Command {
     Run(RunArgs),
     /// A member of a relayrate cluster.
     Node(NodeArgs),
+    /// The milter an MTA calls; asks its node for verdicts.
+    Milter(MilterArgs),
     /// Load generator for the Limiter service.
     Bench(relayrate::bench::BenchArgs),
 }
@@ -50,6 +53,34 @@ struct RunArgs {
     /// gRPC address (Limiter and Raft services).
     #[arg(long, default_value = "127.0.0.1:7450")]
     listen: SocketAddr,
+    /// Milter socket for the MTA.
+    #[arg(long, default_value = "inet:127.0.0.1:8894")]
+    milter_listen: ListenAddr,
+    /// Log and count refusals, refuse nothing.
+    #[arg(long)]
+    dry_run: bool,
+}
+
+#[derive(Args)]
+struct MilterArgs {
+    /// Socket for the MTA: inet:HOST:PORT or unix:PATH.
+    #[arg(long, default_value = "inet:127.0.0.1:8894")]
+    listen: ListenAddr,
+    /// The local node's URL.
+    #[arg(long, default_value = "http://127.0.0.1:7450")]
+    node: String,
+    /// Longest wait for a verdict before the fail mode decides.
+    #[arg(long, default_value = "250")]
+    timeout_ms: u64,
+    /// When the node does not answer in time: local, open or tempfail.
+    #[arg(long, default_value = "local")]
+    fail_mode: FailMode,
+    /// Relays sharing the limits (the local fail mode divides by this).
+    #[arg(long, default_value = "1")]
+    relays: u64,
+    /// Log and count refusals, refuse nothing.
+    #[arg(long)]
+    dry_run: bool,
 }
 
 #[derive(Args)]
@@ -128,7 +159,17 @@ fn main() -> ExitCode {
             };
             let mut config = NodeConfig::new(1, args.listen, args.data_dir, Start::Bootstrap);
             config.policy = policy;
-            serve(config)
+            let mut milter = MilterConfig::new(format!("http://{}", args.listen));
+            milter.dry_run = args.dry_run;
+            serve(config, Some((args.milter_listen, milter)))
+        }
+        Command::Milter(args) => {
+            let mut milter = MilterConfig::new(args.node);
+            milter.timeout = Duration::from_millis(args.timeout_ms);
+            milter.fail_mode = args.fail_mode;
+            milter.relays = args.relays;
+            milter.dry_run = args.dry_run;
+            serve_milter(args.listen, milter)
         }
         Command::Node(args) => {
             let start = match (args.bootstrap, args.join) {
@@ -148,7 +189,7 @@ fn main() -> ExitCode {
                     None => return ExitCode::from(EXIT_CONFIG),
                 }
             }
-            serve(config)
+            serve(config, None)
         }
         Command::Bench(args) => runtime().block_on(relayrate::bench::run(args)),
         Command::Policy(PolicyCommand::Check { files }) => {
@@ -208,8 +249,9 @@ fn init_logs() {
         .init();
 }
 
-/// Runs a node until SIGTERM or Ctrl-C, then stops it gracefully.
-fn serve(config: NodeConfig) -> ExitCode {
+/// Runs a node (and a milter beside it) until SIGTERM or Ctrl-C, then
+/// stops them gracefully: the milter first, then the node.
+fn serve(config: NodeConfig, milter: Option<(ListenAddr, MilterConfig)>) -> ExitCode {
     init_logs();
     runtime().block_on(async move {
         let handle: NodeHandle = match node::start(config).await {
@@ -223,7 +265,26 @@ fn serve(config: NodeConfig) -> ExitCode {
             "relayrate node {} listening on {}",
             handle.node.id, handle.addr
         );
+        let mut milter_task = None;
+        if let Some((listen, config)) = milter {
+            let listener = match MilterListener::bind(&listen).await {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::error!("milter: cannot listen on {listen:?}: {e}");
+                    handle.shutdown().await;
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            println!("relayrate milter listening on {listen:?}");
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let task = tokio::spawn(milter::run(listener, config, stopped));
+            milter_task = Some((stop, task));
+        }
         wait_for_signal().await;
+        if let Some((stop, task)) = milter_task {
+            let _ = stop.send(());
+            let _ = task.await;
+        }
         tracing::info!("stopping: draining requests");
         let raft = handle.node.raft.clone();
         handle.shutdown().await;
@@ -235,6 +296,28 @@ fn serve(config: NodeConfig) -> ExitCode {
             "stopped"
         );
         ExitCode::SUCCESS
+    })
+}
+
+/// Runs a milter alone until SIGTERM or Ctrl-C.
+fn serve_milter(listen: ListenAddr, config: MilterConfig) -> ExitCode {
+    init_logs();
+    runtime().block_on(async move {
+        let listener = match MilterListener::bind(&listen).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!("milter: cannot listen on {listen:?}: {e}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        };
+        println!("relayrate milter listening on {listen:?}");
+        match milter::run(listener, config, wait_for_signal()).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!("milter: {e}");
+                ExitCode::FAILURE
+            }
+        }
     })
 }
 

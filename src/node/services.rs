@@ -50,6 +50,26 @@ impl pb::limiter_server::Limiter for LimiterService {
             verdicts: verdicts.iter().map(pb::Verdict::from).collect(),
         }))
     }
+
+    async fn get_policy(
+        &self,
+        _request: Request<pb::GetPolicyRequest>,
+    ) -> Result<Response<pb::GetPolicyResponse>, Status> {
+        let state = self.node.state().read().expect("state lock");
+        let files = state
+            .policy()
+            .files()
+            .iter()
+            .map(|f| pb::PolicyFile {
+                name: f.name.clone(),
+                text: f.text.clone(),
+            })
+            .collect();
+        Ok(Response::new(pb::GetPolicyResponse {
+            files,
+            hash: state.policy_hash().to_string(),
+        }))
+    }
 }
 
 pub struct RaftService {

@@ -68,6 +68,9 @@ pub struct Policy {
     dry_run: bool,
     files: Vec<PolicyFile>,
     warnings: Vec<Diagnostic>,
+    /// Cluster-wide limits are divided by this (a milter deciding alone
+    /// for one of N relays); 1 otherwise.
+    divisor: u64,
 }
 
 /// What the MTA told us about the client: the input of every lookup.
@@ -218,9 +221,27 @@ impl Policy {
         if !self.is_enabled(check) {
             return None;
         }
-        match self.lookup(check, client) {
+        let limit = match self.lookup(check, client) {
             Some(entry) => entry.value,
             None => check.builtin_default(),
+        }?;
+        Some(self.share(check, limit))
+    }
+
+    /// The same policy with each cluster-wide limit (rates and open
+    /// connections, not the per-connection counts) divided by `relays`,
+    /// at least 1: what one relay may allow when it must decide alone.
+    pub fn divided(&self, relays: u64) -> Policy {
+        Policy {
+            divisor: relays.max(1),
+            ..self.clone()
+        }
+    }
+
+    fn share(&self, check: Check, limit: u64) -> u64 {
+        match check.measure() {
+            crate::check::Measure::PerConnection => limit,
+            _ => (limit / self.divisor).max(1),
         }
     }
 
@@ -234,7 +255,11 @@ impl Policy {
         Resolved {
             check,
             enabled,
-            limit: if enabled { limit } else { None },
+            limit: if enabled {
+                limit.map(|l| self.share(check, l))
+            } else {
+                None
+            },
             matched,
         }
     }

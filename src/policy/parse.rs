@@ -313,6 +313,7 @@ impl Builder {
             dry_run: self.dry_run.is_some_and(|s| s.value),
             files,
             warnings: self.warnings,
+            divisor: 1,
         })
     }
 

@@ -1,0 +1,209 @@
+//! Where the milter's verdicts come from: the local node over gRPC, within
+//! a bounded time; when it cannot answer in time, the fail mode decides
+//! (an in-process engine with the last policy seen, accept, or tempfail).
+//! The MTA never waits longer than the timeout.
+
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tonic::transport::{Channel, Endpoint};
+
+use crate::convert::event_to_pb;
+use crate::engine::{Engine, Event, Verdict};
+use crate::policy::{Policy, PolicyFile};
+use crate::proto::v1::limiter_client::LimiterClient;
+use crate::proto::v1::{DecideRequest, GetPolicyRequest};
+use crate::raft::state::policy_hash;
+
+/// What to do when the node does not answer in time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FailMode {
+    /// Decide with an in-process engine, the last policy seen and each
+    /// cluster-wide limit divided by the number of relays.
+    Local,
+    /// Accept.
+    Open,
+    /// Answer 451 4.3.0 and let the client retry.
+    Tempfail,
+}
+
+impl FromStr for FailMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<FailMode, String> {
+        match s {
+            "local" => Ok(FailMode::Local),
+            "open" => Ok(FailMode::Open),
+            "tempfail" => Ok(FailMode::Tempfail),
+            other => Err(format!(
+                "unknown fail mode `{other}`: expected local, open or tempfail"
+            )),
+        }
+    }
+}
+
+impl FailMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            FailMode::Local => "local",
+            FailMode::Open => "open",
+            FailMode::Tempfail => "tempfail",
+        }
+    }
+}
+
+/// A verdict and where it came from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// The node's verdict.
+    Node(Verdict),
+    /// The node did not answer; the fail mode's verdict.
+    Fallback(FailMode, Verdict),
+    /// Fail mode `tempfail`: 451 4.3.0.
+    Unavailable,
+}
+
+/// The milter's client of its node, with the fallback.
+pub struct Decider {
+    client: LimiterClient<Channel>,
+    timeout: Duration,
+    fail_mode: FailMode,
+    relays: u64,
+    /// The fallback engine, on the last policy seen (divided); `None`
+    /// until a policy has been seen.
+    local: Mutex<Option<Engine>>,
+    /// Hash of the policy last fetched from the node.
+    policy_hash: Mutex<String>,
+    dry_run_policy: std::sync::atomic::AtomicBool,
+    fallbacks: AtomicU64,
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+impl Decider {
+    pub fn new(
+        node_url: &str,
+        timeout: Duration,
+        fail_mode: FailMode,
+        relays: u64,
+    ) -> Result<Decider, tonic::transport::Error> {
+        let channel = Endpoint::from_shared(node_url.to_string())?
+            .tcp_nodelay(true)
+            .connect_timeout(timeout)
+            .connect_lazy();
+        Ok(Decider {
+            client: LimiterClient::new(channel),
+            timeout,
+            fail_mode,
+            relays: relays.max(1),
+            local: Mutex::new(None),
+            policy_hash: Mutex::new(String::new()),
+            dry_run_policy: std::sync::atomic::AtomicBool::new(false),
+            fallbacks: AtomicU64::new(0),
+        })
+    }
+
+    /// How many verdicts came from the fail mode.
+    pub fn fallbacks(&self) -> u64 {
+        self.fallbacks.load(Ordering::Relaxed)
+    }
+
+    /// Whether a policy has been fetched from the node for the fallback.
+    pub fn has_policy(&self) -> bool {
+        self.local.lock().expect("local engine lock").is_some()
+    }
+
+    /// Whether the policy last seen says `DryRun YES`.
+    pub fn policy_dry_run(&self) -> bool {
+        self.dry_run_policy.load(Ordering::Relaxed)
+    }
+
+    /// Decides one event: at the node if it answers within the timeout,
+    /// else by the fail mode.
+    pub async fn decide(&self, event: &Event) -> Decision {
+        let request = DecideRequest {
+            events: vec![event_to_pb(event)],
+        };
+        let mut client = self.client.clone();
+        let asked = tokio::time::timeout(self.timeout, client.decide(request)).await;
+        let why = match asked {
+            Ok(Ok(reply)) => match reply.into_inner().verdicts.first().map(Verdict::try_from) {
+                Some(Ok(verdict)) => return Decision::Node(verdict),
+                Some(Err(e)) => format!("bad verdict: {e}"),
+                None => "no verdict".to_string(),
+            },
+            Ok(Err(status)) => format!("{}: {}", status.code(), status.message()),
+            Err(_) => format!("no answer within {} ms", self.timeout.as_millis()),
+        };
+        self.fallback(event, &why)
+    }
+
+    fn fallback(&self, event: &Event, why: &str) -> Decision {
+        self.fallbacks.fetch_add(1, Ordering::Relaxed);
+        let mode = self.fail_mode;
+        tracing::warn!(fail_mode = mode.name(), %why, "node unavailable: deciding by the fail mode");
+        match mode {
+            FailMode::Open => Decision::Fallback(mode, Verdict::Allow),
+            FailMode::Tempfail => Decision::Unavailable,
+            FailMode::Local => {
+                let mut local = self.local.lock().expect("local engine lock");
+                match local.as_mut() {
+                    Some(engine) => Decision::Fallback(mode, engine.apply(event, now_secs())),
+                    None => {
+                        tracing::warn!("no policy seen yet: the local fallback accepts");
+                        Decision::Fallback(mode, Verdict::Allow)
+                    }
+                }
+            }
+        }
+    }
+
+    /// Fetches the node's policy, and puts it in the fallback engine when
+    /// it changed. Returns whether the node answered.
+    pub async fn refresh_policy(&self) -> bool {
+        let mut client = self.client.clone();
+        let asked =
+            tokio::time::timeout(self.timeout * 4, client.get_policy(GetPolicyRequest {})).await;
+        let Ok(Ok(reply)) = asked else {
+            return false;
+        };
+        let reply = reply.into_inner();
+        if *self.policy_hash.lock().expect("hash lock") == reply.hash {
+            return true;
+        }
+        let files: Vec<PolicyFile> = reply
+            .files
+            .into_iter()
+            .map(|f| PolicyFile {
+                name: f.name,
+                text: f.text,
+            })
+            .collect();
+        if policy_hash(&files) != reply.hash {
+            tracing::warn!("the node's policy does not match its hash; ignored");
+            return true;
+        }
+        match Policy::parse(files) {
+            Ok(policy) => {
+                self.dry_run_policy
+                    .store(policy.dry_run(), Ordering::Relaxed);
+                let divided = Arc::new(policy.divided(self.relays));
+                let mut local = self.local.lock().expect("local engine lock");
+                match local.as_mut() {
+                    Some(engine) => engine.set_policy(divided),
+                    None => *local = Some(Engine::new(divided)),
+                }
+                *self.policy_hash.lock().expect("hash lock") = reply.hash.clone();
+                tracing::info!(hash = %reply.hash, "policy for the local fallback updated");
+            }
+            Err(e) => tracing::warn!(error = %e, "the node's policy does not parse; ignored"),
+        }
+        true
+    }
+}

@@ -1,0 +1,388 @@
+//! The milter an MTA calls: turns each SMTP session into events for the
+//! local node (`docs/design.md`, "The flow of one SMTP session") and the
+//! node's verdicts into SMTP replies (`docs/policy.md` §1).
+//!
+//! - `decider`: the node's client, the timeout and the fail modes;
+//! - `session`: what one SMTP connection has said so far, and its counts.
+
+pub mod decider;
+mod session;
+
+use std::ffi::CString;
+use std::future::Future;
+use std::io;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::task::Poll;
+use std::time::Duration;
+
+use indymilter::{
+    Callbacks, Config, Context, Listener, MacroStage, SetErrorReply, SocketInfo, Status,
+};
+use tokio::net::{TcpListener, TcpStream, UnixListener};
+
+pub use decider::{Decider, Decision, FailMode};
+use session::Session;
+
+use crate::engine::{Event, Refusal, Verdict};
+
+/// Where the milter listens: `inet:HOST:PORT` or `unix:PATH`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ListenAddr {
+    Inet(String),
+    Unix(PathBuf),
+}
+
+impl FromStr for ListenAddr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<ListenAddr, String> {
+        if let Some(addr) = s.strip_prefix("inet:") {
+            Ok(ListenAddr::Inet(addr.to_string()))
+        } else if let Some(path) = s.strip_prefix("unix:") {
+            Ok(ListenAddr::Unix(PathBuf::from(path)))
+        } else {
+            Err(format!("expected inet:HOST:PORT or unix:PATH, found `{s}`"))
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct MilterConfig {
+    /// Node URL, e.g. `http://127.0.0.1:7450`.
+    pub node: String,
+    /// Longest wait for a verdict before the fail mode decides.
+    pub timeout: Duration,
+    pub fail_mode: FailMode,
+    /// Relays sharing the limits: the local fallback divides by this.
+    pub relays: u64,
+    /// Log and count refusals, refuse nothing.
+    pub dry_run: bool,
+}
+
+impl MilterConfig {
+    pub fn new(node: impl Into<String>) -> MilterConfig {
+        MilterConfig {
+            node: node.into(),
+            timeout: Duration::from_millis(250),
+            fail_mode: FailMode::Local,
+            relays: 1,
+            dry_run: false,
+        }
+    }
+}
+
+/// What the callbacks share.
+struct Shared {
+    decider: Arc<Decider>,
+    dry_run: bool,
+}
+
+/// indymilter does not set TCP_NODELAY; without it a reply written in
+/// several pieces stalls 40 ms on Nagle's algorithm and delayed ACKs.
+struct NoDelay(TcpListener);
+
+impl Listener for NoDelay {
+    type Io = TcpStream;
+
+    fn poll_accept(&mut self, cx: &mut std::task::Context<'_>) -> Poll<io::Result<TcpStream>> {
+        self.0.poll_accept(cx).map_ok(|(s, _)| {
+            let _ = s.set_nodelay(true);
+            s
+        })
+    }
+}
+
+/// A bound milter listener, so the address is known before serving.
+pub enum MilterListener {
+    Tcp(TcpListener),
+    Unix(UnixListener, PathBuf),
+}
+
+impl MilterListener {
+    pub async fn bind(addr: &ListenAddr) -> io::Result<MilterListener> {
+        match addr {
+            ListenAddr::Inet(a) => Ok(MilterListener::Tcp(TcpListener::bind(a).await?)),
+            ListenAddr::Unix(path) => {
+                // A socket left by an earlier run would make bind fail.
+                let _ = std::fs::remove_file(path);
+                Ok(MilterListener::Unix(
+                    UnixListener::bind(path)?,
+                    path.clone(),
+                ))
+            }
+        }
+    }
+
+    pub fn local_addr(&self) -> Option<std::net::SocketAddr> {
+        match self {
+            MilterListener::Tcp(l) => l.local_addr().ok(),
+            MilterListener::Unix(..) => None,
+        }
+    }
+}
+
+/// Serves milter connections until `shutdown` completes.
+pub async fn run(
+    listener: MilterListener,
+    config: MilterConfig,
+    shutdown: impl Future,
+) -> io::Result<()> {
+    let decider = Decider::new(
+        &config.node,
+        config.timeout,
+        config.fail_mode,
+        config.relays,
+    )
+    .map_err(|e| io::Error::other(format!("bad node URL {}: {e}", config.node)))?;
+    serve(listener, Arc::new(decider), config.dry_run, shutdown).await
+}
+
+/// Serves with a decider the caller keeps (to watch its fallbacks).
+pub async fn serve(
+    listener: MilterListener,
+    decider: Arc<Decider>,
+    dry_run: bool,
+    shutdown: impl Future,
+) -> io::Result<()> {
+    let shared = Arc::new(Shared { decider, dry_run });
+    let refresher = tokio::spawn(refresh_policy(shared.clone()));
+    let milter_config = Config {
+        max_connections: 1000,
+        ..Default::default()
+    };
+    let result = match listener {
+        MilterListener::Tcp(l) => {
+            indymilter::run(NoDelay(l), callbacks(shared), milter_config, shutdown).await
+        }
+        MilterListener::Unix(l, path) => {
+            let r = indymilter::run(l, callbacks(shared), milter_config, shutdown).await;
+            let _ = std::fs::remove_file(path);
+            r
+        }
+    };
+    refresher.abort();
+    result
+}
+
+/// Keeps the fallback's policy current: soon after start, then every 30 s.
+async fn refresh_policy(shared: Arc<Shared>) {
+    let mut wait = Duration::from_millis(200);
+    loop {
+        if shared.decider.refresh_policy().await {
+            wait = Duration::from_secs(30);
+        } else {
+            wait = (wait * 2).min(Duration::from_secs(30));
+        }
+        tokio::time::sleep(wait).await;
+    }
+}
+
+fn callbacks(shared: Arc<Shared>) -> Callbacks<Session> {
+    let (s1, s2, s3, s4, s5, s6) = (
+        shared.clone(),
+        shared.clone(),
+        shared.clone(),
+        shared.clone(),
+        shared.clone(),
+        shared,
+    );
+    Callbacks::new()
+        .on_negotiate(|cx, _, _| {
+            Box::pin(async move {
+                // Postfix sends no macro of a stage left out of these lists.
+                let ask = [
+                    (MacroStage::Connect, "j {client_name} {client_addr}"),
+                    (MacroStage::Helo, "{client_name}"),
+                    (MacroStage::Mail, "i {auth_authen}"),
+                    (MacroStage::Rcpt, "i {auth_authen}"),
+                    (MacroStage::Eom, "i"),
+                ];
+                for (stage, names) in ask {
+                    cx.requested_macros
+                        .insert(stage, CString::new(names).expect("no NUL"));
+                }
+                Status::Continue
+            })
+        })
+        .on_connect(move |cx, host, socket| {
+            let shared = s1.clone();
+            Box::pin(async move { handle_connect(&shared, cx, host, socket).await })
+        })
+        .on_helo(move |cx, _| {
+            let shared = s2.clone();
+            Box::pin(async move {
+                let Some(s) = cx.data.as_ref() else {
+                    return Status::Continue;
+                };
+                let event = Event::Recheck {
+                    client: s.client.clone(),
+                };
+                answer(&shared, cx, &event, "helo").await
+            })
+        })
+        .on_mail(move |cx, args| {
+            let shared = s3.clone();
+            Box::pin(async move {
+                let auth = macro_value(cx, "{auth_authen}");
+                let queue_id = macro_value(cx, "i");
+                let Some(s) = cx.data.as_mut() else {
+                    return Status::Continue;
+                };
+                let sender = args.first().map(|a| a.to_string_lossy().into_owned());
+                s.begin_message(sender.as_deref(), auth.as_deref(), queue_id);
+                let event = Event::Mail {
+                    client: s.client.clone(),
+                    msgs_in_conn: s.msgs_in_conn,
+                };
+                answer(&shared, cx, &event, "mail").await
+            })
+        })
+        .on_rcpt(move |cx, _| {
+            let shared = s4.clone();
+            Box::pin(async move {
+                let queue_id = macro_value(cx, "i");
+                let Some(s) = cx.data.as_mut() else {
+                    return Status::Continue;
+                };
+                s.rcpts_in_msg += 1;
+                if queue_id.is_some() {
+                    s.queue_id = queue_id;
+                }
+                let event = Event::Rcpt {
+                    client: s.client.clone(),
+                    rcpts_in_msg: s.rcpts_in_msg,
+                };
+                answer(&shared, cx, &event, "rcpt").await
+            })
+        })
+        .on_eom(move |cx| {
+            let shared = s5.clone();
+            Box::pin(async move {
+                let queue_id = cx
+                    .macros
+                    .get(c"i")
+                    .map(|v| v.to_string_lossy().into_owned());
+                let Some(s) = cx.data.as_mut() else {
+                    return Status::Continue;
+                };
+                if queue_id.is_some() {
+                    s.queue_id = queue_id;
+                }
+                let event = Event::Message {
+                    client: s.client.clone(),
+                };
+                s.end_message();
+                // Counting only: the message is in, whatever comes back.
+                let _ = shared.decider.decide(&event).await;
+                Status::Continue
+            })
+        })
+        .on_abort(|cx| {
+            Box::pin(async move {
+                if let Some(s) = cx.data.as_mut() {
+                    s.end_message();
+                }
+                Status::Continue
+            })
+        })
+        .on_close(move |cx| {
+            let shared = s6.clone();
+            Box::pin(async move {
+                if let Some(s) = cx.data.take() {
+                    let _ = shared.decider.decide(&Event::Close { conn: s.conn }).await;
+                }
+                Status::Continue
+            })
+        })
+}
+
+fn macro_value(cx: &Context<Session>, name: &str) -> Option<String> {
+    let name = CString::new(name).ok()?;
+    cx.macros
+        .get(&name)
+        .map(|v| v.to_string_lossy().into_owned())
+        .filter(|v| !v.is_empty())
+}
+
+async fn handle_connect(
+    shared: &Shared,
+    cx: &mut Context<Session>,
+    host: CString,
+    socket: SocketInfo,
+) -> Status {
+    let ip = match socket {
+        SocketInfo::Inet(addr) => Some(addr.ip()),
+        _ => None,
+    };
+    let name =
+        macro_value(cx, "{client_name}").unwrap_or_else(|| host.to_string_lossy().into_owned());
+    let session = Session::new(ip, &name);
+    let event = Event::Connect {
+        conn: session.conn,
+        client: session.client.clone(),
+    };
+    cx.data = Some(session);
+    answer(shared, cx, &event, "connect").await
+}
+
+/// Asks for the verdict of `event` and turns it into the milter's answer,
+/// with the reply of `policy.md` §1 and one log line per refusal.
+async fn answer(shared: &Shared, cx: &mut Context<Session>, event: &Event, stage: &str) -> Status {
+    let verdict = match shared.decider.decide(event).await {
+        Decision::Node(v) | Decision::Fallback(_, v) => v,
+        Decision::Unavailable => {
+            let _ = cx.reply.set_error_reply(
+                "451",
+                Some("4.3.0"),
+                ["Rate limiter unavailable - try again later"],
+            );
+            return Status::Tempfail;
+        }
+    };
+    let Verdict::Refuse(refusal) = verdict else {
+        return Status::Continue;
+    };
+    let dry_run = shared.dry_run || shared.decider.policy_dry_run();
+    if let Some(s) = cx.data.as_ref() {
+        log_refusal(s, &refusal, stage, dry_run);
+    }
+    if dry_run {
+        return Status::Continue;
+    }
+    let reply = refusal.reply();
+    let code = reply.code.to_string();
+    match cx
+        .reply
+        .set_error_reply(&code, Some(reply.enhanced), [reply.text.as_str()])
+    {
+        Ok(()) => Status::Tempfail,
+        Err(e) => {
+            tracing::error!(error = %e, "reply not accepted by the milter library");
+            Status::Tempfail
+        }
+    }
+}
+
+/// One line an operator can grep: who, which check, the figures, where.
+fn log_refusal(s: &Session, r: &Refusal, stage: &str, dry_run: bool) {
+    let client = s.client.ip.map_or("-".to_string(), |ip| ip.to_string());
+    tracing::warn!(
+        target: "relayrate::refusal",
+        client = %client,
+        host = s.client.host.as_deref().unwrap_or("-"),
+        check = r.check.name(),
+        count = r.count,
+        limit = r.limit,
+        stage,
+        sender = s.client.sender.as_deref().unwrap_or("-"),
+        auth = s.client.auth.as_deref().unwrap_or("-"),
+        queue_id = s.queue_id.as_deref().unwrap_or("-"),
+        dry_run,
+        "{} {}/{}",
+        if dry_run { "would refuse" } else { "refused" },
+        r.count,
+        r.limit,
+    );
+}

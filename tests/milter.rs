@@ -1,0 +1,528 @@
+//! Milter conversations (indymilter-test speaks as an MTA would) against
+//! the milter and a real one-node cluster: each check at the stage
+//! `policy.md` names, with the exact reply; and the fail modes.
+
+use std::ffi::CString;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use indymilter_test::{MacroStage, Status, TestConnection};
+use relayrate::check::Check;
+use relayrate::milter::{self, Decider, FailMode, ListenAddr, MilterConfig, MilterListener};
+use relayrate::node::{self, NodeConfig, NodeHandle, Start};
+use relayrate::policy::{Client, PolicyFile};
+use tempfile::TempDir;
+use tokio::sync::oneshot;
+
+struct Relay {
+    _dir: TempDir,
+    node: Option<NodeHandle>,
+    node_config: NodeConfig,
+    milter: SocketAddr,
+    decider: Arc<Decider>,
+    stop: Option<oneshot::Sender<()>>,
+}
+
+async fn wait_ready(h: &NodeHandle) {
+    let until = Instant::now() + Duration::from_secs(30);
+    while !h.node.is_ready() {
+        assert!(Instant::now() < until, "policy not in force");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+impl Relay {
+    async fn start(policy: &str, tune: impl FnOnce(&mut MilterConfig)) -> Relay {
+        let dir = TempDir::new().unwrap();
+        let listen: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let mut config = NodeConfig::new(1, listen, dir.path().to_path_buf(), Start::Bootstrap);
+        config.policy = vec![PolicyFile {
+            name: "test".into(),
+            text: policy.into(),
+        }];
+        let node = node::start(config.clone()).await.unwrap();
+        wait_ready(&node).await;
+        config.listen = node.addr;
+        config.start = Start::Resume;
+        let mut mc = MilterConfig::new(format!("http://{}", node.addr));
+        tune(&mut mc);
+        let (milter, decider, stop) = start_milter(mc).await;
+        Relay {
+            _dir: dir,
+            node: Some(node),
+            node_config: config,
+            milter,
+            decider,
+            stop: Some(stop),
+        }
+    }
+
+    async fn conn(&self) -> TestConnection {
+        TestConnection::open(self.milter).await.unwrap()
+    }
+
+    fn count(&self, check: Check, ip: &str) -> u64 {
+        let state = self.node.as_ref().unwrap().node.state().read().unwrap();
+        let client = Client::from_ip(ip.parse().unwrap());
+        state
+            .engine()
+            .count_of(check, &client, state.now_ms() / 1000)
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+async fn start_milter(config: MilterConfig) -> (SocketAddr, Arc<Decider>, oneshot::Sender<()>) {
+    let listener = MilterListener::bind(&ListenAddr::Inet("127.0.0.1:0".into()))
+        .await
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    let decider = Decider::new(
+        &config.node,
+        config.timeout,
+        config.fail_mode,
+        config.relays,
+    );
+    let decider = Arc::new(decider.unwrap());
+    let (stop, stopped) = oneshot::channel::<()>();
+    tokio::spawn(milter::serve(
+        listener,
+        decider.clone(),
+        config.dry_run,
+        stopped,
+    ));
+    (addr, decider, stop)
+}
+
+fn tempfail(text: &str) -> Status {
+    Status::Tempfail {
+        message: Some(CString::new(text).unwrap()),
+    }
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+/// Polls `cond` with a deadline.
+async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    let until = Instant::now() + Duration::from_secs(10);
+    while !cond() {
+        assert!(Instant::now() < until, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conn_rate_refuses_at_connect_with_421() {
+    let r = Relay::start("CHECK_CONN_RATE YES\nConnRate:10.9.0.1 2\n", |_| {}).await;
+    for _ in 0..2 {
+        let mut c = r.conn().await;
+        assert_eq!(
+            c.connect("web1.example", ip("10.9.0.1")).await.unwrap(),
+            Status::Continue
+        );
+        c.close().await.unwrap();
+    }
+    let mut c = r.conn().await;
+    assert_eq!(
+        c.connect("web1.example", ip("10.9.0.1")).await.unwrap(),
+        tempfail("421 4.5.1 Connection rate too high (3/2 in 600s) - try again later")
+    );
+    // Another client is not affected.
+    let mut other = r.conn().await;
+    assert_eq!(
+        other.connect("web2.example", ip("10.9.0.2")).await.unwrap(),
+        Status::Continue
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conn_open_refuses_a_third_open_connection_until_one_closes() {
+    let r = Relay::start("CHECK_OPEN_CONNECTIONS YES\nConnOpen:10.9.0.3 2\n", |_| {}).await;
+    let mut first = r.conn().await;
+    assert_eq!(
+        first.connect("h", ip("10.9.0.3")).await.unwrap(),
+        Status::Continue
+    );
+    let mut second = r.conn().await;
+    assert_eq!(
+        second.connect("h", ip("10.9.0.3")).await.unwrap(),
+        Status::Continue
+    );
+    let mut third = r.conn().await;
+    assert_eq!(
+        third.connect("h", ip("10.9.0.3")).await.unwrap(),
+        tempfail("421 4.5.1 Too many open connections (3/2) - try again later")
+    );
+    third.close().await.unwrap();
+    first.close().await.unwrap();
+    eventually("two leases released", || {
+        r.count(Check::ConnOpen, "10.9.0.3") == 1
+    })
+    .await;
+    let mut fourth = r.conn().await;
+    assert_eq!(
+        fourth.connect("h", ip("10.9.0.3")).await.unwrap(),
+        Status::Continue
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn helo_rechecks_the_connection_rate() {
+    let r = Relay::start("CHECK_CONN_RATE YES\nConnRate:10.9.0.4 2\n", |_| {}).await;
+    let mut first = r.conn().await;
+    assert_eq!(
+        first.connect("h", ip("10.9.0.4")).await.unwrap(),
+        Status::Continue
+    );
+    assert_eq!(first.helo("h").await.unwrap(), Status::Continue);
+    for _ in 0..2 {
+        let mut c = r.conn().await;
+        c.connect("h", ip("10.9.0.4")).await.unwrap();
+        c.close().await.unwrap();
+    }
+    assert_eq!(
+        first.helo("h").await.unwrap(),
+        tempfail("421 4.5.1 Connection rate too high (3/2 in 600s) - try again later")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_msgs_refuses_the_eleventh_mail_of_a_connection() {
+    let r = Relay::start("CHECK_NB_MSGS YES\nMaxMsgs:10.9.0.5 10\n", |_| {}).await;
+    let mut c = r.conn().await;
+    c.connect("h", ip("10.9.0.5")).await.unwrap();
+    for n in 1..=10 {
+        assert_eq!(
+            c.mail(["<a@example.org>"]).await.unwrap(),
+            Status::Continue,
+            "MAIL {n}"
+        );
+        c.abort().await.unwrap();
+    }
+    assert_eq!(
+        c.mail(["<a@example.org>"]).await.unwrap(),
+        tempfail("451 4.3.2 Too many messages for this connection (11/10) - try again later")
+    );
+    // A new connection starts from 0.
+    let mut fresh = r.conn().await;
+    fresh.connect("h", ip("10.9.0.5")).await.unwrap();
+    assert_eq!(
+        fresh.mail(["<a@example.org>"]).await.unwrap(),
+        Status::Continue
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_rcpt_refuses_recipients_over_the_limit_and_resets_per_message() {
+    let r = Relay::start("CHECK_NB_RCPT YES\nMaxRcpt:10.9.0.6 3\n", |_| {}).await;
+    let mut c = r.conn().await;
+    c.connect("h", ip("10.9.0.6")).await.unwrap();
+    c.mail(["<a@example.org>"]).await.unwrap();
+    for n in 1..=3 {
+        assert_eq!(
+            c.rcpt([format!("<r{n}@example.com>")]).await.unwrap(),
+            Status::Continue
+        );
+    }
+    for n in 4..=5 {
+        assert_eq!(
+            c.rcpt([format!("<r{n}@example.com>")]).await.unwrap(),
+            tempfail(&format!(
+                "451 4.3.2 Too many recipients for this message ({n}/3) - try again later"
+            ))
+        );
+    }
+    let (_, status) = c.eom().await.unwrap();
+    assert_eq!(status, Status::Continue);
+    c.mail(["<a@example.org>"]).await.unwrap();
+    assert_eq!(
+        c.rcpt(["<r1@example.com>"]).await.unwrap(),
+        Status::Continue
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn msg_rate_counts_at_eom_and_refuses_at_mail() {
+    let r = Relay::start("CHECK_MSG_RATE YES\nMsgRate:10.9.0.7 2\n", |_| {}).await;
+    let mut c = r.conn().await;
+    c.connect("h", ip("10.9.0.7")).await.unwrap();
+    for _ in 0..2 {
+        assert_eq!(c.mail(["<a@example.org>"]).await.unwrap(), Status::Continue);
+        c.rcpt(["<r@example.com>"]).await.unwrap();
+        let (_, status) = c.eom().await.unwrap();
+        assert_eq!(status, Status::Continue);
+    }
+    assert_eq!(r.count(Check::MsgRate, "10.9.0.7"), 2);
+    assert_eq!(
+        c.mail(["<a@example.org>"]).await.unwrap(),
+        tempfail("451 4.3.2 Message rate too high (2/2 in 600s) - try again later")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rcpt_rate_refuses_at_rcpt() {
+    let r = Relay::start("CHECK_RCPT_RATE YES\nRcptRate:10.9.0.8 2\n", |_| {}).await;
+    let mut c = r.conn().await;
+    c.connect("h", ip("10.9.0.8")).await.unwrap();
+    c.mail(["<a@example.org>"]).await.unwrap();
+    c.rcpt(["<r1@example.com>"]).await.unwrap();
+    c.rcpt(["<r2@example.com>"]).await.unwrap();
+    assert_eq!(
+        c.rcpt(["<r3@example.com>"]).await.unwrap(),
+        tempfail("451 4.3.2 Recipient rate too high (3/2 in 600s) - try again later")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sender_and_auth_user_rates_follow_the_account_across_addresses() {
+    let r = Relay::start(
+        "CHECK_MSG_RATE YES\nMsgRate:default 0\nMsgRateFrom:@webmail.example 1\nMsgRateAuth:alice 1\n",
+        |_| {},
+    )
+    .await;
+    let mut a = r.conn().await;
+    a.connect("h", ip("10.9.1.1")).await.unwrap();
+    assert_eq!(
+        send(&mut a, "<bob@webmail.example>").await,
+        Status::Continue
+    );
+    let mut b = r.conn().await;
+    b.connect("h", ip("10.9.1.2")).await.unwrap();
+    // The same sender from another address: the sender's count is 1.
+    assert_eq!(
+        send(&mut b, "<Bob@webmail.example>").await,
+        tempfail("451 4.3.2 Message rate too high (1/1 in 600s) - try again later")
+    );
+    // By AUTH user, whatever the sender.
+    let mut c = r.conn().await;
+    c.connect("h", ip("10.9.1.3")).await.unwrap();
+    c.macros(MacroStage::Mail, [("{auth_authen}", "Alice")])
+        .await
+        .unwrap();
+    assert_eq!(send(&mut c, "<x@a.example>").await, Status::Continue);
+    c.macros(MacroStage::Mail, [("{auth_authen}", "alice")])
+        .await
+        .unwrap();
+    assert_eq!(
+        send(&mut c, "<y@b.example>").await,
+        tempfail("451 4.3.2 Message rate too high (1/1 in 600s) - try again later")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ipv6_clients_are_limited_by_their_entries() {
+    let r = Relay::start("CHECK_CONN_RATE YES\nConnRate:2001:db8::/64 1\n", |_| {}).await;
+    let mut c = r.conn().await;
+    assert_eq!(
+        c.connect("h", ip("2001:db8::25")).await.unwrap(),
+        Status::Continue
+    );
+    // Counted per address; the /64 entry gives each address its limit.
+    let mut d = r.conn().await;
+    assert_eq!(
+        d.connect("h", ip("2001:db8::25")).await.unwrap(),
+        tempfail("421 4.5.1 Connection rate too high (2/1 in 600s) - try again later")
+    );
+    let mut e = r.conn().await;
+    assert_eq!(
+        e.connect("h", ip("2001:db8::26")).await.unwrap(),
+        Status::Continue
+    );
+    // Outside the /64: the built-in 15.
+    for _ in 0..3 {
+        let mut f = r.conn().await;
+        assert_eq!(
+            f.connect("h", ip("2001:db8:1::1")).await.unwrap(),
+            Status::Continue
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dry_run_refuses_nothing_but_still_counts() {
+    let r = Relay::start(
+        "DryRun YES\nCHECK_CONN_RATE YES\nConnRate:10.9.0.9 1\n",
+        |_| {},
+    )
+    .await;
+    // The milter learns DryRun from the node's policy.
+    let mut accepted = 0;
+    let until = Instant::now() + Duration::from_secs(10);
+    // Until the milter has fetched the policy, the second connection is refused.
+    loop {
+        let mut c = r.conn().await;
+        if c.connect("h", ip("10.9.0.9")).await.unwrap() == Status::Continue {
+            accepted += 1;
+        }
+        c.close().await.unwrap();
+        if accepted >= 3 {
+            break;
+        }
+        assert!(Instant::now() < until, "dry run never took effect");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(r.count(Check::ConnRate, "10.9.0.9") >= 3);
+    // --dry-run on the command line does the same without the policy saying so.
+    let strict = Relay::start("CHECK_CONN_RATE YES\nConnRate:10.9.0.10 1\n", |m| {
+        m.dry_run = true
+    })
+    .await;
+    for _ in 0..3 {
+        let mut c = strict.conn().await;
+        assert_eq!(
+            c.connect("h", ip("10.9.0.10")).await.unwrap(),
+            Status::Continue
+        );
+    }
+}
+
+/// One message from `from`: MAIL, and if accepted RCPT and end of message.
+async fn send(c: &mut TestConnection, from: &str) -> Status {
+    let s = c.mail([from]).await.unwrap();
+    if s == Status::Continue {
+        c.rcpt(["<r@example.com>"]).await.unwrap();
+        c.eom().await.unwrap();
+    }
+    s
+}
+
+/// A port nobody listens on.
+fn dead_node() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    format!("http://{}", l.local_addr().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_node_down_each_fail_mode_answers_within_its_timeout() {
+    for (mode, expected) in [
+        (FailMode::Open, Status::Continue),
+        (
+            FailMode::Tempfail,
+            tempfail("451 4.3.0 Rate limiter unavailable - try again later"),
+        ),
+        // No policy ever seen: the local fallback has nothing to refuse with.
+        (FailMode::Local, Status::Continue),
+    ] {
+        let mut config = MilterConfig::new(dead_node());
+        config.fail_mode = mode;
+        config.timeout = Duration::from_millis(250);
+        let (addr, _decider, _stop) = start_milter(config).await;
+        let mut c = TestConnection::open(addr).await.unwrap();
+        let asked = Instant::now();
+        assert_eq!(
+            c.connect("h", ip("10.9.2.1")).await.unwrap(),
+            expected,
+            "{mode:?}"
+        );
+        let took = asked.elapsed();
+        assert!(took < Duration::from_millis(1000), "{mode:?} took {took:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_node_is_not_waited_for_beyond_the_timeout() {
+    // Accepts connections and never answers.
+    let hung = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", hung.local_addr().unwrap());
+    let _keep = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = hung.accept().await {
+            held.push(s);
+        }
+    });
+    let mut config = MilterConfig::new(url);
+    config.fail_mode = FailMode::Open;
+    config.timeout = Duration::from_millis(200);
+    let (addr, _decider, _stop) = start_milter(config).await;
+    let mut c = TestConnection::open(addr).await.unwrap();
+    let asked = Instant::now();
+    assert_eq!(
+        c.connect("h", ip("10.9.2.2")).await.unwrap(),
+        Status::Continue
+    );
+    let took = asked.elapsed();
+    assert!(
+        took >= Duration::from_millis(190) && took < Duration::from_millis(800),
+        "took {took:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_local_fallback_divides_the_limits_and_the_node_is_used_again_when_back() {
+    let mut r = Relay::start("CHECK_CONN_RATE YES\nConnRate:10.9.3.1 4\n", |m| {
+        m.relays = 2
+    })
+    .await;
+    // Let the milter fetch the policy, then stop the node.
+    let mut c = r.conn().await;
+    assert_eq!(
+        c.connect("h", ip("10.9.3.1")).await.unwrap(),
+        Status::Continue
+    );
+    c.close().await.unwrap();
+    let decider = r.decider.clone();
+    eventually("the milter has the policy", || decider.has_policy()).await;
+    r.node.take().unwrap().kill().await;
+    let before = r.decider.fallbacks();
+    // Alone, this relay allows 4 / 2 = 2 connections.
+    for _ in 0..2 {
+        let mut c = r.conn().await;
+        assert_eq!(
+            c.connect("h", ip("10.9.3.1")).await.unwrap(),
+            Status::Continue
+        );
+        c.close().await.unwrap();
+    }
+    let mut c = r.conn().await;
+    assert_eq!(
+        c.connect("h", ip("10.9.3.1")).await.unwrap(),
+        tempfail("421 4.5.1 Connection rate too high (3/2 in 600s) - try again later")
+    );
+    // The node comes back on the same port and data: the milter uses it.
+    let mut restarted = None;
+    let until = Instant::now() + Duration::from_secs(20);
+    while restarted.is_none() {
+        match node::start(r.node_config.clone()).await {
+            Ok(h) => restarted = Some(h),
+            Err(e) => {
+                assert!(Instant::now() < until, "restart: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    // Three connects and the two closes were decided alone.
+    assert_eq!(r.decider.fallbacks() - before, 5);
+    let h = restarted.unwrap();
+    wait_ready(&h).await;
+    r.node = Some(h);
+    let other = "10.9.3.2";
+    eventually_async(&r, other).await;
+    assert!(r.count(Check::ConnRate, other) >= 1);
+}
+
+/// Connects until the node (not the fallback) has counted `ip`.
+async fn eventually_async(r: &Relay, ip_text: &str) {
+    let until = Instant::now() + Duration::from_secs(15);
+    loop {
+        let mut c = r.conn().await;
+        c.connect("h", ip(ip_text)).await.unwrap();
+        c.close().await.unwrap();
+        if r.count(Check::ConnRate, ip_text) > 0 {
+            return;
+        }
+        assert!(
+            Instant::now() < until,
+            "the milter never used the node again"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
