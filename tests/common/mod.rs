@@ -1,0 +1,388 @@
+//! Real software for end-to-end tests: a throwaway Postfix instance on
+//! loopback with relayrate's milter attached, Postfix's smtp-sink as the
+//! next hop, a `relayrate run` process, and a small SMTP client that binds
+//! its source address (127.0.0.11, 127.0.0.12, ...).
+#![allow(dead_code)]
+
+use std::net::{SocketAddr, TcpListener as StdListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpSocket, TcpStream};
+
+/// Whether Postfix is here; when not, a test says so and skips, unless
+/// `RELAYRATE_REQUIRE_MTA=1` (as in CI) makes that a failure.
+pub fn postfix_available(test: &str) -> bool {
+    let found =
+        Path::new("/usr/sbin/postfix").exists() && Path::new("/usr/sbin/smtp-sink").exists();
+    if !found {
+        if std::env::var("RELAYRATE_REQUIRE_MTA").as_deref() == Ok("1") {
+            panic!("{test}: Postfix is not installed and RELAYRATE_REQUIRE_MTA=1");
+        }
+        eprintln!("SKIPPED {test}: Postfix is not installed (apt-get install postfix)");
+    }
+    found
+}
+
+pub fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Polls `cond` until it holds, or panics after `limit`.
+pub async fn eventually(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+    let until = Instant::now() + limit;
+    while !cond() {
+        assert!(Instant::now() < until, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn run(cmd: &mut Command) {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// smtp-sink, dumping every message it accepts into a directory.
+pub struct Sink {
+    pub port: u16,
+    pub dir: PathBuf,
+    child: Child,
+}
+
+impl Sink {
+    pub fn start(root: &Path) -> Sink {
+        let dir = root.join("sink");
+        std::fs::create_dir_all(&dir).unwrap();
+        run(Command::new("chown").arg("postfix").arg(&dir));
+        let port = free_port();
+        let child = Command::new("/usr/sbin/smtp-sink")
+            .arg("-u")
+            .arg("postfix")
+            .arg("-d")
+            .arg(format!("{}/%s.", dir.display()))
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("100")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("smtp-sink starts");
+        Sink { port, dir, child }
+    }
+
+    /// The contents of every message received so far.
+    pub fn messages(&self) -> Vec<String> {
+        std::fs::read_dir(&self.dir)
+            .map(|d| {
+                d.flatten()
+                    .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// The `Subject:` of every message received so far, sorted.
+    pub fn subjects(&self) -> Vec<String> {
+        let mut s: Vec<String> = self
+            .messages()
+            .iter()
+            .filter_map(|m| {
+                m.lines()
+                    .find_map(|l| l.strip_prefix("Subject: ").map(|s| s.trim().to_string()))
+            })
+            .collect();
+        s.sort();
+        s
+    }
+}
+
+impl Drop for Sink {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A Postfix instance of its own in a temp dir, relaying everything to a
+/// sink, with a milter attached.
+pub struct Postfix {
+    pub port: u16,
+    pub dir: PathBuf,
+    etc: PathBuf,
+}
+
+impl Postfix {
+    pub fn start(root: &Path, name: &str, milter: &str, relayhost_port: u16) -> Postfix {
+        let dir = root.join(name);
+        let etc = dir.join("etc");
+        std::fs::create_dir_all(&etc).unwrap();
+        std::fs::create_dir_all(dir.join("data")).unwrap();
+        std::fs::create_dir_all(dir.join("queue")).unwrap();
+        run(Command::new("chown").arg("postfix").arg(dir.join("data")));
+        std::fs::copy("/etc/postfix/master.cf", etc.join("master.cf")).unwrap();
+        std::fs::write(etc.join("main.cf"), "").unwrap();
+        let port = free_port();
+        let d = dir.display();
+        let settings = [
+            format!("queue_directory = {d}/queue"),
+            format!("data_directory = {d}/data"),
+            format!("maillog_file = {d}/maillog"),
+            format!("maillog_file_prefixes = {d}"),
+            "compatibility_level = 3.6".into(),
+            format!("myhostname = {name}.relay.test"),
+            "mydestination =".into(),
+            "alias_maps =".into(),
+            "alias_database =".into(),
+            "inet_interfaces = 127.0.0.1".into(),
+            "inet_protocols = ipv4".into(),
+            "mynetworks = 127.0.0.0/8".into(),
+            "smtpd_relay_restrictions = permit_mynetworks, reject".into(),
+            format!("relayhost = [127.0.0.1]:{relayhost_port}"),
+            "smtp_dns_support_level = disabled".into(),
+            "smtpd_peername_lookup = no".into(),
+            "in_flow_delay = 0".into(),
+            "smtpd_client_connection_count_limit = 0".into(),
+            format!("smtpd_milters = {milter}"),
+            "milter_default_action = tempfail".into(),
+            "milter_protocol = 6".into(),
+            format!("syslog_name = postfix-{name}"),
+        ];
+        let mut cmd = Command::new("/usr/sbin/postconf");
+        cmd.arg("-c").arg(&etc).arg("-e").args(&settings);
+        run(&mut cmd);
+        run(Command::new("/usr/sbin/postconf")
+            .arg("-c")
+            .arg(&etc)
+            .args(["-M#", "smtp/inet"]));
+        let service = format!("127.0.0.1:{port}/inet = 127.0.0.1:{port} inet n - n - - smtpd");
+        run(Command::new("/usr/sbin/postconf")
+            .arg("-c")
+            .arg(&etc)
+            .arg("-Me")
+            .arg(service));
+        run(Command::new("/usr/sbin/postconf")
+            .arg("-c")
+            .arg(&etc)
+            .args(["-F", "*/*/chroot = n"]));
+        run(Command::new("/usr/sbin/postfix")
+            .arg("-c")
+            .arg(&etc)
+            .arg("start"));
+        Postfix { port, dir, etc }
+    }
+
+    pub fn maillog(&self) -> String {
+        std::fs::read_to_string(self.dir.join("maillog")).unwrap_or_default()
+    }
+
+    /// Waits until smtpd answers.
+    pub async fn wait_ready(&self) {
+        let until = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(mut s) = Smtp::connect("127.0.0.1", self.port).await {
+                if s.banner.starts_with("220") {
+                    let _ = s.quit().await;
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < until,
+                "postfix never answered:\n{}",
+                self.maillog()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+impl Drop for Postfix {
+    fn drop(&mut self) {
+        let _ = Command::new("/usr/sbin/postfix")
+            .arg("-c")
+            .arg(&self.etc)
+            .arg("stop")
+            .output();
+    }
+}
+
+/// `relayrate run` (node + milter) as a process.
+pub struct Relayrate {
+    pub node: SocketAddr,
+    pub milter_port: u16,
+    pub dir: PathBuf,
+    child: Child,
+}
+
+impl Relayrate {
+    pub fn run(root: &Path, name: &str, policy: &str) -> Relayrate {
+        let dir = root.join(format!("relayrate-{name}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("policy.txt"), policy).unwrap();
+        let node: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let milter_port = free_port();
+        let child = Command::new(env!("CARGO_BIN_EXE_relayrate"))
+            .arg("run")
+            .arg("--listen")
+            .arg(node.to_string())
+            .arg("--milter-listen")
+            .arg(format!("inet:127.0.0.1:{milter_port}"))
+            .arg("--data-dir")
+            .arg(dir.join("data"))
+            .arg("--policy")
+            .arg(dir.join("policy.txt"))
+            .env("RELAYRATE_LOG", "info,openraft=warn")
+            .env("NO_COLOR", "1")
+            .stdout(std::fs::File::create(dir.join("stdout")).unwrap())
+            .stderr(std::fs::File::create(dir.join("stderr")).unwrap())
+            .spawn()
+            .expect("relayrate starts");
+        Relayrate {
+            node,
+            milter_port,
+            dir,
+            child,
+        }
+    }
+
+    pub fn milter(&self) -> String {
+        format!("inet:127.0.0.1:{}", self.milter_port)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("stderr")).unwrap_or_default()
+    }
+
+    /// Waits until the node decides (its policy is in force) and the
+    /// milter listens.
+    pub async fn wait_ready(&self) {
+        let until = Instant::now() + Duration::from_secs(30);
+        loop {
+            let milter_up = TcpStream::connect(("127.0.0.1", self.milter_port))
+                .await
+                .is_ok();
+            if milter_up && self.log().contains("policy in force") {
+                return;
+            }
+            assert!(
+                Instant::now() < until,
+                "relayrate never ready:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Relayrate {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A minimal SMTP client that reads each reply whole.
+pub struct Smtp {
+    reader: BufReader<TcpStream>,
+    pub banner: String,
+}
+
+impl Smtp {
+    /// Connects from `source` (any 127.x.y.z is local) to Postfix.
+    pub async fn connect(source: &str, port: u16) -> std::io::Result<Smtp> {
+        let socket = TcpSocket::new_v4()?;
+        socket.bind(format!("{source}:0").parse().unwrap())?;
+        let stream = socket
+            .connect(format!("127.0.0.1:{port}").parse().unwrap())
+            .await?;
+        let mut s = Smtp {
+            reader: BufReader::new(stream),
+            banner: String::new(),
+        };
+        s.banner = s.reply().await?;
+        Ok(s)
+    }
+
+    /// One reply, all its lines joined; "" when the server closed.
+    pub async fn reply(&mut self) -> std::io::Result<String> {
+        let mut whole = String::new();
+        loop {
+            let mut line = String::new();
+            if self.reader.read_line(&mut line).await? == 0 {
+                return Ok(whole);
+            }
+            whole.push_str(&line);
+            if line.len() < 4 || line.as_bytes()[3] != b'-' {
+                return Ok(whole);
+            }
+        }
+    }
+
+    pub async fn cmd(&mut self, line: &str) -> std::io::Result<String> {
+        self.reader
+            .get_mut()
+            .write_all(format!("{line}\r\n").as_bytes())
+            .await?;
+        self.reply().await
+    }
+
+    pub async fn ehlo(&mut self) -> String {
+        self.cmd("EHLO client.test").await.unwrap()
+    }
+
+    /// MAIL, RCPTs, DATA; returns the reply to MAIL, to each RCPT, and to
+    /// the end of data (or "" when nothing was sent).
+    pub async fn send(
+        &mut self,
+        from: &str,
+        rcpts: &[&str],
+        subject: &str,
+    ) -> (String, Vec<String>, String) {
+        let mail = self.cmd(&format!("MAIL FROM:<{from}>")).await.unwrap();
+        if !mail.starts_with("250") {
+            return (mail, Vec::new(), String::new());
+        }
+        let mut replies = Vec::new();
+        for r in rcpts {
+            replies.push(self.cmd(&format!("RCPT TO:<{r}>")).await.unwrap());
+        }
+        if !replies.iter().any(|r| r.starts_with("250")) {
+            let _ = self.cmd("RSET").await;
+            return (mail, replies, String::new());
+        }
+        let data = self.cmd("DATA").await.unwrap();
+        assert!(data.starts_with("354"), "DATA: {data}");
+        let body = format!("Subject: {subject}\r\nFrom: <{from}>\r\n\r\ntest message\r\n.");
+        let end = self.cmd(&body).await.unwrap();
+        (mail, replies, end)
+    }
+
+    pub async fn quit(&mut self) -> std::io::Result<String> {
+        self.cmd("QUIT").await
+    }
+}
+
+/// The test's directory; `RELAYRATE_KEEP=1` keeps it for a look after.
+pub fn temp_root() -> TempDir {
+    // Postfix's own processes (user postfix) must reach the directories.
+    let mut dir = tempfile::Builder::new()
+        .prefix("relayrate-e2e")
+        .tempdir()
+        .unwrap();
+    if std::env::var("RELAYRATE_KEEP").as_deref() == Ok("1") {
+        dir.disable_cleanup(true);
+        eprintln!("keeping {}", dir.path().display());
+    }
+    run(Command::new("chmod").arg("755").arg(dir.path()));
+    dir
+}
