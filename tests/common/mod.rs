@@ -386,3 +386,141 @@ pub fn temp_root() -> TempDir {
     run(Command::new("chmod").arg("755").arg(dir.path()));
     dir
 }
+
+/// A `relayrate node` process.
+pub struct NodeProc {
+    pub addr: SocketAddr,
+    pub dir: PathBuf,
+    child: Child,
+}
+
+impl NodeProc {
+    /// Node `id`; the first bootstraps with `policy`, the others join `seed`.
+    pub fn start(root: &Path, id: u64, policy: Option<&str>, seed: Option<SocketAddr>) -> NodeProc {
+        let dir = root.join(format!("node-{id}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_relayrate"));
+        cmd.arg("node")
+            .arg("--id")
+            .arg(id.to_string())
+            .arg("--listen")
+            .arg(addr.to_string())
+            .arg("--data-dir")
+            .arg(dir.join("data"));
+        if let Some(text) = policy {
+            std::fs::write(dir.join("policy.txt"), text).unwrap();
+            cmd.arg("--policy")
+                .arg(dir.join("policy.txt"))
+                .arg("--bootstrap");
+        }
+        if let Some(seed) = seed {
+            cmd.arg("--join").arg(seed.to_string());
+        }
+        let child = cmd
+            .env("RELAYRATE_LOG", "info,openraft=warn")
+            .env("NO_COLOR", "1")
+            .stdout(std::fs::File::create(dir.join("stdout")).unwrap())
+            .stderr(std::fs::File::create(dir.join("stderr")).unwrap())
+            .spawn()
+            .expect("relayrate node starts");
+        NodeProc { addr, dir, child }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("stderr")).unwrap_or_default()
+    }
+
+    /// Waits until the node decides events (a bench call of one second
+    /// through it, for an address of 10.77/16, gets no error).
+    pub async fn wait_deciding(&self) {
+        let until = Instant::now() + Duration::from_secs(60);
+        loop {
+            let out = Command::new(env!("CARGO_BIN_EXE_relayrate"))
+                .args([
+                    "bench",
+                    "--keys",
+                    "1",
+                    "--concurrency",
+                    "1",
+                    "--duration",
+                    "1",
+                    "--json",
+                ])
+                .arg("--target")
+                .arg(format!("http://{}", self.addr))
+                .output()
+                .unwrap();
+            if String::from_utf8_lossy(&out.stdout).contains("\"errors\":0") {
+                return;
+            }
+            assert!(
+                Instant::now() < until,
+                "node never decided:\n{}",
+                self.log()
+            );
+        }
+    }
+}
+
+impl Drop for NodeProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A `relayrate milter` process asking `node`.
+pub struct MilterProc {
+    pub port: u16,
+    dir: PathBuf,
+    child: Child,
+}
+
+impl MilterProc {
+    pub fn start(root: &Path, name: &str, node: SocketAddr) -> MilterProc {
+        let dir = root.join(format!("milter-{name}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let port = free_port();
+        let child = Command::new(env!("CARGO_BIN_EXE_relayrate"))
+            .arg("milter")
+            .arg("--listen")
+            .arg(format!("inet:127.0.0.1:{port}"))
+            .arg("--node")
+            .arg(format!("http://{node}"))
+            .env("RELAYRATE_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(std::fs::File::create(dir.join("stdout")).unwrap())
+            .stderr(std::fs::File::create(dir.join("stderr")).unwrap())
+            .spawn()
+            .expect("relayrate milter starts");
+        MilterProc { port, dir, child }
+    }
+
+    pub fn addr(&self) -> String {
+        format!("inet:127.0.0.1:{}", self.port)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("stderr")).unwrap_or_default()
+    }
+
+    pub async fn wait_listening(&self) {
+        let until = Instant::now() + Duration::from_secs(30);
+        while TcpStream::connect(("127.0.0.1", self.port)).await.is_err() {
+            assert!(
+                Instant::now() < until,
+                "milter never listened:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for MilterProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
