@@ -223,7 +223,7 @@ fn main() -> ExitCode {
             if json {
                 let out = serde_json::to_string_pretty(&explain(&policy, &client))
                     .expect("explanation is plain data");
-                println!("{out}");
+                print_out(&format!("{out}\n"));
             } else {
                 print_explanation(&policy, &client);
             }
@@ -353,22 +353,25 @@ fn load_policy(files: &[PathBuf]) -> Option<Policy> {
 }
 
 fn print_explanation(policy: &Policy, client: &Client) {
+    use std::fmt::Write as _;
     let dash = |s: &Option<String>| s.clone().unwrap_or_else(|| "-".to_string());
-    println!(
-        "client {} host {} sender {} auth {} class {}",
+    let mut out = format!(
+        "client {} host {} sender {} auth {} class {}\n",
         client.ip.map_or("-".to_string(), |ip| ip.to_string()),
         dash(&client.host),
         dash(&client.sender),
         dash(&client.auth),
         policy.class_of(client).unwrap_or("-"),
     );
-    println!(
+    let _ = writeln!(
+        out,
         "{:<13} {:<8} {:<9} {:<32} source",
         "check", "enabled", "limit", "matched"
     );
     for check in Check::ALL {
         let e = explain_check(policy, check, client);
-        println!(
+        let _ = writeln!(
+            out,
             "{:<13} {:<8} {:<9} {:<32} {}",
             check.name(),
             if e.enabled { "yes" } else { "no" },
@@ -377,4 +380,11 @@ fn print_explanation(policy: &Policy, client: &Client) {
             e.source.as_deref().unwrap_or("-"),
         );
     }
+    print_out(&out);
+}
+
+/// Writes to stdout; a reader that went away (`| head`) is not an error.
+fn print_out(text: &str) {
+    use std::io::Write as _;
+    let _ = std::io::stdout().lock().write_all(text.as_bytes());
 }
