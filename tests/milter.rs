@@ -471,6 +471,12 @@ async fn the_local_fallback_divides_the_limits_and_the_node_is_used_again_when_b
     c.close().await.unwrap();
     let decider = r.decider.clone();
     eventually("the milter has the policy", || decider.has_policy()).await;
+    // Its close too has reached the node, so the fallbacks below are the
+    // new connections' only.
+    eventually("the first connection closed", || {
+        r.count(Check::ConnOpen, "10.9.3.1") == 0
+    })
+    .await;
     r.node.take().unwrap().kill().await;
     let before = r.decider.fallbacks();
     // Alone, this relay allows 4 / 2 = 2 connections.
