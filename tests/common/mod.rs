@@ -54,6 +54,17 @@ fn run(cmd: &mut Command) {
     );
 }
 
+/// Starts a relayrate command with its output in `dir/stdout` and
+/// `dir/stderr`, logging `log` (RELAYRATE_LOG).
+fn spawn_logged(cmd: &mut Command, dir: &Path, log: &str) -> Child {
+    cmd.env("RELAYRATE_LOG", log)
+        .env("NO_COLOR", "1")
+        .stdout(std::fs::File::create(dir.join("stdout")).unwrap())
+        .stderr(std::fs::File::create(dir.join("stderr")).unwrap())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{cmd:?}: {e}"))
+}
+
 /// smtp-sink, dumping every message it accepts into a directory.
 pub struct Sink {
     pub port: u16,
@@ -231,8 +242,8 @@ impl Relayrate {
         std::fs::write(dir.join("policy.txt"), policy).unwrap();
         let node: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let milter_port = free_port();
-        let child = Command::new(env!("CARGO_BIN_EXE_relayrate"))
-            .arg("run")
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_relayrate"));
+        cmd.arg("run")
             .arg("--listen")
             .arg(node.to_string())
             .arg("--milter-listen")
@@ -240,13 +251,8 @@ impl Relayrate {
             .arg("--data-dir")
             .arg(dir.join("data"))
             .arg("--policy")
-            .arg(dir.join("policy.txt"))
-            .env("RELAYRATE_LOG", "info,openraft=warn")
-            .env("NO_COLOR", "1")
-            .stdout(std::fs::File::create(dir.join("stdout")).unwrap())
-            .stderr(std::fs::File::create(dir.join("stderr")).unwrap())
-            .spawn()
-            .expect("relayrate starts");
+            .arg(dir.join("policy.txt"));
+        let child = spawn_logged(&mut cmd, &dir, "info,openraft=warn");
         Relayrate {
             node,
             milter_port,
@@ -417,13 +423,7 @@ impl NodeProc {
         if let Some(seed) = seed {
             cmd.arg("--join").arg(seed.to_string());
         }
-        let child = cmd
-            .env("RELAYRATE_LOG", "info,openraft=warn")
-            .env("NO_COLOR", "1")
-            .stdout(std::fs::File::create(dir.join("stdout")).unwrap())
-            .stderr(std::fs::File::create(dir.join("stderr")).unwrap())
-            .spawn()
-            .expect("relayrate node starts");
+        let child = spawn_logged(&mut cmd, &dir, "info,openraft=warn");
         NodeProc { addr, dir, child }
     }
 
@@ -482,18 +482,13 @@ impl MilterProc {
         let dir = root.join(format!("milter-{name}"));
         std::fs::create_dir_all(&dir).unwrap();
         let port = free_port();
-        let child = Command::new(env!("CARGO_BIN_EXE_relayrate"))
-            .arg("milter")
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_relayrate"));
+        cmd.arg("milter")
             .arg("--listen")
             .arg(format!("inet:127.0.0.1:{port}"))
             .arg("--node")
-            .arg(format!("http://{node}"))
-            .env("RELAYRATE_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdout(std::fs::File::create(dir.join("stdout")).unwrap())
-            .stderr(std::fs::File::create(dir.join("stderr")).unwrap())
-            .spawn()
-            .expect("relayrate milter starts");
+            .arg(format!("http://{node}"));
+        let child = spawn_logged(&mut cmd, &dir, "info");
         MilterProc { port, dir, child }
     }
 
