@@ -121,11 +121,14 @@ impl Node {
         self.raft.metrics().borrow().current_leader == Some(self.id)
     }
 
+    /// The leader and its address, as this node knows them. Called for
+    /// every batch: reads the metrics in place rather than copying them.
     fn leader_addr(&self) -> Option<(NodeId, String)> {
-        let m = self.raft.metrics().borrow().clone();
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow();
         let leader = m.current_leader?;
-        let node = m.membership_config.membership().get_node(&leader)?.clone();
-        Some((leader, node.addr))
+        let node = m.membership_config.membership().get_node(&leader)?;
+        Some((leader, node.addr.clone()))
     }
 
     /// Decides events: the batcher gathers them with other callers' into
