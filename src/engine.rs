@@ -287,10 +287,6 @@ impl Engine {
         engine
     }
 
-    pub fn counter_ids(&self) -> impl Iterator<Item = &CounterId> {
-        self.counters.keys()
-    }
-
     pub fn lease_ids(&self) -> impl Iterator<Item = &ConnId> {
         self.leases.keys()
     }

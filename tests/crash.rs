@@ -16,7 +16,8 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::net::TcpListener;
+mod common;
+use common::free_port;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -65,11 +66,6 @@ fn policy_text() -> String {
     }
     text.push_str(&format!("ConnRate:{SENTINEL} 1\n"));
     text
-}
-
-fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind a free port");
-    l.local_addr().unwrap().port()
 }
 
 fn client_of(ip: &str) -> Client {

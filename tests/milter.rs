@@ -15,6 +15,9 @@ use relayrate::policy::{Client, PolicyFile};
 use tempfile::TempDir;
 use tokio::sync::oneshot;
 
+mod common;
+use common::{eventually, free_port};
+
 struct Relay {
     _dir: TempDir,
     node: Option<NodeHandle>,
@@ -111,15 +114,6 @@ fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
 }
 
-/// Polls `cond` with a deadline.
-async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
-    let until = Instant::now() + Duration::from_secs(10);
-    while !cond() {
-        assert!(Instant::now() < until, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn conn_rate_refuses_at_connect_with_421() {
     let r = Relay::start("CHECK_CONN_RATE YES\nConnRate:10.9.0.1 2\n", |_| {}).await;
@@ -164,7 +158,7 @@ async fn conn_open_refuses_a_third_open_connection_until_one_closes() {
     );
     third.close().await.unwrap();
     first.close().await.unwrap();
-    eventually("two leases released", || {
+    eventually("two leases released", Duration::from_secs(10), || {
         r.count(Check::ConnOpen, "10.9.0.3") == 1
     })
     .await;
@@ -358,22 +352,22 @@ async fn dry_run_refuses_nothing_but_still_counts() {
     )
     .await;
     // The milter learns DryRun from the node's policy.
-    let mut accepted = 0;
-    let until = Instant::now() + Duration::from_secs(10);
-    // Until the milter has fetched the policy, the second connection is refused.
-    loop {
+    let decider = r.decider.clone();
+    eventually("the policy fetched", Duration::from_secs(10), || {
+        decider.has_policy()
+    })
+    .await;
+    for _ in 0..3 {
         let mut c = r.conn().await;
-        if c.connect("h", ip("10.9.0.9")).await.unwrap() == Status::Continue {
-            accepted += 1;
-        }
+        assert_eq!(
+            c.connect("h", ip("10.9.0.9")).await.unwrap(),
+            Status::Continue
+        );
         c.close().await.unwrap();
-        if accepted >= 3 {
-            break;
-        }
-        assert!(Instant::now() < until, "dry run never took effect");
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // Refused by the node (ConnRate 1), counted, let through.
     assert!(r.count(Check::ConnRate, "10.9.0.9") >= 3);
+    assert!(decider.policy_dry_run());
     // --dry-run on the command line does the same without the policy saying so.
     let strict = Relay::start("CHECK_CONN_RATE YES\nConnRate:10.9.0.10 1\n", |m| {
         m.dry_run = true
@@ -400,8 +394,7 @@ async fn send(c: &mut TestConnection, from: &str) -> Status {
 
 /// A port nobody listens on.
 fn dead_node() -> String {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    format!("http://{}", l.local_addr().unwrap())
+    format!("http://127.0.0.1:{}", free_port())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -473,12 +466,17 @@ async fn the_local_fallback_divides_the_limits_and_the_node_is_used_again_when_b
     );
     c.close().await.unwrap();
     let decider = r.decider.clone();
-    eventually("the milter has the policy", || decider.has_policy()).await;
+    eventually("the milter has the policy", Duration::from_secs(10), || {
+        decider.has_policy()
+    })
+    .await;
     // Its close too has reached the node, so the fallbacks below are the
     // new connections' only.
-    eventually("the first connection closed", || {
-        r.count(Check::ConnOpen, "10.9.3.1") == 0
-    })
+    eventually(
+        "the first connection closed",
+        Duration::from_secs(10),
+        || r.count(Check::ConnOpen, "10.9.3.1") == 0,
+    )
     .await;
     r.node.take().unwrap().kill().await;
     let before = r.decider.fallbacks();
@@ -514,12 +512,12 @@ async fn the_local_fallback_divides_the_limits_and_the_node_is_used_again_when_b
     wait_ready(&h).await;
     r.node = Some(h);
     let other = "10.9.3.2";
-    eventually_async(&r, other).await;
+    connect_until_the_node_counts(&r, other).await;
     assert!(r.count(Check::ConnRate, other) >= 1);
 }
 
 /// Connects until the node (not the fallback) has counted `ip`.
-async fn eventually_async(r: &Relay, ip_text: &str) {
+async fn connect_until_the_node_counts(r: &Relay, ip_text: &str) {
     let until = Instant::now() + Duration::from_secs(15);
     loop {
         let mut c = r.conn().await;

@@ -8,7 +8,7 @@
 pub mod decider;
 mod session;
 
-use std::ffi::CString;
+use std::ffi::{CStr, CString};
 use std::future::Future;
 use std::io;
 use std::path::PathBuf;
@@ -225,8 +225,8 @@ fn callbacks(shared: Arc<Shared>) -> Callbacks<Session> {
         .on_mail(move |cx, args| {
             let shared = s3.clone();
             Box::pin(async move {
-                let auth = macro_value(cx, "{auth_authen}");
-                let queue_id = macro_value(cx, "i");
+                let auth = macro_value(cx, c"{auth_authen}");
+                let queue_id = macro_value(cx, c"i");
                 let Some(s) = cx.data.as_mut() else {
                     return Status::Continue;
                 };
@@ -242,7 +242,7 @@ fn callbacks(shared: Arc<Shared>) -> Callbacks<Session> {
         .on_rcpt(move |cx, _| {
             let shared = s4.clone();
             Box::pin(async move {
-                let queue_id = macro_value(cx, "i");
+                let queue_id = macro_value(cx, c"i");
                 let Some(s) = cx.data.as_mut() else {
                     return Status::Continue;
                 };
@@ -302,10 +302,9 @@ fn callbacks(shared: Arc<Shared>) -> Callbacks<Session> {
         })
 }
 
-fn macro_value(cx: &Context<Session>, name: &str) -> Option<String> {
-    let name = CString::new(name).ok()?;
+fn macro_value(cx: &Context<Session>, name: &CStr) -> Option<String> {
     cx.macros
-        .get(&name)
+        .get(name)
         .map(|v| v.to_string_lossy().into_owned())
         .filter(|v| !v.is_empty())
 }
@@ -321,7 +320,7 @@ async fn handle_connect(
         _ => None,
     };
     let name =
-        macro_value(cx, "{client_name}").unwrap_or_else(|| host.to_string_lossy().into_owned());
+        macro_value(cx, c"{client_name}").unwrap_or_else(|| host.to_string_lossy().into_owned());
     let session = Session::new(ip, &name);
     let event = Event::Connect {
         conn: session.conn,

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::engine::{ConnId, CounterId, Engine, EngineState, Event, Verdict};
+use crate::engine::{ConnId, Engine, EngineState, Event, Verdict};
 use crate::policy::{Policy, PolicyFile};
 
 /// Milliseconds since the Unix epoch, as stamped by the leader.
@@ -307,11 +307,6 @@ impl LimiterState {
             owners: s.owners.into_iter().collect(),
             now_ms: s.now_ms,
         })
-    }
-
-    /// Keys with their counts, for the admin API and tests.
-    pub fn counter_ids(&self) -> impl Iterator<Item = &CounterId> {
-        self.engine.counter_ids()
     }
 
     pub fn leases(&self) -> impl Iterator<Item = &ConnId> {
