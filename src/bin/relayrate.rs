@@ -33,7 +33,8 @@ enum Command {
     /// Check and explain ze-policy.txt files.
     #[command(subcommand)]
     Policy(PolicyCommand),
-    /// One node on this host: a new one-node cluster in an empty data dir.
+    /// A node and a milter beside it: with an empty data dir, a new
+    /// one-node cluster, or a new member with --join.
     Run(RunArgs),
     /// A member of a relayrate cluster.
     Node(NodeArgs),
@@ -53,6 +54,16 @@ struct RunArgs {
     /// gRPC address (Limiter and Raft services).
     #[arg(long, default_value = "127.0.0.1:7450")]
     listen: SocketAddr,
+    /// This node's id in the cluster.
+    #[arg(long, default_value = "1")]
+    id: u64,
+    /// Address the other nodes reach this one at (default: --listen).
+    #[arg(long)]
+    advertise: Option<String>,
+    /// Join the cluster that ADDR belongs to instead of creating one
+    /// (only read when the data dir is empty).
+    #[arg(long)]
+    join: Option<String>,
     /// Milter socket for the MTA.
     #[arg(long, default_value = "inet:127.0.0.1:8894")]
     milter_listen: ListenAddr,
@@ -157,9 +168,11 @@ fn main() -> ExitCode {
                     None => return ExitCode::from(EXIT_CONFIG),
                 }
             };
-            let mut config = NodeConfig::new(1, args.listen, args.data_dir, Start::Bootstrap);
+            let start = args.join.map_or(Start::Bootstrap, Start::Join);
+            let mut config = NodeConfig::new(args.id, args.listen, args.data_dir, start);
+            config.advertise = args.advertise;
             config.policy = policy;
-            let mut milter = MilterConfig::new(format!("http://{}", args.listen));
+            let mut milter = MilterConfig::new(format!("http://{}", local_address(args.listen)));
             milter.dry_run = args.dry_run;
             serve(config, Some((args.milter_listen, milter)))
         }
@@ -229,6 +242,19 @@ fn main() -> ExitCode {
             }
             ExitCode::SUCCESS
         }
+    }
+}
+
+/// Where a process on this host reaches a server bound to `listen`.
+fn local_address(listen: SocketAddr) -> SocketAddr {
+    match listen.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => {
+            (std::net::Ipv4Addr::LOCALHOST, listen.port()).into()
+        }
+        IpAddr::V6(ip) if ip.is_unspecified() => {
+            (std::net::Ipv6Addr::LOCALHOST, listen.port()).into()
+        }
+        _ => listen,
     }
 }
 
