@@ -9,8 +9,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protos = [
         "proto/relayrate/v1/limiter.proto",
         "proto/relayrate/v1/raft.proto",
+        "proto/relayrate/v1/admin.proto",
     ];
-    tonic_prost_build::configure().compile_protos(&protos, &["proto"])?;
+    // The descriptor set serves gRPC reflection (grpcurl needs no .proto).
+    let descriptors = std::path::PathBuf::from(std::env::var("OUT_DIR")?).join("relayrate.bin");
+    tonic_prost_build::configure()
+        .file_descriptor_set_path(descriptors)
+        .compile_protos(&protos, &["proto"])?;
     for p in protos {
         println!("cargo:rerun-if-changed={p}");
     }

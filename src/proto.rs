@@ -5,3 +5,6 @@
 pub mod v1 {
     tonic::include_proto!("relayrate.v1");
 }
+
+/// The encoded descriptors of every relayrate service, for reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("relayrate");
