@@ -59,8 +59,13 @@ impl Failure {
             )),
             Code::PermissionDenied => Failure::refused(format!("permission denied: {msg}")),
             Code::Unavailable => Failure::unavailable(format!("{url} unavailable: {msg}")),
-            Code::DeadlineExceeded | Code::Cancelled => {
-                Failure::unavailable(format!("no answer from {url}: {msg}"))
+            Code::DeadlineExceeded => Failure::unavailable(format!("no answer from {url}: {msg}")),
+            // The connection broke under the call (a TLS alert, a node
+            // going away): tonic keeps the cause as the status's source;
+            // a status the node sent has none.
+            Code::Cancelled | Code::Unknown if status.source().is_some() => {
+                let cause = status.source().map(error_chain).unwrap_or_default();
+                Failure::unavailable(format!("connection to {url} lost: {cause}"))
             }
             Code::Unimplemented => Failure::refused(format!(
                 "{url} does not serve this request (an older node?): {msg}"
@@ -150,6 +155,14 @@ impl Guard {
     ) -> Result<T, Failure> {
         match self.call_status(fut).await? {
             Ok(r) => Ok(r),
+            // tonic enforces the grpc-timeout the interceptor set.
+            Err(status)
+                if status.code() == Code::DeadlineExceeded
+                    || (status.code() == Code::Cancelled
+                        && status.message() == "Timeout expired") =>
+            {
+                Err(self.no_answer(status.message()))
+            }
             Err(status) => Err(Failure::from_status(&self.url, &status)),
         }
     }
@@ -162,12 +175,16 @@ impl Guard {
     ) -> Result<Result<T, Status>, Failure> {
         match tokio::time::timeout(self.timeout, fut).await {
             Ok(r) => Ok(r.map(tonic::Response::into_inner)),
-            Err(_) => Err(Failure::unavailable(format!(
-                "no answer from {} within {}s",
-                self.url,
-                self.timeout.as_secs_f64()
-            ))),
+            Err(_) => Err(self.no_answer("timed out")),
         }
+    }
+
+    fn no_answer(&self, why: &str) -> Failure {
+        Failure::unavailable(format!(
+            "no answer from {} within {}s: {why}",
+            self.url,
+            self.timeout.as_secs_f64()
+        ))
     }
 }
 

@@ -86,7 +86,7 @@ pub fn rfc3339_utc(unix_ms: u64) -> String {
 }
 
 fn is_leap(y: u64) -> bool {
-    (y % 4 == 0 && y % 100 != 0) || y % 400 == 0
+    (y.is_multiple_of(4) && !y.is_multiple_of(100)) || y.is_multiple_of(400)
 }
 
 /// The first 12 hex digits of a policy hash: enough to tell policies
