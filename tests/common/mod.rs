@@ -231,6 +231,7 @@ impl Drop for Postfix {
 pub struct Relayrate {
     pub node: SocketAddr,
     pub milter_port: u16,
+    pub metrics_port: u16,
     pub dir: PathBuf,
     child: Child,
 }
@@ -242,8 +243,11 @@ impl Relayrate {
         std::fs::write(dir.join("policy.txt"), policy).unwrap();
         let node: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let milter_port = free_port();
+        let metrics_port = free_port();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_relayrate"));
         cmd.arg("run")
+            .arg("--metrics-listen")
+            .arg(format!("127.0.0.1:{metrics_port}"))
             .arg("--listen")
             .arg(node.to_string())
             .arg("--milter-listen")
@@ -256,6 +260,7 @@ impl Relayrate {
         Relayrate {
             node,
             milter_port,
+            metrics_port,
             dir,
             child,
         }
