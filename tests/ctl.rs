@@ -296,6 +296,7 @@ async fn relayratectl_administers_a_three_node_cluster() {
     reset_clears_a_key_so_it_is_allowed_again(&cluster).await;
     a_broken_policy_is_refused_and_a_good_one_keeps_counts(&cluster, dir.path()).await;
     a_removed_node_is_no_longer_replicated_to(&cluster).await;
+    a_removed_node_added_again_catches_up(&cluster).await;
 }
 
 fn status_shows_one_leader_and_three_voters(cluster: &Cluster) {
@@ -575,8 +576,16 @@ async fn a_broken_policy_is_refused_and_a_good_one_keeps_counts(cluster: &Cluste
     assert_eq!(applied["changed"], true, "{applied}");
     let new_hash = applied["hash"].as_str().unwrap().to_string();
     assert_ne!(new_hash, hash);
-    let now = ctl_json(cluster.addr(1), &["policy", "show"]);
-    assert_eq!(now["hash"], new_hash.as_str(), "{now}");
+    // policy show answers from the node's own state: a follower may
+    // apply the new policy a moment after the leader answered.
+    let mut now = Value::Null;
+    let shown = poll(DEADLINE, || {
+        now = ctl_json(cluster.addr(1), &["policy", "show"]);
+        let same = now["hash"] == new_hash.as_str();
+        async move { same }
+    })
+    .await;
+    cluster.assert(shown, &format!("node 1 shows policy {new_hash}: {now}"));
     assert!(
         now["files"][0]["text"]
             .as_str()
@@ -649,6 +658,33 @@ async fn a_removed_node_is_no_longer_replicated_to(cluster: &Cluster) {
     assert!(
         still,
         "node 3's applied index kept moving (before, after, node 1): {tries:?}"
+    );
+}
+
+async fn a_removed_node_added_again_catches_up(cluster: &Cluster) {
+    let addr3 = cluster.addr(3).to_string();
+    let added = ctl_json(cluster.addr(2), &["add-node", "3", &addr3]);
+    assert_eq!(member_ids(&added), [1, 2, 3], "add-node answers: {added}");
+    assert!(
+        added["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|m| m["voter"] == true),
+        "node 3 is a voter again: {added}"
+    );
+    let mut c = limiter(cluster.addr(1));
+    assert!(connect(&mut c, "10.99.0.51").await);
+    let target = applied_index(cluster.addr(1));
+    let caught_up = poll(DEADLINE, || async move {
+        try_json(cluster.addr(3), &["status"])
+            .is_some_and(|s| s["last_applied_index"].as_u64().unwrap_or(0) >= target)
+    })
+    .await;
+    cluster.assert(caught_up, &format!("node 3 applies up to {target}"));
+    assert_eq!(
+        show_check(cluster.addr(3), "10.99.0.51", "ConnRate")["count"],
+        1
     );
 }
 
