@@ -204,12 +204,19 @@ fn read_file(path: &Path, what: &str) -> Result<Vec<u8>, Failure> {
         .map_err(|e| Failure::usage(format!("{what} {}: cannot read: {e}", path.display())))
 }
 
-/// The URL to dial: TLS material turns `http://` into `https://`, since
-/// tonic speaks TLS only to https URLs.
+/// The URL to dial. A bare HOST:PORT (as nodes are named in their own
+/// flags) gets a scheme; TLS material turns `http://` into `https://`,
+/// since tonic speaks TLS only to https URLs.
 pub fn dial_url(url: &str, tls: bool) -> String {
-    match url.strip_prefix("http://") {
-        Some(rest) if tls => format!("https://{rest}"),
-        _ => url.to_string(),
+    let rest = match url.split_once("://") {
+        None => url,
+        Some(("http", rest)) => rest,
+        Some(_) => return url.to_string(),
+    };
+    if tls {
+        format!("https://{rest}")
+    } else {
+        format!("http://{rest}")
     }
 }
 
@@ -250,6 +257,12 @@ pub async fn connect(target: &Target) -> Result<Conn, Failure> {
     };
     let use_tls = target.tls.ca.is_some() || target.url.starts_with("https://");
     let url = dial_url(&target.url, use_tls);
+    if !url.starts_with("http://") && !url.starts_with("https://") {
+        return Err(Failure::usage(format!(
+            "bad --node {}: http:// or https:// only",
+            target.url
+        )));
+    }
     let mut endpoint = Endpoint::from_shared(url.clone())
         .map_err(|e| Failure::usage(format!("bad --node {}: {e}", target.url)))?
         .connect_timeout(target.timeout)
@@ -296,6 +309,9 @@ mod tests {
         assert_eq!(dial_url("http://n1:7450", true), "https://n1:7450");
         assert_eq!(dial_url("http://n1:7450", false), "http://n1:7450");
         assert_eq!(dial_url("https://n1:7450", true), "https://n1:7450");
+        assert_eq!(dial_url("https://n1:7450", false), "https://n1:7450");
+        assert_eq!(dial_url("127.0.0.1:7450", false), "http://127.0.0.1:7450");
+        assert_eq!(dial_url("n1:7450", true), "https://n1:7450");
     }
 
     #[test]

@@ -43,7 +43,8 @@ struct Cli {
 /// Flags every command takes, before or after its name.
 #[derive(Args)]
 struct GlobalArgs {
-    /// The node to ask [env: RELAYRATE_NODE] [default: http://127.0.0.1:7450]
+    /// The node to ask, a URL or HOST:PORT [env: RELAYRATE_NODE]
+    /// [default: http://127.0.0.1:7450]
     #[arg(long, global = true, value_name = "URL")]
     node: Option<String>,
     /// Print one JSON object instead of tables.
