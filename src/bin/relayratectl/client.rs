@@ -53,6 +53,20 @@ impl Failure {
     /// A gRPC status from `url`, in words an operator can act on.
     pub fn from_status(url: &str, status: &Status) -> Failure {
         let msg = status.message();
+        // The connection broke under the call (a TLS alert, a node going
+        // away, TLS spoken to plain HTTP): tonic keeps the cause as the
+        // status's source. A status the node sent has none.
+        if let Some(cause) = status.source() {
+            let hint = if url.starts_with("http://") {
+                " (if the node uses TLS, give --tls-ca)"
+            } else {
+                ""
+            };
+            return Failure::unavailable(format!(
+                "connection to {url} lost: {}{hint}",
+                error_chain(cause)
+            ));
+        }
         match status.code() {
             Code::Unauthenticated => Failure::refused(format!(
                 "permission denied: unauthenticated: {msg} (give --token-file)"
@@ -60,13 +74,6 @@ impl Failure {
             Code::PermissionDenied => Failure::refused(format!("permission denied: {msg}")),
             Code::Unavailable => Failure::unavailable(format!("{url} unavailable: {msg}")),
             Code::DeadlineExceeded => Failure::unavailable(format!("no answer from {url}: {msg}")),
-            // The connection broke under the call (a TLS alert, a node
-            // going away): tonic keeps the cause as the status's source;
-            // a status the node sent has none.
-            Code::Cancelled | Code::Unknown if status.source().is_some() => {
-                let cause = status.source().map(error_chain).unwrap_or_default();
-                Failure::unavailable(format!("connection to {url} lost: {cause}"))
-            }
             Code::Unimplemented => Failure::refused(format!(
                 "{url} does not serve this request (an older node?): {msg}"
             )),
@@ -324,6 +331,20 @@ mod tests {
         let f = Failure::from_status("http://n1", &Status::unavailable("no leader"));
         assert_eq!(f.code, EX_UNAVAILABLE);
         assert_eq!(f.message, "http://n1 unavailable: no leader");
+        // Broken connections carry their cause; statuses from a node do not.
+        let broken = Status::from_error(Box::new(std::io::Error::new(
+            std::io::ErrorKind::BrokenPipe,
+            "broken pipe",
+        )));
+        let f = Failure::from_status("http://n1", &broken);
+        assert_eq!(f.code, EX_UNAVAILABLE);
+        assert!(
+            f.message
+                .starts_with("connection to http://n1 lost: broken pipe")
+                && f.message.ends_with("(if the node uses TLS, give --tls-ca)"),
+            "{}",
+            f.message
+        );
         let f = Failure::from_status("http://n1", &Status::invalid_argument("a.txt:1:1: x"));
         assert_eq!((f.code, f.message.as_str()), (1, "invalid: a.txt:1:1: x"));
     }
