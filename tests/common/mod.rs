@@ -44,6 +44,19 @@ pub async fn eventually(what: &str, limit: Duration, mut cond: impl FnMut() -> b
     }
 }
 
+/// Polls an asynchronous `cond` until it holds, or panics after `limit`.
+pub async fn eventually_async<F, Fut>(what: &str, limit: Duration, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let until = Instant::now() + limit;
+    while !cond().await {
+        assert!(Instant::now() < until, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 fn run(cmd: &mut Command) {
     let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
     assert!(
