@@ -449,6 +449,13 @@ impl NodeProc {
         std::fs::read_to_string(self.dir.join("stderr")).unwrap_or_default()
     }
 
+    /// Sends a signal (`HUP`, `TERM`, ...) to the process.
+    pub fn signal(&self, name: &str) {
+        run(Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.child.id().to_string()));
+    }
+
     /// Waits until the node decides events (a bench call of one second
     /// through it, for an address of 10.77/16, gets no error).
     pub async fn wait_deciding(&self) {
