@@ -637,6 +637,32 @@ async fn a_removed_node_is_no_longer_replicated_to(cluster: &Cluster) {
     .await;
     cluster.assert(members_ok, "members lists nodes 1 and 2");
 
+    // Node 3 was told: it no longer decides, so its milters fall back at
+    // once instead of waiting on a node outside the cluster.
+    let told = poll(DEADLINE, || async {
+        try_json(cluster.addr(3), &["status"]).is_some_and(|s| s["ready"] == false)
+    })
+    .await;
+    cluster.assert(told, "node 3 reports itself not ready");
+    let started = Instant::now();
+    let refused = decide(
+        &mut limiter(cluster.addr(3)),
+        &Event::Connect {
+            conn: ConnId {
+                owner: 0,
+                conn: CONN.fetch_add(1, Ordering::Relaxed),
+            },
+            client: client("10.99.0.52"),
+        },
+    )
+    .await
+    .expect_err("a removed node decides nothing");
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "refused at once"
+    );
+
     // Node 3's applied index stays where it is while node 1 goes on. A
     // few tries: entries already sent to it before the removal may land.
     let mut c = limiter(cluster.addr(1));
@@ -699,8 +725,6 @@ async fn a_removed_node_added_again_catches_up(cluster: &Cluster) {
 /// A node that cannot be reached never catches up: it must not become a
 /// voter, or a one-node cluster loses its quorum for good.
 #[tokio::test]
-#[ignore = "server: AddNode promotes an unreachable node (openraft's replication_lag_threshold \
-            of 5000 entries lets add_learner(blocking) return at once on a young log)"]
 async fn adding_an_unreachable_node_leaves_the_cluster_working() {
     let cluster = Cluster::start(1, POLICY, &[]).await;
     let addr = cluster.addr(1);
@@ -722,6 +746,26 @@ async fn adding_an_unreachable_node_leaves_the_cluster_working() {
         "writes still commit: {}",
         describe(&out)
     );
+
+    // Requests the leader will never carry out are refused at once, not
+    // retried until a timeout.
+    for (args, why) in [
+        (["remove-node", "42"], "node 42 is not a member"),
+        (["remove-node", "1"], "node 1 is the last voter"),
+    ] {
+        let started = Instant::now();
+        let out = ctl(addr, &args);
+        assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains(why),
+            "{}",
+            describe(&out)
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "refused at once"
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------
