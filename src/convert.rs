@@ -8,7 +8,7 @@ use tonic::Status;
 
 use crate::check::Check;
 use crate::engine::{ConnId, Event, Refusal, Verdict};
-use crate::policy::Client;
+use crate::policy::{Client, PolicyFile};
 use crate::proto::v1 as pb;
 
 impl From<Check> for pb::Check {
@@ -216,5 +216,23 @@ impl TryFrom<&pb::Verdict> for Verdict {
             window_secs: (v.window_secs > 0).then_some(v.window_secs),
             retry_after: v.retry_after_secs,
         }))
+    }
+}
+
+impl From<&PolicyFile> for pb::PolicyFile {
+    fn from(f: &PolicyFile) -> pb::PolicyFile {
+        pb::PolicyFile {
+            name: f.name.clone(),
+            text: f.text.clone(),
+        }
+    }
+}
+
+impl From<pb::PolicyFile> for PolicyFile {
+    fn from(f: pb::PolicyFile) -> PolicyFile {
+        PolicyFile {
+            name: f.name,
+            text: f.text,
+        }
     }
 }

@@ -177,14 +177,7 @@ impl Decider {
         if *self.policy_hash.lock().expect("hash lock") == reply.hash {
             return true;
         }
-        let files: Vec<PolicyFile> = reply
-            .files
-            .into_iter()
-            .map(|f| PolicyFile {
-                name: f.name,
-                text: f.text,
-            })
-            .collect();
+        let files: Vec<PolicyFile> = reply.files.into_iter().map(PolicyFile::from).collect();
         if policy_hash(&files) != reply.hash {
             tracing::warn!("the node's policy does not match its hash; ignored");
             return true;

@@ -293,13 +293,7 @@ impl pb::admin_server::Admin for AdminService {
             return Err(Status::internal("unexpected reply from the leader"));
         };
         Ok(Response::new(pb::ShowPolicyResponse {
-            files: files
-                .into_iter()
-                .map(|f| pb::PolicyFile {
-                    name: f.name,
-                    text: f.text,
-                })
-                .collect(),
+            files: files.iter().map(pb::PolicyFile::from).collect(),
             hash,
             applied_unix_ms: applied_ms,
         }))
@@ -314,10 +308,7 @@ impl pb::admin_server::Admin for AdminService {
             .into_inner()
             .files
             .into_iter()
-            .map(|f| PolicyFile {
-                name: f.name,
-                text: f.text,
-            })
+            .map(PolicyFile::from)
             .collect();
         if files.is_empty() {
             return Err(Status::invalid_argument("no policy file given"));

@@ -306,19 +306,22 @@ impl Node {
             .collect()
     }
 
+    /// The voters, and the address of member `id` if it is one.
+    fn voters_and_addr(&self, id: NodeId) -> (Vec<NodeId>, Option<String>) {
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow();
+        let membership = m.membership_config.membership();
+        let voters = membership.voter_ids().collect();
+        (voters, membership.get_node(&id).map(|n| n.addr.clone()))
+    }
+
     /// Takes a node out: out of the voters and out of the cluster, so the
     /// leader stops replicating to it.
     async fn remove_member(&self, id: NodeId) -> ProposalReply {
         if !self.is_leader() {
             return ProposalReply::NotLeader;
         }
-        let (voters, known) = {
-            let metrics = self.raft.metrics();
-            let m = metrics.borrow();
-            let membership = m.membership_config.membership();
-            let voters: Vec<NodeId> = membership.voter_ids().collect();
-            (voters, membership.get_node(&id).map(|n| n.addr.clone()))
-        };
+        let (voters, known) = self.voters_and_addr(id);
         let Some(addr) = known else {
             return ProposalReply::Refused(format!("node {id} is not a member"));
         };
@@ -387,13 +390,7 @@ impl Node {
         if !self.is_leader() {
             return ProposalReply::NotLeader;
         }
-        let (voters, known) = {
-            let metrics = self.raft.metrics();
-            let m = metrics.borrow();
-            let membership = m.membership_config.membership();
-            let voters: Vec<NodeId> = membership.voter_ids().collect();
-            (voters, membership.get_node(&id).map(|n| n.addr.clone()))
-        };
+        let (voters, known) = self.voters_and_addr(id);
         if let Some(known) = known.filter(|a| *a != addr) {
             return ProposalReply::Refused(format!(
                 "node {id} is a member at {known}: remove it first to move it to {addr}"

@@ -66,10 +66,7 @@ impl pb::limiter_server::Limiter for LimiterService {
             .policy()
             .files()
             .iter()
-            .map(|f| pb::PolicyFile {
-                name: f.name.clone(),
-                text: f.text.clone(),
-            })
+            .map(pb::PolicyFile::from)
             .collect();
         Ok(Response::new(pb::GetPolicyResponse {
             files,

@@ -421,28 +421,7 @@ pub struct NodeProc {
 impl NodeProc {
     /// Node `id`; the first bootstraps with `policy`, the others join `seed`.
     pub fn start(root: &Path, id: u64, policy: Option<&str>, seed: Option<SocketAddr>) -> NodeProc {
-        let dir = root.join(format!("node-{id}"));
-        std::fs::create_dir_all(&dir).unwrap();
-        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_relayrate"));
-        cmd.arg("node")
-            .arg("--id")
-            .arg(id.to_string())
-            .arg("--listen")
-            .arg(addr.to_string())
-            .arg("--data-dir")
-            .arg(dir.join("data"));
-        if let Some(text) = policy {
-            std::fs::write(dir.join("policy.txt"), text).unwrap();
-            cmd.arg("--policy")
-                .arg(dir.join("policy.txt"))
-                .arg("--bootstrap");
-        }
-        if let Some(seed) = seed {
-            cmd.arg("--join").arg(seed.to_string());
-        }
-        let child = spawn_logged(&mut cmd, &dir, "info,openraft=warn");
-        NodeProc { addr, dir, child }
+        NodeProc::start_with_args(root, id, policy, seed, &[])
     }
 
     pub fn log(&self) -> String {

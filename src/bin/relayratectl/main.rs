@@ -321,14 +321,7 @@ async fn apply_policy(
     json: bool,
     policy: &Policy,
 ) -> Result<(), Failure> {
-    let files = policy
-        .files()
-        .iter()
-        .map(|f| pb::PolicyFile {
-            name: f.name.clone(),
-            text: f.text.clone(),
-        })
-        .collect();
+    let files = policy.files().iter().map(pb::PolicyFile::from).collect();
     let req = pb::ApplyPolicyRequest { files };
     let r = match guard.call_status(admin.apply_policy(req)).await? {
         Ok(r) => r,
