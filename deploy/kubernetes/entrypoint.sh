@@ -13,8 +13,9 @@
 #   RELAYRATE_DATA_DIR     sled data (default /var/lib/relayrate)
 #   RELAYRATE_POLICY       policy file (default /etc/relayrate/ze-policy.txt)
 #   RELAYRATE_BIN, RELAYRATECTL  the binaries (default /usr/local/bin/...)
-# {ordinal} may appear in RELAYRATE_LISTEN and RELAYRATE_MILTER_LISTEN too,
-# so that several "pods" can run on one host (tests/entrypoint.rs).
+# {ordinal} may appear in RELAYRATE_LISTEN, RELAYRATE_MILTER_LISTEN and
+# RELAYRATE_DATA_DIR too, so that several "pods" can run on one host
+# (tests/entrypoint.rs).
 #
 # The node's id is ordinal + 1 (ids start at 1: 0 means "no leader" in
 # the Admin API). With an empty data dir, pod 0 creates the cluster and
@@ -28,7 +29,6 @@ ctl=${RELAYRATECTL:-/usr/local/bin/relayratectl}
 # shellcheck disable=SC3028
 pod=${RELAYRATE_POD_NAME:-${HOSTNAME:-}}
 peer_template=${RELAYRATE_PEER:-}
-data=${RELAYRATE_DATA_DIR:-/var/lib/relayrate}
 
 if [ -z "$peer_template" ]; then
     echo "relayrate-entrypoint: RELAYRATE_PEER must say where the pod of ordinal {ordinal} is reached" >&2
@@ -47,6 +47,7 @@ id=$((ordinal + 1))
 fill() {
     printf '%s' "$1" | sed "s/{ordinal}/$2/g"
 }
+data=$(fill "${RELAYRATE_DATA_DIR:-/var/lib/relayrate}" "$ordinal")
 
 # Whether the data dir holds no state (a new volume may hold lost+found).
 empty_data() {

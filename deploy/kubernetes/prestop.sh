@@ -17,7 +17,6 @@ ctl=${RELAYRATECTL:-/usr/local/bin/relayratectl}
 # Container runtimes set HOSTNAME to the pod's name.
 # shellcheck disable=SC3028
 pod=${RELAYRATE_POD_NAME:-${HOSTNAME:-}}
-data=${RELAYRATE_DATA_DIR:-/var/lib/relayrate}
 timeout=${RELAYRATE_REMOVE_TIMEOUT:-30}
 sa=/var/run/secrets/kubernetes.io/serviceaccount
 
@@ -33,6 +32,7 @@ case $ordinal in
     ;;
 esac
 id=$((ordinal + 1))
+data=$(printf '%s' "${RELAYRATE_DATA_DIR:-/var/lib/relayrate}" | sed "s/{ordinal}/$ordinal/g")
 
 # The StatefulSet's Scale subresource (RBAC: get statefulsets/scale),
 # e.g. {"kind":"Scale",...,"spec":{"replicas":3},"status":{...}}.
