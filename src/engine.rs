@@ -142,6 +142,12 @@ impl CounterKeyRef<'_> {
     }
 }
 
+/// Whether the `count`-th event is the one that reaches 80% of `limit`.
+fn crosses_near_limit(count: u64, limit: u64) -> bool {
+    let (num, den) = NEAR_LIMIT;
+    limit > 0 && count * den >= limit * num && (count - 1) * den < limit * num
+}
+
 /// The key a windowed check counts a client by, if the client has one.
 fn counter_key(check: Check, client: &Client) -> Option<CounterKeyRef<'_>> {
     use crate::check::KeyKind;
@@ -173,7 +179,13 @@ pub struct Engine {
     open: HashMap<IpAddr, u32>,
     /// The bucket in which idle counters were last swept away.
     swept: u64,
+    /// How often a key's count climbed to 80% of its limit, by check: a
+    /// figure for monitoring, not part of the decisions or of snapshots.
+    near_limit: [u64; Check::ALL.len()],
 }
+
+/// The share of a limit at which a count is "near" it: 4/5.
+const NEAR_LIMIT: (u64, u64) = (4, 5);
 
 impl Engine {
     pub fn new(policy: Arc<Policy>) -> Engine {
@@ -184,6 +196,7 @@ impl Engine {
             leases: HashMap::new(),
             open: HashMap::new(),
             swept: 0,
+            near_limit: [0; Check::ALL.len()],
         }
     }
 
@@ -338,13 +351,11 @@ impl Engine {
             };
             let window = self.window;
             let lookup = CounterIdRef { check, key };
-            match self.counters.get_mut(&lookup) {
-                Some(w) => {
-                    w.add(window, now, 1);
-                }
+            let count = match self.counters.get_mut(&lookup) {
+                Some(w) => w.add(window, now, 1),
                 None => {
                     let mut w = Window::new(window);
-                    w.add(window, now, 1);
+                    let count = w.add(window, now, 1);
                     self.counters.insert(
                         CounterId {
                             check,
@@ -352,9 +363,44 @@ impl Engine {
                         },
                         w,
                     );
+                    count
+                }
+            };
+            if let Some(limit) = self.policy.limit(check, client) {
+                if crosses_near_limit(u64::from(count), limit) {
+                    self.near_limit[check.index()] += 1;
                 }
             }
         }
+    }
+
+    /// How often a count climbed to 80% of its limit, per check (in
+    /// [`Check::ALL`] order), since this engine was made.
+    pub fn near_limit_crossings(&self) -> [u64; Check::ALL.len()] {
+        self.near_limit
+    }
+
+    /// Every windowed counter with its count at `now` (idle ones included
+    /// until the next sweep).
+    pub fn counts(&self, now: Time) -> impl Iterator<Item = (&CounterId, u64)> + '_ {
+        self.counters
+            .iter()
+            .map(move |(id, w)| (id, u64::from(w.count(self.window, now))))
+    }
+
+    /// Open connections by client address.
+    pub fn open_counts(&self) -> impl Iterator<Item = (IpAddr, u64)> + '_ {
+        self.open.iter().map(|(ip, n)| (*ip, u64::from(*n)))
+    }
+
+    /// Forgets the windowed counts of `key`, for one check or all of them;
+    /// returns how many counters were cleared. Open connections stay: they
+    /// are real connections and end at their close.
+    pub fn reset(&mut self, key: &CounterKey, check: Option<Check>) -> usize {
+        let before = self.counters.len();
+        self.counters
+            .retain(|id, _| !(&id.key == key && check.is_none_or(|c| c == id.check)));
+        before - self.counters.len()
     }
 
     fn acquire(&mut self, conn: ConnId, ip: IpAddr) {

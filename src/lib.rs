@@ -9,6 +9,8 @@
 //! - [`window`]: the sliding-window counter (30 s buckets over 600 s).
 //! - [`engine`]: the limiter state; applies the events of SMTP sessions at
 //!   a given time and returns verdicts. Pure: no I/O, no clock.
+//! - [`inspect`]: who is near a limit, every count of one key (for the
+//!   admin service).
 //! - [`proto`]: the gRPC messages of `proto/relayrate/v1/`.
 //!
 //! Data flows one way: the MTA's milter turns an SMTP session into
@@ -21,9 +23,12 @@ pub mod bench;
 pub mod check;
 pub mod convert;
 pub mod engine;
+pub mod inspect;
+pub mod metrics;
 pub mod milter;
 pub mod node;
 pub mod policy;
 pub mod proto;
 pub mod raft;
+pub mod tls;
 pub mod window;

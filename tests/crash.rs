@@ -346,7 +346,7 @@ fn is_conn_rate_refusal(v: &pb::Verdict) -> bool {
 
 /// Sends a proposal to a node's internal `Propose` RPC.
 async fn propose(addr: &str, proposal: &Proposal) -> Result<ProposalReply, String> {
-    let channel = network::channel(addr).map_err(|e| e.to_string())?;
+    let channel = network::channel(addr, None).map_err(|e| e.to_string())?;
     let mut client = network::client(channel);
     let mut request = tonic::Request::new(network::encode(proposal));
     request.set_timeout(REQUEST_TIMEOUT);

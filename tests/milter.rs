@@ -87,13 +87,7 @@ async fn start_milter(config: MilterConfig) -> (SocketAddr, Arc<Decider>, onesho
         .await
         .unwrap();
     let addr = listener.local_addr().unwrap();
-    let decider = Decider::new(
-        &config.node,
-        config.timeout,
-        config.fail_mode,
-        config.relays,
-    );
-    let decider = Arc::new(decider.unwrap());
+    let decider = Arc::new(Decider::new(&config).unwrap());
     let (stop, stopped) = oneshot::channel::<()>();
     tokio::spawn(milter::serve(
         listener,

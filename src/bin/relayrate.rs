@@ -11,11 +11,16 @@ use relayrate::milter::{self, FailMode, ListenAddr, MilterConfig, MilterListener
 use relayrate::node::{self, NodeConfig, NodeHandle, Start};
 use relayrate::policy::report::{explain, explain_check, summary};
 use relayrate::policy::{Client, Policy, PolicyError, PolicyFile};
+use relayrate::tls::Tls;
+use tokio::signal::unix::{signal, SignalKind};
 
 /// The seed's policy, used by `relayrate run` when no --policy is given.
 const DEFAULT_POLICY: &str = include_str!("../../examples/ze-policy.txt");
 /// Exit code for a configuration that cannot be used (sysexits EX_USAGE).
 const EXIT_CONFIG: u8 = 64;
+/// Where `relayrate run` serves its metrics unless told otherwise.
+const DEFAULT_METRICS: SocketAddr =
+    SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9450);
 
 #[derive(Parser)]
 #[command(
@@ -24,8 +29,50 @@ const EXIT_CONFIG: u8 = 64;
     about = "Cluster-wide outgoing-mail rate limits"
 )]
 struct Cli {
+    /// Log lines as text for people, or as JSON objects for collectors.
+    #[arg(long, global = true, default_value = "human")]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Human,
+    Json,
+}
+
+/// What a serving node is reached and guarded by, beyond its address.
+#[derive(Args)]
+struct ServerOptions {
+    /// Serve Prometheus metrics at http://ADDR/metrics.
+    #[arg(long)]
+    metrics_listen: Option<SocketAddr>,
+    /// TLS: this node's certificate (PEM), presented to clients and peers.
+    #[arg(long, requires_all = ["tls_key", "tls_client_ca"])]
+    tls_cert: Option<PathBuf>,
+    /// TLS: the private key of --tls-cert (PEM).
+    #[arg(long, requires_all = ["tls_cert", "tls_client_ca"])]
+    tls_key: Option<PathBuf>,
+    /// TLS: the CA that signs client and peer certificates; others are refused.
+    #[arg(long, requires_all = ["tls_cert", "tls_key"])]
+    tls_client_ca: Option<PathBuf>,
+    /// Admin writes (reset, policy apply, add/remove node) need this token.
+    #[arg(long)]
+    admin_token_file: Option<PathBuf>,
+}
+
+/// A milter's TLS to its node.
+#[derive(Args)]
+struct MilterTls {
+    /// CA of the node's certificate; turns TLS on.
+    #[arg(long)]
+    tls_ca: Option<PathBuf>,
+    /// Client certificate to present to the node (PEM).
+    #[arg(long, requires_all = ["tls_ca", "tls_key"])]
+    tls_cert: Option<PathBuf>,
+    #[arg(long, requires_all = ["tls_ca", "tls_cert"])]
+    tls_key: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -70,6 +117,8 @@ struct RunArgs {
     /// Log and count refusals, refuse nothing.
     #[arg(long)]
     dry_run: bool,
+    #[command(flatten)]
+    server: ServerOptions,
 }
 
 #[derive(Args)]
@@ -92,6 +141,11 @@ struct MilterArgs {
     /// Log and count refusals, refuse nothing.
     #[arg(long)]
     dry_run: bool,
+    /// Serve Prometheus metrics at http://ADDR/metrics.
+    #[arg(long)]
+    metrics_listen: Option<SocketAddr>,
+    #[command(flatten)]
+    tls: MilterTls,
 }
 
 #[derive(Args)]
@@ -122,6 +176,8 @@ struct NodeArgs {
     /// Take a snapshot (and purge the log behind it) every N log entries.
     #[arg(long, default_value = "5000")]
     snapshot_every: u64,
+    #[command(flatten)]
+    server: ServerOptions,
 }
 
 #[derive(Subcommand)]
@@ -155,6 +211,7 @@ enum PolicyCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    init_logs(cli.log_format);
     match cli.command {
         Command::Run(args) => {
             let policy = if args.policy.is_empty() {
@@ -172,9 +229,20 @@ fn main() -> ExitCode {
             let mut config = NodeConfig::new(args.id, args.listen, args.data_dir, start);
             config.advertise = args.advertise;
             config.policy = policy;
+            if let Err(e) = secure(&mut config, &args.server) {
+                eprintln!("relayrate: {e}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
             let mut milter = MilterConfig::new(format!("http://{}", local_address(args.listen)));
             milter.dry_run = args.dry_run;
-            serve(config, Some((args.milter_listen, milter)))
+            // The milter beside the node presents the node's own certificate.
+            milter.tls = config.tls.clone();
+            let metrics = args.server.metrics_listen.or(Some(DEFAULT_METRICS));
+            let serving = Serving {
+                policy_paths: args.policy,
+                metrics,
+            };
+            serve(config, Some((args.milter_listen, milter)), serving)
         }
         Command::Milter(args) => {
             let mut milter = MilterConfig::new(args.node);
@@ -182,7 +250,21 @@ fn main() -> ExitCode {
             milter.fail_mode = args.fail_mode;
             milter.relays = args.relays;
             milter.dry_run = args.dry_run;
-            serve_milter(args.listen, milter)
+            if let Some(ca) = &args.tls.tls_ca {
+                let identity = args
+                    .tls
+                    .tls_cert
+                    .as_deref()
+                    .zip(args.tls.tls_key.as_deref());
+                match Tls::client(ca, identity) {
+                    Ok(tls) => milter.tls = Some(tls),
+                    Err(e) => {
+                        eprintln!("relayrate: {e}");
+                        return ExitCode::from(EXIT_CONFIG);
+                    }
+                }
+            }
+            serve_milter(args.listen, milter, args.metrics_listen)
         }
         Command::Node(args) => {
             let start = match (args.bootstrap, args.join) {
@@ -202,7 +284,15 @@ fn main() -> ExitCode {
                     None => return ExitCode::from(EXIT_CONFIG),
                 }
             }
-            serve(config, None)
+            if let Err(e) = secure(&mut config, &args.server) {
+                eprintln!("relayrate: {e}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+            let serving = Serving {
+                policy_paths: args.policy,
+                metrics: args.server.metrics_listen,
+            };
+            serve(config, None, serving)
         }
         Command::Bench(args) => runtime().block_on(relayrate::bench::run(args)),
         Command::Policy(PolicyCommand::Check { files }) => {
@@ -265,21 +355,75 @@ fn runtime() -> tokio::runtime::Runtime {
         .expect("tokio runtime")
 }
 
-fn init_logs() {
+fn init_logs(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("RELAYRATE_LOG")
         .unwrap_or_else(|_| EnvFilter::new("info,openraft=warn"));
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Human => logs.init(),
+        LogFormat::Json => logs.json().flatten_event(true).init(),
+    }
+}
+
+/// Reads the TLS files and the admin token named on the command line.
+fn secure(config: &mut NodeConfig, options: &ServerOptions) -> Result<(), String> {
+    config.tls = Tls::from_options(
+        options.tls_cert.clone(),
+        options.tls_key.clone(),
+        options.tls_client_ca.clone(),
+    )
+    .map_err(|e| e.to_string())?;
+    if let Some(path) = &options.admin_token_file {
+        let token = std::fs::read_to_string(path)
+            .map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
+        let token = token.trim();
+        if token.is_empty() {
+            return Err(format!("{}: the admin token is empty", path.display()));
+        }
+        config.admin_token = Some(token.to_string());
+    }
+    Ok(())
+}
+
+/// What a serving process does besides its node and milter.
+struct Serving {
+    /// Re-read on SIGHUP.
+    policy_paths: Vec<PathBuf>,
+    metrics: Option<SocketAddr>,
+}
+
+/// Starts the metrics endpoint, if asked; false if it cannot listen.
+async fn start_metrics(listen: Option<SocketAddr>) -> bool {
+    let Some(listen) = listen else {
+        return true;
+    };
+    match relayrate::metrics::serve(listen).await {
+        Ok(addr) => {
+            println!("relayrate metrics on http://{addr}/metrics");
+            true
+        }
+        Err(e) => {
+            tracing::error!("metrics: cannot listen on {listen}: {e}");
+            false
+        }
+    }
 }
 
 /// Runs a node (and a milter beside it) until SIGTERM or Ctrl-C, then
-/// stops them gracefully: the milter first, then the node.
-fn serve(config: NodeConfig, milter: Option<(ListenAddr, MilterConfig)>) -> ExitCode {
-    init_logs();
+/// stops them gracefully: the milter first, then the node. SIGHUP
+/// re-reads the policy files and puts them in force.
+fn serve(
+    config: NodeConfig,
+    milter: Option<(ListenAddr, MilterConfig)>,
+    serving: Serving,
+) -> ExitCode {
     runtime().block_on(async move {
+        if !start_metrics(serving.metrics).await {
+            return ExitCode::from(EXIT_CONFIG);
+        }
         let handle: NodeHandle = match node::start(config).await {
             Ok(h) => h,
             Err(e) => {
@@ -291,6 +435,10 @@ fn serve(config: NodeConfig, milter: Option<(ListenAddr, MilterConfig)>) -> Exit
             "relayrate node {} listening on {}",
             handle.node.id, handle.addr
         );
+        let gauges = tokio::spawn(relayrate::metrics::watch_node(
+            handle.node.clone(),
+            Duration::from_secs(1),
+        ));
         let mut milter_task = None;
         if let Some((listen, config)) = milter {
             let listener = match MilterListener::bind(&listen).await {
@@ -306,11 +454,18 @@ fn serve(config: NodeConfig, milter: Option<(ListenAddr, MilterConfig)>) -> Exit
             let task = tokio::spawn(milter::run(listener, config, stopped));
             milter_task = Some((stop, task));
         }
-        wait_for_signal().await;
+        let mut hangups = signal(SignalKind::hangup()).expect("SIGHUP handler");
+        loop {
+            tokio::select! {
+                _ = wait_for_signal() => break,
+                _ = hangups.recv() => reload(&handle.node, &serving.policy_paths).await,
+            }
+        }
         if let Some((stop, task)) = milter_task {
             let _ = stop.send(());
             let _ = task.await;
         }
+        gauges.abort();
         tracing::info!("stopping: draining requests");
         let raft = handle.node.raft.clone();
         handle.shutdown().await;
@@ -325,10 +480,35 @@ fn serve(config: NodeConfig, milter: Option<(ListenAddr, MilterConfig)>) -> Exit
     })
 }
 
+/// SIGHUP: re-reads the policy files; a bad file is logged with its
+/// FILE:LINE:COL errors and the policy in force stays.
+async fn reload(node: &relayrate::node::Node, paths: &[PathBuf]) {
+    if paths.is_empty() {
+        tracing::info!("SIGHUP: no --policy file to re-read");
+        return;
+    }
+    let policy = match Policy::from_paths(paths) {
+        Ok(p) => p,
+        Err(e) => {
+            for line in e.to_string().lines() {
+                tracing::error!("SIGHUP: policy not reloaded: {line}");
+            }
+            return;
+        }
+    };
+    match node.put_policy(policy.files().to_vec()).await {
+        Ok(true) => tracing::info!("SIGHUP: policy reloaded and in force"),
+        Ok(false) => tracing::info!("SIGHUP: policy unchanged"),
+        Err(e) => tracing::error!("SIGHUP: policy not reloaded: {e}"),
+    }
+}
+
 /// Runs a milter alone until SIGTERM or Ctrl-C.
-fn serve_milter(listen: ListenAddr, config: MilterConfig) -> ExitCode {
-    init_logs();
+fn serve_milter(listen: ListenAddr, config: MilterConfig, metrics: Option<SocketAddr>) -> ExitCode {
     runtime().block_on(async move {
+        if !start_metrics(metrics).await {
+            return ExitCode::from(EXIT_CONFIG);
+        }
         let listener = match MilterListener::bind(&listen).await {
             Ok(l) => l,
             Err(e) => {
@@ -348,7 +528,6 @@ fn serve_milter(listen: ListenAddr, config: MilterConfig) -> ExitCode {
 }
 
 async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
     tokio::select! {
         _ = term.recv() => {}

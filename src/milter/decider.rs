@@ -8,7 +8,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
+
+use super::MilterConfig;
+use crate::tls::endpoint;
 
 use crate::convert::event_to_pb;
 use crate::engine::{Engine, Event, Verdict};
@@ -87,21 +90,17 @@ fn now_secs() -> u64 {
 }
 
 impl Decider {
-    pub fn new(
-        node_url: &str,
-        timeout: Duration,
-        fail_mode: FailMode,
-        relays: u64,
-    ) -> Result<Decider, tonic::transport::Error> {
-        let channel = Endpoint::from_shared(node_url.to_string())?
+    /// A decider asking the node of `config` (over TLS if configured).
+    pub fn new(config: &MilterConfig) -> Result<Decider, tonic::transport::Error> {
+        let channel = endpoint(&config.node, config.tls.as_ref())?
             .tcp_nodelay(true)
-            .connect_timeout(timeout)
+            .connect_timeout(config.timeout)
             .connect_lazy();
         Ok(Decider {
             client: LimiterClient::new(channel),
-            timeout,
-            fail_mode,
-            relays: relays.max(1),
+            timeout: config.timeout,
+            fail_mode: config.fail_mode,
+            relays: config.relays.max(1),
             local: Mutex::new(None),
             policy_hash: Mutex::new(String::new()),
             dry_run_policy: std::sync::atomic::AtomicBool::new(false),
@@ -147,6 +146,7 @@ impl Decider {
     fn fallback(&self, event: &Event, why: &str) -> Decision {
         self.fallbacks.fetch_add(1, Ordering::Relaxed);
         let mode = self.fail_mode;
+        crate::metrics::record_fallback(mode.name());
         tracing::warn!(fail_mode = mode.name(), %why, "node unavailable: deciding by the fail mode");
         match mode {
             FailMode::Open => Decision::Fallback(mode, Verdict::Allow),

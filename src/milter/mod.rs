@@ -59,6 +59,8 @@ pub struct MilterConfig {
     pub relays: u64,
     /// Log and count refusals, refuse nothing.
     pub dry_run: bool,
+    /// TLS to the node, when it requires it.
+    pub tls: Option<crate::tls::Tls>,
 }
 
 impl MilterConfig {
@@ -69,6 +71,7 @@ impl MilterConfig {
             fail_mode: FailMode::Local,
             relays: 1,
             dry_run: false,
+            tls: None,
         }
     }
 }
@@ -129,13 +132,8 @@ pub async fn run(
     config: MilterConfig,
     shutdown: impl Future,
 ) -> io::Result<()> {
-    let decider = Decider::new(
-        &config.node,
-        config.timeout,
-        config.fail_mode,
-        config.relays,
-    )
-    .map_err(|e| io::Error::other(format!("bad node URL {}: {e}", config.node)))?;
+    let decider = Decider::new(&config)
+        .map_err(|e| io::Error::other(format!("bad node URL {}: {e}", config.node)))?;
     serve(listener, Arc::new(decider), config.dry_run, shutdown).await
 }
 
@@ -332,7 +330,12 @@ async fn handle_connect(
 
 /// Asks for the verdict of `event` and turns it into the milter's answer,
 /// with the reply of `policy.md` §1 and one log line per refusal.
-async fn answer(shared: &Shared, cx: &mut Context<Session>, event: &Event, stage: &str) -> Status {
+async fn answer(
+    shared: &Shared,
+    cx: &mut Context<Session>,
+    event: &Event,
+    stage: &'static str,
+) -> Status {
     let verdict = match shared.decider.decide(event).await {
         Decision::Node(v) | Decision::Fallback(_, v) => v,
         Decision::Unavailable => {
@@ -369,7 +372,8 @@ async fn answer(shared: &Shared, cx: &mut Context<Session>, event: &Event, stage
 }
 
 /// One line an operator can grep: who, which check, the figures, where.
-fn log_refusal(s: &Session, r: &Refusal, stage: &str, dry_run: bool) {
+fn log_refusal(s: &Session, r: &Refusal, stage: &'static str, dry_run: bool) {
+    crate::metrics::record_milter_refusal(r.check, stage, dry_run);
     let client = s.client.ip.map_or("-".to_string(), |ip| ip.to_string());
     tracing::warn!(
         target: "relayrate::refusal",

@@ -67,6 +67,7 @@ async fn decide_batch(node: &Node, batch: Vec<Pending>) {
         .flat_map(|p| p.events.iter().cloned())
         .collect();
     let result = if events.iter().any(|(_, e)| e.is_write()) {
+        crate::metrics::record_batch(events.len());
         match node.propose(Command::Decide { senders, events }).await {
             Ok(Response::Verdicts(v)) => Ok(v),
             Ok(other) => Err(NodeError::Raft(format!("unexpected response {other:?}"))),

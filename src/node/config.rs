@@ -10,6 +10,7 @@ use crate::policy::PolicyFile;
 use crate::raft::network::MAX_MESSAGE_BYTES;
 use crate::raft::state::DEFAULT_LEASE_TTL_MS;
 use crate::raft::NodeId;
+use crate::tls::Tls;
 
 /// How a node with an empty data dir enters a cluster.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -66,6 +67,10 @@ pub struct NodeConfig {
     /// How long this node's open-connection leases outlive its silence.
     pub lease_ttl: Duration,
     pub raft: RaftTuning,
+    /// Mutual TLS on the gRPC port and to the peers.
+    pub tls: Option<Tls>,
+    /// Admin writes need this bearer token when set.
+    pub admin_token: Option<String>,
 }
 
 impl NodeConfig {
@@ -79,6 +84,8 @@ impl NodeConfig {
             start,
             lease_ttl: Duration::from_millis(DEFAULT_LEASE_TTL_MS),
             raft: RaftTuning::default(),
+            tls: None,
+            admin_token: None,
         }
     }
 }

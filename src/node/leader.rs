@@ -9,7 +9,9 @@ use openraft::ChangeMembers;
 use serde::{Deserialize, Serialize};
 
 use super::{now_ms, Node, NodeError};
-use crate::engine::{Event, Verdict};
+use crate::check::Check;
+use crate::engine::{CounterKey, Event, Verdict};
+use crate::inspect::{self, KeyCount};
 use crate::policy::PolicyFile;
 use crate::raft::network;
 use crate::raft::state::policy_hash;
@@ -28,7 +30,61 @@ pub enum Proposal {
     },
     /// Put these files in force unless the cluster's policy is the same.
     EnsurePolicy(Vec<PolicyFile>),
+    /// Take a node out of the cluster.
+    Remove {
+        id: NodeId,
+    },
+    /// The members as the leader sees them, with their replication.
+    Members,
+    /// Read-only questions about the counts, answered after a read-index
+    /// check like [`Proposal::Read`].
+    Inspect(Inspect),
 }
+
+/// What an operator asks about the counts.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum Inspect {
+    Top { check: Option<Check>, n: usize },
+    Show { key: CounterKey },
+}
+
+/// A member of the cluster and how well it keeps up.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberInfo {
+    pub id: NodeId,
+    pub addr: String,
+    pub voter: bool,
+    pub health: Health,
+    /// The last log index the leader knows this member holds.
+    pub matched_index: Option<u64>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Health {
+    Leader,
+    /// Replication within [`LAGGING_ENTRIES`] of the leader's log.
+    Up,
+    Lagging,
+    /// The leader has no acknowledgement from it.
+    Unreachable,
+    /// Asked of a node that could not reach the leader.
+    Unknown,
+}
+
+impl Health {
+    pub fn name(self) -> &'static str {
+        match self {
+            Health::Leader => "leader",
+            Health::Up => "up",
+            Health::Lagging => "lagging",
+            Health::Unreachable => "unreachable",
+            Health::Unknown => "unknown",
+        }
+    }
+}
+
+/// A member further behind the leader's log than this is lagging.
+const LAGGING_ENTRIES: u64 = 64;
 
 /// The leader's answer.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -36,6 +92,10 @@ pub enum ProposalReply {
     Response(Response),
     Verdicts(Vec<Verdict>),
     Joined,
+    /// The cluster already had this policy.
+    Unchanged,
+    Members(Vec<MemberInfo>),
+    Counts(Vec<KeyCount>),
     /// Not the leader (any more): ask again.
     NotLeader,
     Failed(String),
@@ -52,6 +112,18 @@ impl Node {
         match self.at_leader(Proposal::Command(command)).await? {
             ProposalReply::Response(r) => Ok(r),
             other => Err(NodeError::Raft(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    /// Puts policy files in force at the leader unless the cluster has
+    /// them already; returns whether the policy changed.
+    pub async fn put_policy(&self, files: Vec<PolicyFile>) -> Result<bool, NodeError> {
+        match self.at_leader(Proposal::EnsurePolicy(files)).await? {
+            ProposalReply::Unchanged => Ok(false),
+            ProposalReply::Response(Response::Done) => Ok(true),
+            other => Err(NodeError::Raft(format!(
+                "policy not put in force: {other:?}"
+            ))),
         }
     }
 
@@ -132,11 +204,102 @@ impl Node {
                 let current =
                     self.state.read().expect("state lock").policy_hash() == policy_hash(&files);
                 if current {
-                    ProposalReply::Response(Response::Done)
+                    ProposalReply::Unchanged
                 } else {
                     self.write(Command::SetPolicy { files }).await
                 }
             }
+            Proposal::Remove { id } => self.remove_member(id).await,
+            Proposal::Members => match self.is_leader() {
+                true => ProposalReply::Members(self.members(true)),
+                false => ProposalReply::NotLeader,
+            },
+            Proposal::Inspect(question) => {
+                if let Err(reply) = self.read_index().await {
+                    return reply;
+                }
+                let state = self.state.read().expect("state lock");
+                let now = state.now_ms() / 1000;
+                let engine = state.engine();
+                ProposalReply::Counts(match question {
+                    Inspect::Top { check, n } => inspect::top(engine, check, n, now),
+                    Inspect::Show { key } => inspect::show(engine, &key, now),
+                })
+            }
+        }
+    }
+
+    /// The members as this node knows them; with replication figures when
+    /// `at_leader` (only a leader has them).
+    pub fn members(&self, at_leader: bool) -> Vec<MemberInfo> {
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow();
+        let membership = m.membership_config.membership();
+        let last = m.last_log_index.unwrap_or(0);
+        let voters: Vec<NodeId> = membership.voter_ids().collect();
+        membership
+            .nodes()
+            .map(|(id, node)| {
+                let matched = m
+                    .replication
+                    .as_ref()
+                    .and_then(|r| r.get(id).copied().flatten())
+                    .map(|l| l.index);
+                let health = match (at_leader, matched) {
+                    _ if m.current_leader == Some(*id) && at_leader => Health::Leader,
+                    (false, _) => Health::Unknown,
+                    (true, None) => Health::Unreachable,
+                    (true, Some(i)) if last.saturating_sub(i) > LAGGING_ENTRIES => Health::Lagging,
+                    (true, Some(_)) => Health::Up,
+                };
+                MemberInfo {
+                    id: *id,
+                    addr: node.addr.clone(),
+                    voter: voters.contains(id),
+                    health,
+                    matched_index: if m.current_leader == Some(*id) {
+                        m.last_log_index
+                    } else {
+                        matched
+                    },
+                }
+            })
+            .collect()
+    }
+
+    /// Takes a node out: out of the voters and out of the cluster, so the
+    /// leader stops replicating to it.
+    async fn remove_member(&self, id: NodeId) -> ProposalReply {
+        if !self.is_leader() {
+            return ProposalReply::NotLeader;
+        }
+        let (voters, known) = {
+            let metrics = self.raft.metrics();
+            let m = metrics.borrow();
+            let membership = m.membership_config.membership();
+            let voters: Vec<NodeId> = membership.voter_ids().collect();
+            (voters, membership.get_node(&id).is_some())
+        };
+        if !known {
+            return ProposalReply::Failed(format!("node {id} is not a member"));
+        }
+        if voters == [id] {
+            return ProposalReply::Failed(format!("node {id} is the last voter"));
+        }
+        let change = if voters.contains(&id) {
+            ChangeMembers::RemoveVoters([id].into_iter().collect())
+        } else {
+            ChangeMembers::RemoveNodes([id].into_iter().collect())
+        };
+        match self.raft.change_membership(change, false).await {
+            Ok(_) => {
+                tracing::info!(id, "node removed from the cluster");
+                ProposalReply::Response(Response::Done)
+            }
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
+                ProposalReply::NotLeader
+            }
+            Err(e) => ProposalReply::Failed(e.to_string()),
         }
     }
 

@@ -14,8 +14,9 @@ use tokio::task::JoinHandle;
 
 use super::config::{raft_config, NodeConfig, Start};
 use super::leader::{forward, Proposal, ProposalReply};
-use super::{batcher, services, Node, NodeError};
+use super::{admin, batcher, services, Node, NodeError};
 use crate::policy::PolicyFile;
+use crate::proto::v1::admin_server::AdminServer;
 use crate::proto::v1::limiter_server::LimiterServer;
 use crate::proto::v1::raft_server::RaftServer;
 use crate::raft::log_store::LogStore;
@@ -136,7 +137,9 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, NodeError> {
     let raft = Raft::new(
         config.id,
         Arc::new(raft_config(&config.raft)?),
-        Network,
+        Network {
+            tls: config.tls.clone(),
+        },
         log,
         sm,
     )
@@ -168,11 +171,22 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, NodeError> {
         ready: AtomicBool::new(config.policy.is_empty()),
         lease_ttl: config.lease_ttl,
         peers: Mutex::new(HashMap::new()),
+        tls: config.tls.clone(),
     });
 
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let (health, health_service) = tonic_health::server::health_reporter();
     let server = {
         let limiter = LimiterServer::new(services::LimiterService::new(node.clone()));
+        let admin = AdminServer::new(admin::AdminService::new(
+            node.clone(),
+            config.admin_token.clone(),
+        ));
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .map_err(|e| NodeError::Raft(format!("reflection: {e}")))?;
         let peers = RaftServer::new(services::RaftService::new(node.clone()))
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
@@ -183,9 +197,18 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, NodeError> {
             tokio_stream::wrappers::TcpListenerStream::new(listener),
             |socket| socket.and_then(|s| s.set_nodelay(true).map(|()| s)),
         );
-        let fut = tonic::transport::Server::builder()
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = &config.tls {
+            builder = builder
+                .tls_config(tls.server_config())
+                .map_err(|e| NodeError::Tls(e.to_string()))?;
+        }
+        let fut = builder
             .add_service(limiter)
             .add_service(peers)
+            .add_service(admin)
+            .add_service(health_service)
+            .add_service(reflection)
             .serve_with_incoming_shutdown(incoming, async {
                 let _ = stop_rx.await;
             });
@@ -230,6 +253,7 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, NodeError> {
         }
     }
     tasks.push(tokio::spawn(heartbeat(node.clone())));
+    tasks.push(tokio::spawn(report_health(node.clone(), health)));
     if !policy_files.is_empty() {
         tasks.push(tokio::spawn(sync_policy(node.clone(), policy_files)));
     }
@@ -275,6 +299,44 @@ async fn join(node: Arc<Node>, seed: String, advertise: String) {
     }
 }
 
+/// Keeps the gRPC health service true: "liveness" serves while the
+/// process does; "" (the whole server) and the Limiter serve once the node
+/// is a member that knows its leader, has applied the log and has its
+/// policy in force.
+async fn report_health(node: Arc<Node>, health: tonic_health::server::HealthReporter) {
+    use tonic_health::ServingStatus;
+    health
+        .set_service_status("liveness", ServingStatus::Serving)
+        .await;
+    let mut serving = None;
+    loop {
+        let now = node.is_ready() && {
+            let metrics = node.raft.metrics();
+            let m = metrics.borrow();
+            let member = m
+                .membership_config
+                .membership()
+                .get_node(&node.id)
+                .is_some();
+            member && m.current_leader.is_some() && m.last_applied.is_some()
+        };
+        if serving != Some(now) {
+            let status = if now {
+                ServingStatus::Serving
+            } else {
+                ServingStatus::NotServing
+            };
+            health.set_service_status("", status).await;
+            health
+                .set_service_status("relayrate.v1.Limiter", status)
+                .await;
+            tracing::info!(serving = now, "health");
+            serving = Some(now);
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
 /// Tells the cluster this node is alive, every third of its lease TTL.
 async fn heartbeat(node: Arc<Node>) {
     let every = node.lease_ttl / 3;
@@ -305,7 +367,7 @@ async fn sync_policy(node: Arc<Node>, files: Vec<PolicyFile>) {
     let hash = policy_hash(&files);
     loop {
         match node.at_leader(Proposal::EnsurePolicy(files.clone())).await {
-            Ok(ProposalReply::Response(Response::Done)) => {
+            Ok(ProposalReply::Response(Response::Done) | ProposalReply::Unchanged) => {
                 tracing::info!(%hash, "policy in force");
                 node.ready.store(true, Ordering::Relaxed);
                 return;

@@ -9,8 +9,10 @@
 //! - `lifecycle`: [`start`] opens the data dir, starts Raft and the gRPC
 //!   server, and bootstraps, joins or resumes the cluster; [`NodeHandle`]
 //!   stops it;
-//! - `services`: the gRPC `Limiter` and `Raft` services.
+//! - `services`: the gRPC `Limiter` and `Raft` services;
+//! - `admin`: the gRPC `Admin` service, for `relayratectl`.
 
+mod admin;
 pub mod batcher;
 mod config;
 mod leader;
@@ -35,10 +37,13 @@ use crate::engine::{Event, Verdict};
 use crate::raft::network;
 use crate::raft::state_machine::SharedState;
 use crate::raft::{NodeId, Raft, RequestId, Sender};
+use crate::tls::Tls;
 
 /// Why a node could not start or a request could not be served.
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
+    #[error("TLS: {0}")]
+    Tls(String),
     #[error("data dir {path}: {source}")]
     DataDir {
         path: PathBuf,
@@ -88,6 +93,8 @@ pub struct Node {
     lease_ttl: Duration,
     /// Channels to the other nodes, by address.
     peers: Mutex<HashMap<String, Channel>>,
+    /// TLS to the other nodes, when the cluster uses it.
+    tls: Option<Tls>,
 }
 
 impl Node {
@@ -107,7 +114,7 @@ impl Node {
         if let Some(c) = peers.get(addr) {
             return Ok(c.clone());
         }
-        let c = network::channel(addr)?;
+        let c = network::channel(addr, self.tls.as_ref())?;
         peers.insert(addr.to_string(), c.clone());
         Ok(c)
     }

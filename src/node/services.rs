@@ -1,11 +1,13 @@
 //! The gRPC services of a node: `Limiter` for milters, `Raft` for peers.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use tonic::{Request, Response, Status};
 
 use super::{Node, NodeError, Proposal};
 use crate::convert::event_from_pb;
+use crate::metrics;
 use crate::proto::v1 as pb;
 use crate::raft::network;
 
@@ -45,7 +47,10 @@ impl pb::limiter_server::Limiter for LimiterService {
         if events.is_empty() {
             return Ok(Response::new(pb::DecideResponse::default()));
         }
+        let started = Instant::now();
+        let kinds: Vec<&'static str> = events.iter().map(metrics::event_name).collect();
         let verdicts = self.node.decide(events).await.map_err(status)?;
+        metrics::record_decisions(&kinds, &verdicts, started.elapsed());
         Ok(Response::new(pb::DecideResponse {
             verdicts: verdicts.iter().map(pb::Verdict::from).collect(),
         }))

@@ -13,11 +13,12 @@ use openraft::raft::{
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use super::{Node, NodeId, Raft, TypeConfig};
 use crate::proto::v1::raft_client::RaftClient;
 use crate::proto::v1::RaftPayload;
+use crate::tls::{endpoint, Tls};
 
 /// Largest message between nodes (snapshots go in chunks below this).
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
@@ -33,11 +34,10 @@ pub fn decode<T: DeserializeOwned>(payload: &RaftPayload) -> Result<T, tonic::St
         .map_err(|e| tonic::Status::invalid_argument(format!("bad payload: {e}")))
 }
 
-/// A lazily connected channel to a node's Raft port.
-pub fn channel(addr: &str) -> Result<Channel, tonic::transport::Error> {
-    Ok(Endpoint::from_shared(format!("http://{addr}"))?
-        .tcp_nodelay(true)
-        .connect_lazy())
+/// A lazily connected channel to a node's gRPC port, over TLS when the
+/// cluster uses it.
+pub fn channel(addr: &str, tls: Option<&Tls>) -> Result<Channel, tonic::transport::Error> {
+    Ok(endpoint(addr, tls)?.tcp_nodelay(true).connect_lazy())
 }
 
 pub fn client(channel: Channel) -> RaftClient<Channel> {
@@ -48,7 +48,9 @@ pub fn client(channel: Channel) -> RaftClient<Channel> {
 
 /// Makes a client per peer.
 #[derive(Clone, Default)]
-pub struct Network;
+pub struct Network {
+    pub tls: Option<Tls>,
+}
 
 pub struct Peer {
     target: NodeId,
@@ -62,7 +64,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     async fn new_client(&mut self, target: NodeId, node: &Node) -> Peer {
         Peer {
             target,
-            client: channel(&node.addr).ok().map(client),
+            client: channel(&node.addr, self.tls.as_ref()).ok().map(client),
             addr: node.addr.clone(),
         }
     }

@@ -8,7 +8,8 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::engine::{ConnId, Engine, EngineState, Event, Verdict};
+use crate::check::Check;
+use crate::engine::{ConnId, CounterKey, Engine, EngineState, Event, Verdict};
 use crate::policy::{Policy, PolicyFile};
 
 /// Milliseconds since the Unix epoch, as stamped by the leader.
@@ -47,6 +48,12 @@ pub enum Command {
     SetPolicy { files: Vec<PolicyFile> },
     /// A node is alive; its leases live `ttl_ms` past this entry.
     Heartbeat { origin: u64, ttl_ms: u64 },
+    /// Clears the counts of a key (one check or all), as an operator asked.
+    Reset {
+        key: CounterKey,
+        check: Option<Check>,
+        requested_by: String,
+    },
 }
 
 /// A command with the leader's clock at proposal.
@@ -64,6 +71,8 @@ pub enum Response {
     Verdicts(Vec<Verdict>),
     /// A policy command that could not be put in force (the old stays).
     PolicyRefused(String),
+    /// Counters a reset cleared.
+    Cleared(u64),
 }
 
 /// Remembers which sequence numbers of one origin were applied, for the
@@ -231,6 +240,15 @@ impl LimiterState {
             Command::Heartbeat { origin, ttl_ms } => {
                 self.heard_from(*origin, *ttl_ms);
                 Response::Done
+            }
+            Command::Reset {
+                key,
+                check,
+                requested_by,
+            } => {
+                let cleared = self.engine.reset(key, *check);
+                tracing::info!(?key, ?check, %requested_by, cleared, "counts reset");
+                Response::Cleared(cleared as u64)
             }
         }
     }

@@ -44,6 +44,19 @@ pub async fn eventually(what: &str, limit: Duration, mut cond: impl FnMut() -> b
     }
 }
 
+/// Polls an asynchronous `cond` until it holds, or panics after `limit`.
+pub async fn eventually_async<F, Fut>(what: &str, limit: Duration, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let until = Instant::now() + limit;
+    while !cond().await {
+        assert!(Instant::now() < until, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 fn run(cmd: &mut Command) {
     let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
     assert!(
@@ -231,6 +244,7 @@ impl Drop for Postfix {
 pub struct Relayrate {
     pub node: SocketAddr,
     pub milter_port: u16,
+    pub metrics_port: u16,
     pub dir: PathBuf,
     child: Child,
 }
@@ -242,8 +256,11 @@ impl Relayrate {
         std::fs::write(dir.join("policy.txt"), policy).unwrap();
         let node: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let milter_port = free_port();
+        let metrics_port = free_port();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_relayrate"));
         cmd.arg("run")
+            .arg("--metrics-listen")
+            .arg(format!("127.0.0.1:{metrics_port}"))
             .arg("--listen")
             .arg(node.to_string())
             .arg("--milter-listen")
@@ -256,6 +273,7 @@ impl Relayrate {
         Relayrate {
             node,
             milter_port,
+            metrics_port,
             dir,
             child,
         }

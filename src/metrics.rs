@@ -1,0 +1,219 @@
+//! Prometheus metrics. The code records through the `metrics` facade
+//! (a no-op until a recorder is installed, as in tests that run nodes in
+//! process); [`serve`] installs the Prometheus recorder and answers
+//! `GET /metrics` on its own port.
+//!
+//! What is measured, and where:
+//! - `relayrate_decisions_total{event,verdict,check}`: the Limiter service;
+//! - `relayrate_decision_seconds`: one Decide call, as its caller waits;
+//! - `relayrate_batch_events`: events per log entry (the batcher);
+//! - `relayrate_near_limit_total{check}`: counts that reached 80% of their
+//!   limit (the engine counts; [`watch_node`] copies);
+//! - `relayrate_milter_fallbacks_total{mode}` and
+//!   `relayrate_milter_refusals_total{check,stage,dry_run}`: the milter;
+//! - `relayrate_raft_*`: term, leader, log, commit and apply indexes, apply
+//!   lag, members ([`watch_node`]).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use metrics::{counter, gauge, histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tokio::net::TcpListener;
+
+use crate::check::Check;
+use crate::engine::{Event, Verdict};
+use crate::node::Node;
+
+/// Buckets of the decision latency histogram, in seconds.
+const LATENCY_BUCKETS: [f64; 12] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+];
+/// Buckets of the batch size histogram, in events.
+const BATCH_BUCKETS: [f64; 10] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 256.0, 1024.0, 2048.0];
+
+/// Installs the Prometheus recorder for this process and serves it on
+/// `listen` until the process ends; returns the bound address.
+pub async fn serve(listen: SocketAddr) -> std::io::Result<SocketAddr> {
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            Matcher::Full("relayrate_decision_seconds".into()),
+            &LATENCY_BUCKETS,
+        )
+        .and_then(|b| {
+            b.set_buckets_for_metric(
+                Matcher::Full("relayrate_batch_events".into()),
+                &BATCH_BUCKETS,
+            )
+        })
+        .map_err(std::io::Error::other)?
+        .install_recorder()
+        .map_err(std::io::Error::other)?;
+    describe();
+    let listener = TcpListener::bind(listen).await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(http(listener, handle));
+    Ok(addr)
+}
+
+async fn http(listener: TcpListener, handle: PrometheusHandle) {
+    use axum::routing::get;
+    let render = move || {
+        let handle = handle.clone();
+        async move { handle.render() }
+    };
+    let app = axum::Router::new().route("/metrics", get(render));
+    if let Err(e) = axum::serve(listener, app).await {
+        tracing::error!(error = %e, "metrics endpoint failed");
+    }
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!(
+        "relayrate_decisions_total",
+        "Events decided by this node, by event, verdict and refusing check"
+    );
+    describe_histogram!(
+        "relayrate_decision_seconds",
+        Unit::Seconds,
+        "Time to answer one Decide call (a batch of a session's events)"
+    );
+    describe_histogram!(
+        "relayrate_batch_events",
+        "Events in one log entry written by this node"
+    );
+    describe_counter!(
+        "relayrate_near_limit_total",
+        "Times a key's count reached 80% of its limit, cluster-wide"
+    );
+    describe_counter!(
+        "relayrate_milter_fallbacks_total",
+        "Milter calls the node did not answer in time, by fail mode"
+    );
+    describe_counter!(
+        "relayrate_milter_refusals_total",
+        "Refusals the milter gave (or, in a dry run, would have given)"
+    );
+    describe_gauge!("relayrate_raft_term", "Current Raft term");
+    describe_gauge!("relayrate_raft_leader_id", "Leader's node id, 0 if none");
+    describe_gauge!("relayrate_raft_is_leader", "1 on the leader");
+    describe_gauge!(
+        "relayrate_raft_last_log_index",
+        "Last log index on this node"
+    );
+    describe_gauge!(
+        "relayrate_raft_commit_index",
+        "Highest index a quorum holds (only the leader knows it)"
+    );
+    describe_gauge!("relayrate_raft_applied_index", "Last applied log index");
+    describe_gauge!(
+        "relayrate_raft_apply_lag",
+        "Log entries held but not yet applied"
+    );
+    describe_gauge!("relayrate_raft_members", "Members of the cluster");
+    describe_gauge!("relayrate_counters", "Windowed counters kept");
+    describe_gauge!("relayrate_leases", "Open-connection leases held");
+    describe_gauge!("relayrate_ready", "1 when this node decides events");
+}
+
+pub fn event_name(e: &Event) -> &'static str {
+    match e {
+        Event::Connect { .. } => "connect",
+        Event::Recheck { .. } => "recheck",
+        Event::Mail { .. } => "mail",
+        Event::Rcpt { .. } => "rcpt",
+        Event::Message { .. } => "message",
+        Event::Close { .. } => "close",
+    }
+}
+
+/// Counts a Decide call's events by verdict, and its latency.
+pub fn record_decisions(kinds: &[&'static str], verdicts: &[Verdict], elapsed: Duration) {
+    histogram!("relayrate_decision_seconds").record(elapsed.as_secs_f64());
+    for (kind, verdict) in kinds.iter().zip(verdicts) {
+        let (verdict, check) = match verdict.refusal() {
+            None => ("allow", "none"),
+            Some(r) => ("refuse", r.check.name()),
+        };
+        counter!(
+            "relayrate_decisions_total",
+            "event" => *kind,
+            "verdict" => verdict,
+            "check" => check
+        )
+        .increment(1);
+    }
+}
+
+pub fn record_batch(events: usize) {
+    histogram!("relayrate_batch_events").record(events as f64);
+}
+
+pub fn record_fallback(mode: &'static str) {
+    counter!("relayrate_milter_fallbacks_total", "mode" => mode).increment(1);
+}
+
+pub fn record_milter_refusal(check: Check, stage: &'static str, dry_run: bool) {
+    counter!(
+        "relayrate_milter_refusals_total",
+        "check" => check.name(),
+        "stage" => stage,
+        "dry_run" => if dry_run { "yes" } else { "no" }
+    )
+    .increment(1);
+}
+
+/// Copies the node's Raft figures and state sizes into gauges, every
+/// `every`, until the task is dropped.
+pub async fn watch_node(node: Arc<Node>, every: Duration) {
+    loop {
+        record_node(&node);
+        tokio::time::sleep(every).await;
+    }
+}
+
+fn record_node(node: &Node) {
+    {
+        let metrics = node.raft.metrics();
+        let m = metrics.borrow();
+        let last = m.last_log_index.unwrap_or(0);
+        let applied = m.last_applied.map_or(0, |l| l.index);
+        let leading = m.current_leader == Some(node.id);
+        gauge!("relayrate_raft_term").set(m.current_term as f64);
+        gauge!("relayrate_raft_leader_id").set(m.current_leader.unwrap_or(0) as f64);
+        gauge!("relayrate_raft_is_leader").set(if leading { 1.0 } else { 0.0 });
+        gauge!("relayrate_raft_last_log_index").set(last as f64);
+        gauge!("relayrate_raft_applied_index").set(applied as f64);
+        gauge!("relayrate_raft_apply_lag").set(last.saturating_sub(applied) as f64);
+        let membership = m.membership_config.membership();
+        gauge!("relayrate_raft_members").set(membership.nodes().count() as f64);
+        if let (true, Some(replication)) = (leading, &m.replication) {
+            // The commit index: the highest index a majority of voters hold.
+            let mut held: Vec<u64> = membership
+                .voter_ids()
+                .map(|id| match id == node.id {
+                    true => last,
+                    false => replication
+                        .get(&id)
+                        .copied()
+                        .flatten()
+                        .map_or(0, |l| l.index),
+                })
+                .collect();
+            held.sort_unstable_by(|a, b| b.cmp(a));
+            if let Some(commit) = held.get(held.len() / 2) {
+                gauge!("relayrate_raft_commit_index").set(*commit as f64);
+            }
+        }
+    }
+    gauge!("relayrate_ready").set(if node.is_ready() { 1.0 } else { 0.0 });
+    let state = node.state().read().expect("state lock");
+    let engine = state.engine();
+    gauge!("relayrate_counters").set(engine.counters_len() as f64);
+    gauge!("relayrate_leases").set(engine.leases_len() as f64);
+    for (check, n) in Check::ALL.iter().zip(engine.near_limit_crossings()) {
+        counter!("relayrate_near_limit_total", "check" => check.name()).absolute(n);
+    }
+}

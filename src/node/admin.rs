@@ -1,0 +1,375 @@
+//! The gRPC `Admin` service: what `relayratectl` asks a node. Reads of the
+//! counts and every write go to the leader through [`Node::at_leader`], so
+//! any node can be asked. Writes need the admin token when one is set.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::ServerState;
+use tonic::{Request, Response, Status};
+
+use super::leader::{Inspect, MemberInfo};
+use super::{Node, NodeError, Proposal, ProposalReply};
+use crate::check::Check;
+use crate::inspect::{parse_key, KeyCount};
+use crate::policy::{Policy, PolicyError, PolicyFile};
+use crate::proto::v1 as pb;
+use crate::raft::state::policy_hash;
+use crate::raft::{Command, Response as Applied};
+
+/// `top` without a count asks for this many keys.
+const DEFAULT_TOP: usize = 10;
+/// How long `status` waits for the leader's view of the members.
+const MEMBERS_WAIT: Duration = Duration::from_secs(2);
+
+pub struct AdminService {
+    node: Arc<Node>,
+    /// Writes need `authorization: Bearer TOKEN` when set.
+    token: Option<String>,
+}
+
+impl AdminService {
+    pub fn new(node: Arc<Node>, token: Option<String>) -> AdminService {
+        AdminService { node, token }
+    }
+
+    /// Refuses a write without the right token.
+    fn authorize<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        let Some(token) = &self.token else {
+            return Ok(());
+        };
+        let given = request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        match given {
+            Some(g) if same_secret(g.as_bytes(), token.as_bytes()) => Ok(()),
+            Some(_) => Err(Status::permission_denied("wrong admin token")),
+            None => Err(Status::unauthenticated(
+                "this node needs an admin token for writes (authorization: Bearer TOKEN)",
+            )),
+        }
+    }
+
+    async fn at_leader(&self, proposal: Proposal) -> Result<ProposalReply, Status> {
+        match self.node.at_leader(proposal).await {
+            Ok(ProposalReply::Failed(why)) => Err(Status::failed_precondition(why)),
+            Ok(reply) => Ok(reply),
+            Err(e @ (NodeError::NoLeader(_) | NodeError::ShuttingDown)) => {
+                Err(Status::unavailable(e.to_string()))
+            }
+            Err(e) => Err(Status::internal(e.to_string())),
+        }
+    }
+
+    async fn counts(&self, question: Inspect) -> Result<Vec<pb::KeyCount>, Status> {
+        match self.at_leader(Proposal::Inspect(question)).await? {
+            ProposalReply::Counts(counts) => Ok(counts.iter().map(pb::KeyCount::from).collect()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn members(&self) -> Result<Vec<MemberInfo>, Status> {
+        match self.at_leader(Proposal::Members).await? {
+            ProposalReply::Members(m) => Ok(m),
+            other => Err(unexpected(other)),
+        }
+    }
+}
+
+/// Compares secrets in time independent of where they differ.
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn unexpected(reply: ProposalReply) -> Status {
+    Status::internal(format!("unexpected reply from the leader: {reply:?}"))
+}
+
+/// An optional check: `CHECK_UNSPECIFIED` means every check.
+fn check_filter(raw: i32) -> Result<Option<Check>, Status> {
+    match pb::Check::try_from(raw) {
+        Ok(pb::Check::Unspecified) => Ok(None),
+        Ok(c) => Check::try_from(c).map(Some),
+        Err(_) => Err(Status::invalid_argument(format!("unknown check {raw}"))),
+    }
+}
+
+fn role(state: ServerState) -> &'static str {
+    match state {
+        ServerState::Leader => "leader",
+        ServerState::Follower => "follower",
+        ServerState::Candidate => "candidate",
+        ServerState::Learner => "learner",
+        ServerState::Shutdown => "shutdown",
+    }
+}
+
+impl From<&KeyCount> for pb::KeyCount {
+    fn from(k: &KeyCount) -> pb::KeyCount {
+        let percent = k.percent();
+        pb::KeyCount {
+            check: pb::Check::from(k.check).into(),
+            key: k.key.clone(),
+            count: k.count,
+            limit: k.limit.unwrap_or(0),
+            percent: if percent.is_finite() { percent } else { 0.0 },
+            window_secs: k.window_secs.unwrap_or(0),
+            enabled: k.enabled,
+        }
+    }
+}
+
+impl From<&MemberInfo> for pb::Member {
+    fn from(m: &MemberInfo) -> pb::Member {
+        pb::Member {
+            id: m.id,
+            addr: m.addr.clone(),
+            voter: m.voter,
+            health: m.health.name().to_string(),
+            matched_index: m.matched_index.unwrap_or(0),
+        }
+    }
+}
+
+fn members_response(members: &[MemberInfo]) -> pb::MembersResponse {
+    pb::MembersResponse {
+        members: members.iter().map(pb::Member::from).collect(),
+    }
+}
+
+#[tonic::async_trait]
+impl pb::admin_server::Admin for AdminService {
+    async fn status(
+        &self,
+        _request: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
+        // The leader's view of the members has their health; a node that
+        // cannot reach it in time shows its own view, health unknown.
+        let members = match tokio::time::timeout(MEMBERS_WAIT, self.members()).await {
+            Ok(Ok(m)) => m,
+            _ => self.node.members(false),
+        };
+        let m = self.node.raft.metrics().borrow().clone();
+        let leader = m.current_leader;
+        let leader_addr = leader
+            .and_then(|l| m.membership_config.membership().get_node(&l).cloned())
+            .map(|n| n.addr)
+            .unwrap_or_default();
+        let state = self.node.state().read().expect("state lock");
+        Ok(Response::new(pb::StatusResponse {
+            id: self.node.id,
+            role: role(m.state).to_string(),
+            term: m.current_term,
+            leader_id: leader.unwrap_or(0),
+            leader_addr,
+            last_log_index: m.last_log_index.unwrap_or(0),
+            last_applied_index: m.last_applied.map_or(0, |l| l.index),
+            ready: self.node.is_ready(),
+            members: members.iter().map(pb::Member::from).collect(),
+            policy_hash: state.policy_hash().to_string(),
+            policy_applied_unix_ms: state.policy_applied_ms(),
+            counters: state.engine().counters_len() as u64,
+            leases: state.engine().leases_len() as u64,
+        }))
+    }
+
+    async fn members(
+        &self,
+        _request: Request<pb::MembersRequest>,
+    ) -> Result<Response<pb::MembersResponse>, Status> {
+        Ok(Response::new(members_response(&self.members().await?)))
+    }
+
+    async fn add_node(
+        &self,
+        request: Request<pb::AddNodeRequest>,
+    ) -> Result<Response<pb::MembersResponse>, Status> {
+        self.authorize(&request)?;
+        let pb::AddNodeRequest { id, addr } = request.into_inner();
+        if id == 0 || addr.trim().is_empty() {
+            return Err(Status::invalid_argument(
+                "add-node needs an id > 0 and an address",
+            ));
+        }
+        tracing::info!(id, %addr, "admin: add node");
+        match self.at_leader(Proposal::Join { id, addr }).await? {
+            ProposalReply::Joined => {}
+            other => return Err(unexpected(other)),
+        }
+        Ok(Response::new(members_response(&self.members().await?)))
+    }
+
+    async fn remove_node(
+        &self,
+        request: Request<pb::RemoveNodeRequest>,
+    ) -> Result<Response<pb::MembersResponse>, Status> {
+        self.authorize(&request)?;
+        let id = request.into_inner().id;
+        tracing::info!(id, "admin: remove node");
+        match self.at_leader(Proposal::Remove { id }).await? {
+            ProposalReply::Response(Applied::Done) => {}
+            other => return Err(unexpected(other)),
+        }
+        Ok(Response::new(members_response(&self.members().await?)))
+    }
+
+    async fn top(
+        &self,
+        request: Request<pb::TopRequest>,
+    ) -> Result<Response<pb::TopResponse>, Status> {
+        let r = request.into_inner();
+        let check = check_filter(r.check)?;
+        let n = match r.limit {
+            0 => DEFAULT_TOP,
+            n => n as usize,
+        };
+        let keys = self.counts(Inspect::Top { check, n }).await?;
+        Ok(Response::new(pb::TopResponse { keys }))
+    }
+
+    async fn show(
+        &self,
+        request: Request<pb::ShowRequest>,
+    ) -> Result<Response<pb::ShowResponse>, Status> {
+        let key = request.into_inner().key;
+        if key.trim().is_empty() {
+            return Err(Status::invalid_argument("show needs a key"));
+        }
+        let checks = self
+            .counts(Inspect::Show {
+                key: parse_key(&key),
+            })
+            .await?;
+        Ok(Response::new(pb::ShowResponse { checks }))
+    }
+
+    async fn reset(
+        &self,
+        request: Request<pb::ResetRequest>,
+    ) -> Result<Response<pb::ResetResponse>, Status> {
+        self.authorize(&request)?;
+        let peer = request.remote_addr();
+        let r = request.into_inner();
+        if r.key.trim().is_empty() {
+            return Err(Status::invalid_argument("reset needs a key"));
+        }
+        let check = check_filter(r.check)?;
+        let requested_by = match (r.requested_by.as_str(), peer) {
+            ("", Some(p)) => p.to_string(),
+            ("", None) => "unknown".to_string(),
+            (who, Some(p)) => format!("{who} from {p}"),
+            (who, None) => who.to_string(),
+        };
+        tracing::info!(key = %r.key, ?check, %requested_by, "admin: reset");
+        let command = Command::Reset {
+            key: parse_key(&r.key),
+            check,
+            requested_by,
+        };
+        match self.at_leader(Proposal::Command(command)).await? {
+            ProposalReply::Response(Applied::Cleared(cleared)) => {
+                Ok(Response::new(pb::ResetResponse { cleared }))
+            }
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn show_policy(
+        &self,
+        _request: Request<pb::ShowPolicyRequest>,
+    ) -> Result<Response<pb::ShowPolicyResponse>, Status> {
+        let state = self.node.state().read().expect("state lock");
+        Ok(Response::new(pb::ShowPolicyResponse {
+            files: state
+                .policy()
+                .files()
+                .iter()
+                .map(|f| pb::PolicyFile {
+                    name: f.name.clone(),
+                    text: f.text.clone(),
+                })
+                .collect(),
+            hash: state.policy_hash().to_string(),
+            applied_unix_ms: state.policy_applied_ms(),
+        }))
+    }
+
+    async fn apply_policy(
+        &self,
+        request: Request<pb::ApplyPolicyRequest>,
+    ) -> Result<Response<pb::ApplyPolicyResponse>, Status> {
+        self.authorize(&request)?;
+        let files: Vec<PolicyFile> = request
+            .into_inner()
+            .files
+            .into_iter()
+            .map(|f| PolicyFile {
+                name: f.name,
+                text: f.text,
+            })
+            .collect();
+        if files.is_empty() {
+            return Err(Status::invalid_argument("no policy file given"));
+        }
+        // Validated here first: a bad file never reaches the log.
+        let policy = match Policy::parse(files.clone()) {
+            Ok(p) => p,
+            Err(PolicyError::Invalid(errors)) => {
+                let lines: Vec<String> = errors.iter().map(|d| d.to_string()).collect();
+                return Err(Status::invalid_argument(lines.join("\n")));
+            }
+            Err(e) => return Err(Status::invalid_argument(e.to_string())),
+        };
+        let warnings = policy
+            .warnings()
+            .iter()
+            .map(|w| format!("{}:{}:{}: warning: {}", w.file, w.line, w.column, w.message))
+            .collect();
+        let hash = policy_hash(&files);
+        let changed = match self.at_leader(Proposal::EnsurePolicy(files)).await? {
+            ProposalReply::Unchanged => false,
+            ProposalReply::Response(Applied::Done) => true,
+            ProposalReply::Response(Applied::PolicyRefused(why)) => {
+                return Err(Status::invalid_argument(why))
+            }
+            other => return Err(unexpected(other)),
+        };
+        tracing::info!(%hash, changed, "admin: policy applied");
+        Ok(Response::new(pb::ApplyPolicyResponse {
+            hash,
+            changed,
+            warnings,
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::leader::Health;
+    use super::*;
+
+    #[test]
+    fn secrets_compare_whole() {
+        assert!(same_secret(b"abc", b"abc"));
+        assert!(!same_secret(b"abc", b"abd"));
+        assert!(!same_secret(b"abc", b"abcd"));
+        assert!(!same_secret(b"", b"a"));
+    }
+
+    #[test]
+    fn health_names_are_those_of_the_proto() {
+        let names: Vec<_> = [
+            Health::Leader,
+            Health::Up,
+            Health::Lagging,
+            Health::Unreachable,
+            Health::Unknown,
+        ]
+        .iter()
+        .map(|h| h.name())
+        .collect();
+        assert_eq!(names, ["leader", "up", "lagging", "unreachable", "unknown"]);
+    }
+}

@@ -1,0 +1,279 @@
+//! The operator's side of a node, in process: the health service and
+//! reflection, the admin token on writes, and mutual TLS on the gRPC port
+//! (Raft, Limiter and Admin alike). `relayratectl` as a process is tested
+//! in `tests/ctl.rs`.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use common::{eventually, eventually_async};
+use relayrate::node::{self, NodeConfig, NodeHandle, Proposal, ProposalReply, RaftTuning, Start};
+use relayrate::policy::PolicyFile;
+use relayrate::proto::v1::admin_client::AdminClient;
+use relayrate::proto::v1::raft_client::RaftClient;
+use relayrate::proto::v1::{self as pb, ResetRequest, StatusRequest};
+use relayrate::raft::network;
+use relayrate::tls::{endpoint, Tls};
+use tempfile::TempDir;
+use tonic::transport::Channel;
+use tonic::Code;
+
+const DEADLINE: Duration = Duration::from_secs(30);
+const POLICY: &str = "CHECK_CONN_RATE YES\nConnRate:default 5\n";
+
+fn fast_raft() -> RaftTuning {
+    RaftTuning {
+        heartbeat_ms: 250,
+        election_min_ms: 750,
+        election_max_ms: 1500,
+        ..RaftTuning::default()
+    }
+}
+
+/// `n` nodes on loopback, node 1 bootstrapping with [`POLICY`], the others
+/// joining it; `tune` adjusts each config.
+async fn cluster(n: u64, dirs: &[TempDir], tune: impl Fn(&mut NodeConfig)) -> Vec<NodeHandle> {
+    let mut nodes: Vec<NodeHandle> = Vec::new();
+    for id in 1..=n {
+        let start = match nodes.first() {
+            None => Start::Bootstrap,
+            Some(first) => Start::Join(first.addr.to_string()),
+        };
+        let listen: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let dir = dirs[id as usize - 1].path().to_path_buf();
+        let mut config = NodeConfig::new(id, listen, dir, start);
+        config.raft = fast_raft();
+        if id == 1 {
+            config.policy = vec![PolicyFile {
+                name: "policy".into(),
+                text: POLICY.into(),
+            }];
+        }
+        tune(&mut config);
+        nodes.push(node::start(config).await.expect("node starts"));
+    }
+    for h in &nodes {
+        let raft = h.node.raft.clone();
+        eventually("every voter and a leader", DEADLINE, || {
+            let m = raft.metrics().borrow().clone();
+            m.current_leader.is_some()
+                && m.membership_config.membership().voter_ids().count() == n as usize
+        })
+        .await;
+    }
+    nodes
+}
+
+fn temp_dirs(n: usize) -> Vec<TempDir> {
+    (0..n).map(|_| TempDir::new().unwrap()).collect()
+}
+
+async fn admin(addr: SocketAddr, tls: Option<&Tls>) -> Result<AdminClient<Channel>, String> {
+    let channel = endpoint(&addr.to_string(), tls)
+        .map_err(|e| e.to_string())?
+        .timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .map_err(|e| format!("{e:?}"))?;
+    Ok(AdminClient::new(channel))
+}
+
+#[tokio::test]
+async fn health_serves_once_ready_and_reflection_lists_the_services() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+
+    let dirs = temp_dirs(1);
+    let nodes = cluster(1, &dirs, |_| {}).await;
+    let channel = network::channel(&nodes[0].addr.to_string(), None).unwrap();
+    let mut health = HealthClient::new(channel.clone());
+    let status = |service: &str| {
+        let mut health = health.clone();
+        let request = HealthCheckRequest {
+            service: service.into(),
+        };
+        async move {
+            health
+                .check(request)
+                .await
+                .map(|r| r.into_inner().status)
+                .ok()
+        }
+    };
+    assert_eq!(
+        status("liveness").await,
+        Some(ServingStatus::Serving as i32)
+    );
+    eventually_async("the node serving", DEADLINE, || async {
+        status("").await == Some(ServingStatus::Serving as i32)
+    })
+    .await;
+    assert_eq!(
+        status("relayrate.v1.Limiter").await,
+        Some(ServingStatus::Serving as i32)
+    );
+    let unknown = health
+        .check(HealthCheckRequest {
+            service: "no.such.Service".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), Code::NotFound);
+
+    let mut reflection = ServerReflectionClient::new(channel);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut replies = reflection
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let reply = replies.message().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = reply.message_response else {
+        panic!("not a service list: {reply:?}");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for wanted in [
+        "relayrate.v1.Admin",
+        "relayrate.v1.Limiter",
+        "relayrate.v1.Raft",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(names.iter().any(|n| n == wanted), "{wanted} in {names:?}");
+    }
+}
+
+#[tokio::test]
+async fn writes_need_the_admin_token_when_one_is_set() {
+    let dirs = temp_dirs(1);
+    let nodes = cluster(1, &dirs, |c| c.admin_token = Some("s3cret".into())).await;
+    let mut client = admin(nodes[0].addr, None).await.unwrap();
+    let reset = |token: Option<&str>| {
+        let mut request = tonic::Request::new(ResetRequest {
+            key: "10.0.0.1".into(),
+            check: 0,
+            requested_by: "test".into(),
+        });
+        if let Some(t) = token {
+            let value = format!("Bearer {t}").parse().unwrap();
+            request.metadata_mut().insert("authorization", value);
+        }
+        request
+    };
+    let refused = client.reset(reset(None)).await.unwrap_err();
+    assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
+    let wrong = client.reset(reset(Some("guess"))).await.unwrap_err();
+    assert_eq!(wrong.code(), Code::PermissionDenied, "{wrong:?}");
+    let apply = client
+        .apply_policy(pb::ApplyPolicyRequest {
+            files: vec![pb::PolicyFile {
+                name: "p".into(),
+                text: POLICY.into(),
+            }],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(apply.code(), Code::Unauthenticated);
+    client
+        .reset(reset(Some("s3cret")))
+        .await
+        .expect("the right token");
+    // Reads need no token.
+    let status = client.status(StatusRequest {}).await.unwrap().into_inner();
+    assert_eq!(status.role, "leader");
+}
+
+/// A CA and a certificate it signs for localhost and 127.0.0.1, usable by
+/// servers and clients, written as PEM files under `dir`.
+fn make_ca(dir: &Path, name: &str) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    use rcgen::{
+        BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    };
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let mut params =
+        CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    let paths = (
+        dir.join(format!("{name}-cert.pem")),
+        dir.join(format!("{name}-key.pem")),
+        dir.join(format!("{name}-ca.pem")),
+    );
+    std::fs::write(&paths.0, cert.pem()).unwrap();
+    std::fs::write(&paths.1, key.serialize_pem()).unwrap();
+    std::fs::write(&paths.2, ca_cert.pem()).unwrap();
+    paths
+}
+
+#[tokio::test]
+async fn tls_admits_only_certificates_of_the_cluster_ca() {
+    let certs = TempDir::new().unwrap();
+    let (cert, key, ca) = make_ca(certs.path(), "cluster");
+    let (other_cert, other_key, _) = make_ca(certs.path(), "other");
+    let tls = Tls::from_options(Some(cert.clone()), Some(key.clone()), Some(ca.clone()))
+        .unwrap()
+        .unwrap();
+
+    // Three nodes that elect, join and replicate over mutual TLS.
+    let dirs = temp_dirs(3);
+    let nodes = cluster(3, &dirs, |c| c.tls = Some(tls.clone())).await;
+    let addr = nodes[2].addr;
+
+    // The right certificate: the admin and Raft services answer.
+    let mut good = admin(addr, Some(&tls))
+        .await
+        .expect("connects with the cluster's certificate");
+    let status = good.status(StatusRequest {}).await.unwrap().into_inner();
+    assert_eq!(status.members.len(), 3);
+    let leader = nodes.iter().find(|h| h.node.is_leader()).unwrap().addr;
+    let channel = network::channel(&leader.to_string(), Some(&tls)).unwrap();
+    let reply = RaftClient::new(channel)
+        .propose(network::encode(&Proposal::Members))
+        .await
+        .expect("the Raft port answers a peer with the cluster's certificate");
+    let reply: ProposalReply = network::decode(reply.get_ref()).unwrap();
+    assert!(
+        matches!(&reply, ProposalReply::Members(m) if m.len() == 3),
+        "{reply:?}"
+    );
+
+    // No TLS at all, TLS without a client certificate, and a certificate
+    // of another CA: each is refused on the same port, which serves both
+    // the admin and the Raft services.
+    let no_identity = Tls::client(&ca, None).unwrap();
+    let other_ca = Tls::client(&ca, Some((other_cert.as_path(), other_key.as_path()))).unwrap();
+    for (what, client_tls) in [
+        ("plain text", None),
+        ("no client certificate", Some(&no_identity)),
+        ("a certificate of another CA", Some(&other_ca)),
+    ] {
+        let admin_refused = match admin(addr, client_tls).await {
+            Err(_) => true,
+            Ok(mut c) => c.status(StatusRequest {}).await.is_err(),
+        };
+        assert!(admin_refused, "admin with {what} must be refused");
+        let channel = network::channel(&addr.to_string(), client_tls).unwrap();
+        let raft = RaftClient::new(channel)
+            .propose(network::encode(&Proposal::Members))
+            .await;
+        assert!(raft.is_err(), "Raft with {what} must be refused");
+    }
+}
