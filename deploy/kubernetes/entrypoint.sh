@@ -10,12 +10,12 @@
 #                          relayrate-{ordinal}.relayrate-peers.NS.svc.cluster.local:7450
 #   RELAYRATE_LISTEN       gRPC address to bind (default 0.0.0.0:7450)
 #   RELAYRATE_MILTER_LISTEN  milter socket (default inet:127.0.0.1:8894)
+#   RELAYRATE_METRICS_LISTEN Prometheus /metrics (default 0.0.0.0:9450)
 #   RELAYRATE_DATA_DIR     sled data (default /var/lib/relayrate)
 #   RELAYRATE_POLICY       policy file (default /etc/relayrate/ze-policy.txt)
 #   RELAYRATE_BIN, RELAYRATECTL  the binaries (default /usr/local/bin/...)
-# {ordinal} may appear in RELAYRATE_LISTEN, RELAYRATE_MILTER_LISTEN and
-# RELAYRATE_DATA_DIR too, so that several "pods" can run on one host
-# (tests/entrypoint.rs).
+# {ordinal} may appear in the other addresses and RELAYRATE_DATA_DIR too,
+# so that several "pods" can run on one host (tests/entrypoint.rs).
 #
 # The node's id is ordinal + 1 (ids start at 1: 0 means "no leader" in
 # the Admin API). With an empty data dir, pod 0 creates the cluster and
@@ -89,6 +89,7 @@ set -- run \
     --data-dir "$data" \
     --policy "${RELAYRATE_POLICY:-/etc/relayrate/ze-policy.txt}" \
     --milter-listen "$(fill "${RELAYRATE_MILTER_LISTEN:-inet:127.0.0.1:8894}" "$ordinal")" \
+    --metrics-listen "$(fill "${RELAYRATE_METRICS_LISTEN:-0.0.0.0:9450}" "$ordinal")" \
     ${join:+--join "$join"} \
     "$@"
 echo "relayrate-entrypoint: $bin $*" >&2

@@ -80,9 +80,15 @@ listen=$(printf '%s' "${RELAYRATE_LISTEN:-0.0.0.0:7450}" | sed "s/{ordinal}/$ord
 node="http://$(printf '%s' "$listen" | sed 's/^0\.0\.0\.0:/127.0.0.1:/; s/^\[::\]:/[::1]:/')"
 say "replicas=$replicas, ordinal $ordinal: scaled down, removing node $id"
 end=$(($(date +%s) + timeout))
+# Whether the cluster no longer lists node $id (false when it cannot tell).
+gone() {
+    members=$("$ctl" --node "$node" members --json) || return 1
+    ! printf '%s' "$members" | grep -q "\"id\":$id,"
+}
 # Several pods may leave at once; a membership change in progress refuses
-# the next one, so try again until the deadline.
-until "$ctl" --node "$node" remove-node "$id"; do
+# the next one, so try again until the deadline. A removal whose answer
+# was lost is refused the second time ("not a member"): that is done too.
+until "$ctl" --node "$node" remove-node "$id" || gone; do
     if [ "$(date +%s)" -ge "$end" ]; then
         say "node $id not removed within ${timeout}s; remove it by hand: relayratectl remove-node $id"
         exit 1
