@@ -1,7 +1,7 @@
 //! The StatefulSet's scripts, run here as the kubelet runs them in the
 //! pods. `deploy/kubernetes/entrypoint.sh` starts pods 0, 1 and 2 on
 //! loopback with the same environment (only the pod's name differs, and
-//! addresses are 127.0.77.1{ordinal} instead of the pods' DNS names): they
+//! addresses are 127.0.NET.1{ordinal} instead of the pods' DNS names): they
 //! must form one cluster, and pod 1, killed and started again, must come
 //! back as the same member with its counts. `prestop.sh`'s decision
 //! (leave the cluster on a scale-down, stay on a restart) is checked with
@@ -17,7 +17,6 @@ use std::process::{Child, Command, Output};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::free_port;
 use relayrate::convert::event_to_pb;
 use relayrate::engine::{ConnId, Event};
 use relayrate::policy::Client;
@@ -39,6 +38,9 @@ const FULL: &str = "10.99.0.1";
 const PART: &str = "10.99.0.2";
 /// Connections of PART made before pod 1 is killed.
 const PART_USED: u64 = 5;
+/// The admin client, once this crate builds it; the entrypoint and the
+/// preStop hook call it.
+const RELAYRATECTL: Option<&str> = option_env!("CARGO_BIN_EXE_relayratectl");
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -65,16 +67,25 @@ fn configmap_policy() -> String {
 /// a data dir for each (its volume).
 struct Pods {
     root: TempDir,
+    /// Pod `ordinal` listens on 127.0.NET.1{ordinal}: .10, .11, ...
+    net: u64,
     port: u16,
     milter_port: u16,
     metrics_port: u16,
     policy: PathBuf,
 }
 
-/// Where pod `ordinal` listens: 127.0.77.10, .11, ... (all of 127/8 is
-/// local), one port for all, as in the pods.
-fn ip(ordinal: u32) -> String {
-    format!("127.0.77.1{ordinal}")
+/// Each test's pods get a network of their own: 127.0.NET.0/24 (all of
+/// 127/8 is local), so that tests running at once never share an address.
+static NETWORKS: AtomicU64 = AtomicU64::new(101);
+
+/// Three distinct free ports (held at once while they are picked).
+fn three_ports() -> (u16, u16, u16) {
+    let listeners: Vec<std::net::TcpListener> = (0..3)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    let port = |i: usize| listeners[i].local_addr().unwrap().port();
+    (port(0), port(1), port(2))
 }
 
 impl Pods {
@@ -85,11 +96,13 @@ impl Pods {
             .unwrap();
         let policy = root.path().join("ze-policy.txt");
         std::fs::write(&policy, configmap_policy()).unwrap();
+        let (port, milter_port, metrics_port) = three_ports();
         Pods {
             root,
-            port: free_port(),
-            milter_port: free_port(),
-            metrics_port: free_port(),
+            net: NETWORKS.fetch_add(1, Ordering::Relaxed),
+            port,
+            milter_port,
+            metrics_port,
             policy,
         }
     }
@@ -97,23 +110,23 @@ impl Pods {
     /// The container's environment, as statefulset.yaml gives it (with
     /// loopback addresses and one volume per ordinal under the test's dir).
     fn env(&self) -> Vec<(&'static str, String)> {
-        vec![
+        let mut env = vec![
             ("RELAYRATE_BIN", env!("CARGO_BIN_EXE_relayrate").to_string()),
             (
                 "RELAYRATE_PEER",
-                format!("127.0.77.1{{ordinal}}:{}", self.port),
+                format!("127.0.{}.1{{ordinal}}:{}", self.net, self.port),
             ),
             (
                 "RELAYRATE_LISTEN",
-                format!("127.0.77.1{{ordinal}}:{}", self.port),
+                format!("127.0.{}.1{{ordinal}}:{}", self.net, self.port),
             ),
             (
                 "RELAYRATE_MILTER_LISTEN",
-                format!("inet:127.0.77.1{{ordinal}}:{}", self.milter_port),
+                format!("inet:127.0.{}.1{{ordinal}}:{}", self.net, self.milter_port),
             ),
             (
                 "RELAYRATE_METRICS_LISTEN",
-                format!("127.0.77.1{{ordinal}}:{}", self.metrics_port),
+                format!("127.0.{}.1{{ordinal}}:{}", self.net, self.metrics_port),
             ),
             (
                 "RELAYRATE_DATA_DIR",
@@ -123,11 +136,15 @@ impl Pods {
             ("RELAYRATE_REMOVE_TIMEOUT", "30".to_string()),
             ("RELAYRATE_LOG", "info,openraft=warn".to_string()),
             ("NO_COLOR", "1".to_string()),
-        ]
+        ];
+        if let Some(ctl) = RELAYRATECTL {
+            env.push(("RELAYRATECTL", ctl.to_string()));
+        }
+        env
     }
 
     fn url(&self, ordinal: u32) -> String {
-        format!("http://{}:{}", ip(ordinal), self.port)
+        format!("http://127.0.{}.1{ordinal}:{}", self.net, self.port)
     }
 
     fn data(&self, ordinal: u32) -> PathBuf {
@@ -193,6 +210,15 @@ struct Pod {
 impl Pod {
     fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM, as the kubelet sends after the preStop hook; waits for
+    /// the exit.
+    fn terminate(&mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        let sent = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        assert!(sent.success());
+        self.child.wait().unwrap()
     }
 
     /// SIGKILL, as a crashed container.
@@ -325,7 +351,11 @@ async fn three_pods_form_one_cluster_and_a_restarted_pod_rejoins_with_its_data()
     .await;
     assert!(running[0].log().contains("bootstrapped a new cluster"));
     for pod in &running[1..] {
-        assert!(pod.log().contains("joined the cluster"));
+        // Its join call may be answered after the membership changed.
+        wait_until("the join logged", || async {
+            pod.log().contains("joined the cluster")
+        })
+        .await;
         assert!(!pod.log().contains("bootstrapped"));
     }
 
@@ -612,4 +642,139 @@ fn entrypoint_clears_the_data_of_a_member_removed_by_a_scale_down() {
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
     assert_eq!(left, ["lost+found"]);
+}
+
+// ---------------------------------------------------------------------------
+// With the real relayratectl: scaling, and pod 0 losing its volume
+
+/// Says so and returns it when relayratectl is not built here yet.
+fn relayratectl(test: &str) -> Option<&'static str> {
+    if RELAYRATECTL.is_none() {
+        eprintln!("SKIPPED {test}: this crate builds no relayratectl yet");
+    }
+    RELAYRATECTL
+}
+
+/// Runs prestop.sh in pod `relayrate-ORDINAL`'s environment, the API
+/// answering that the StatefulSet wants `replicas`.
+fn prestop_in(pods: &Pods, ordinal: u32, replicas: u32) -> Command {
+    let file = pods.root.path().join(format!("scale-{ordinal}.json"));
+    std::fs::write(&file, scale(replicas)).unwrap();
+    let mut cmd = Command::new("sh");
+    cmd.arg(script("prestop.sh"))
+        .envs(pods.env())
+        .env("RELAYRATE_POD_NAME", format!("relayrate-{ordinal}"))
+        .env("RELAYRATE_SCALE_JSON", file);
+    cmd
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scaling_up_adds_voters_and_scaling_down_removes_them() {
+    if relayratectl("scaling").is_none() {
+        return;
+    }
+    let pods = Pods::new();
+    let _logs = LogsOnFailure(&pods);
+    let mut running: Vec<Pod> = (0..3).map(|o| pods.start(o, 1)).collect();
+    wait_until("voters 1, 2, 3", || {
+        one_cluster(&pods, &[0, 1, 2], &[1, 2, 3])
+    })
+    .await;
+
+    // kubectl scale --replicas=5: pods 3 and 4 start and join.
+    running.extend((3..5).map(|o| pods.start(o, 1)));
+    wait_until("voters 1 to 5", || {
+        one_cluster(&pods, &[0, 1, 2, 3, 4], &[1, 2, 3, 4, 5])
+    })
+    .await;
+
+    // A restart of pod 1 at 5 replicas: its hook leaves the member alone.
+    let out = prestop_in(&pods, 1, 5).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!pods.data(1).join("removed-from-cluster").exists());
+
+    // kubectl scale --replicas=3: pods 4 and 3 stop at the same time, each
+    // running its hook, then getting SIGTERM.
+    let hooks: Vec<Child> = [4, 3]
+        .iter()
+        .map(|&o| prestop_in(&pods, o, 3).spawn().unwrap())
+        .collect();
+    for mut hook in hooks {
+        assert!(hook.wait().unwrap().success(), "a preStop hook failed");
+    }
+    for o in [4, 3] {
+        assert!(pods.data(o).join("removed-from-cluster").exists());
+        let code = running[o as usize].terminate();
+        assert!(code.success(), "pod {o} exited with {code}");
+    }
+    running.truncate(3);
+    wait_until("voters 1, 2, 3 after the scale-down", || {
+        one_cluster(&pods, &[0, 1, 2], &[1, 2, 3])
+    })
+    .await;
+    // With two of five voters gone and not removed, losing one more would
+    // stop the cluster; removed, the three decide with any two.
+    running[2].kill();
+    wait_until("a decision with pods 0 and 1", || async {
+        let url = pods.url(0);
+        tokio::time::timeout(Duration::from_secs(5), connection(&url, FULL))
+            .await
+            .is_ok()
+    })
+    .await;
+    running[2] = pods.start(2, 2);
+
+    // Growing again: pod 3 clears its stale volume and joins anew.
+    running.push(pods.start(3, 2));
+    wait_until("voters 1 to 4", || {
+        one_cluster(&pods, &[0, 1, 2, 3], &[1, 2, 3, 4])
+    })
+    .await;
+    assert!(running[3].log().contains("was removed from the cluster"));
+    let pod = &running[3];
+    wait_until("pod 3's join logged", || async {
+        pod.log().contains("joined the cluster")
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pod_0_that_lost_its_volume_joins_the_running_cluster() {
+    if relayratectl("pod 0 losing its volume").is_none() {
+        return;
+    }
+    let pods = Pods::new();
+    let _logs = LogsOnFailure(&pods);
+    let limit = conn_rate_limit(&pods.policy, FULL);
+    let mut running: Vec<Pod> = (0..3).map(|o| pods.start(o, 1)).collect();
+    wait_until("voters 1, 2, 3", || {
+        one_cluster(&pods, &[0, 1, 2], &[1, 2, 3])
+    })
+    .await;
+    for i in 0..limit {
+        assert!(connection(&pods.url(i as u32 % 3), FULL).await.allowed);
+    }
+
+    running[0].kill();
+    std::fs::remove_dir_all(pods.data(0)).unwrap();
+    running[0] = pods.start(0, 2);
+    let url = pods.url(0);
+    wait_until("pod 0 ready again", || serving(&url, "")).await;
+    wait_until("voters 1, 2, 3 again", || {
+        one_cluster(&pods, &[0, 1, 2], &[1, 2, 3])
+    })
+    .await;
+    let pod = &running[0];
+    wait_until("pod 0's join logged", || async {
+        pod.log().contains("joined the cluster")
+    })
+    .await;
+    let log = pod.log();
+    assert!(!log.contains("bootstrapped"), "a second cluster:\n{log}");
+    // The cluster's counts, not a new cluster's.
+    assert!(!connection(&pods.url(0), FULL).await.allowed);
 }
