@@ -266,6 +266,15 @@ async fn serving(url: &str, service: &str) -> bool {
         .is_ok_and(|r| r.into_inner().status == ServingStatus::Serving as i32)
 }
 
+/// Waits until the kubelet would find each of `ordinals` live and ready.
+async fn wait_ready(pods: &Pods, ordinals: &[u32]) {
+    for &o in ordinals {
+        let url = pods.url(o);
+        wait_until(&format!("pod {o} live"), || serving(&url, "liveness")).await;
+        wait_until(&format!("pod {o} ready"), || serving(&url, "")).await;
+    }
+}
+
 async fn status(url: &str) -> Option<pb::StatusResponse> {
     let mut admin = AdminClient::connect(url.to_string()).await.ok()?;
     admin
@@ -296,10 +305,10 @@ static CONN: AtomicU64 = AtomicU64::new(1);
 
 /// One SMTP connection from `client` through the node at `url`: the
 /// verdict on its Connect (its Close follows in the same request).
-async fn connection(url: &str, client: &str) -> pb::Verdict {
+async fn try_connection(url: &str, client: &str) -> Result<pb::Verdict, String> {
     let mut limiter = LimiterClient::connect(url.to_string())
         .await
-        .unwrap_or_else(|e| panic!("{url}: {e}"));
+        .map_err(|e| format!("{url}: {e}"))?;
     let conn = ConnId {
         owner: 0,
         conn: CONN.fetch_add(1, Ordering::Relaxed),
@@ -312,8 +321,20 @@ async fn connection(url: &str, client: &str) -> pb::Verdict {
     let reply = limiter
         .decide(pb::DecideRequest { events })
         .await
-        .unwrap_or_else(|e| panic!("{url}: {e}"));
-    reply.into_inner().verdicts[0].clone()
+        .map_err(|e| format!("{url}: {e}"))?;
+    Ok(reply.into_inner().verdicts[0].clone())
+}
+
+/// [`try_connection`] where the cluster must answer.
+async fn connection(url: &str, client: &str) -> pb::Verdict {
+    try_connection(url, client).await.unwrap()
+}
+
+/// The verdict on a connection of `client` through `url` if there is one
+/// within a few seconds (a leader may be being elected).
+async fn verdict(url: &str, client: &str) -> Option<pb::Verdict> {
+    let answer = tokio::time::timeout(Duration::from_secs(5), try_connection(url, client)).await;
+    answer.ok().and_then(Result::ok)
 }
 
 /// The ConnRate limit the ConfigMap's policy gives `client`.
@@ -340,11 +361,7 @@ async fn three_pods_form_one_cluster_and_a_restarted_pod_rejoins_with_its_data()
     // All at once, as with podManagementPolicy: Parallel; 1 and 2 retry
     // their join until 0 has created the cluster.
     let mut running: Vec<Pod> = (0..3).map(|o| pods.start(o, 1)).collect();
-    for o in 0..3 {
-        let url = pods.url(o);
-        wait_until(&format!("pod {o} live"), || serving(&url, "liveness")).await;
-        wait_until(&format!("pod {o} ready"), || serving(&url, "")).await;
-    }
+    wait_ready(&pods, &[0, 1, 2]).await;
     wait_until("voters 1, 2, 3 and one leader, seen from every pod", || {
         one_cluster(&pods, &[0, 1, 2], &[1, 2, 3])
     })
@@ -378,17 +395,15 @@ async fn three_pods_form_one_cluster_and_a_restarted_pod_rejoins_with_its_data()
     // Pod 1 crashes; the other two still decide.
     running[1].kill();
     assert!(std::fs::read_dir(pods.data(1)).unwrap().next().is_some());
-    wait_until("a decision without pod 1", || async {
-        let url = pods.url(0);
-        let v = tokio::time::timeout(Duration::from_secs(5), connection(&url, FULL)).await;
-        v.is_ok_and(|v| !v.allowed)
+    let url = pods.url(0);
+    wait_until("a refusal without pod 1", || async {
+        verdict(&url, FULL).await.is_some_and(|v| !v.allowed)
     })
     .await;
 
     // The kubelet starts it again: same environment, same volume.
     running[1] = pods.start(1, 2);
-    let url = pods.url(1);
-    wait_until("pod 1 ready again", || serving(&url, "")).await;
+    wait_ready(&pods, &[1]).await;
     wait_until("voters 1, 2, 3 again", || {
         one_cluster(&pods, &[0, 1, 2], &[1, 2, 3])
     })
@@ -676,6 +691,7 @@ async fn scaling_up_adds_voters_and_scaling_down_removes_them() {
     let pods = Pods::new();
     let _logs = LogsOnFailure(&pods);
     let mut running: Vec<Pod> = (0..3).map(|o| pods.start(o, 1)).collect();
+    wait_ready(&pods, &[0, 1, 2]).await;
     wait_until("voters 1, 2, 3", || {
         one_cluster(&pods, &[0, 1, 2], &[1, 2, 3])
     })
@@ -687,6 +703,7 @@ async fn scaling_up_adds_voters_and_scaling_down_removes_them() {
         one_cluster(&pods, &[0, 1, 2, 3, 4], &[1, 2, 3, 4, 5])
     })
     .await;
+    wait_ready(&pods, &[3, 4]).await;
 
     // A restart of pod 1 at 5 replicas: its hook leaves the member alone.
     let out = prestop_in(&pods, 1, 5).output().unwrap();
@@ -719,14 +736,13 @@ async fn scaling_up_adds_voters_and_scaling_down_removes_them() {
     // With two of five voters gone and not removed, losing one more would
     // stop the cluster; removed, the three decide with any two.
     running[2].kill();
+    let url = pods.url(0);
     wait_until("a decision with pods 0 and 1", || async {
-        let url = pods.url(0);
-        tokio::time::timeout(Duration::from_secs(5), connection(&url, FULL))
-            .await
-            .is_ok()
+        verdict(&url, PART).await.is_some()
     })
     .await;
     running[2] = pods.start(2, 2);
+    wait_ready(&pods, &[2]).await;
 
     // Growing again: pod 3 clears its stale volume and joins anew.
     running.push(pods.start(3, 2));
@@ -751,6 +767,7 @@ async fn pod_0_that_lost_its_volume_joins_the_running_cluster() {
     let _logs = LogsOnFailure(&pods);
     let limit = conn_rate_limit(&pods.policy, FULL);
     let mut running: Vec<Pod> = (0..3).map(|o| pods.start(o, 1)).collect();
+    wait_ready(&pods, &[0, 1, 2]).await;
     wait_until("voters 1, 2, 3", || {
         one_cluster(&pods, &[0, 1, 2], &[1, 2, 3])
     })
@@ -762,8 +779,7 @@ async fn pod_0_that_lost_its_volume_joins_the_running_cluster() {
     running[0].kill();
     std::fs::remove_dir_all(pods.data(0)).unwrap();
     running[0] = pods.start(0, 2);
-    let url = pods.url(0);
-    wait_until("pod 0 ready again", || serving(&url, "")).await;
+    wait_ready(&pods, &[0]).await;
     wait_until("voters 1, 2, 3 again", || {
         one_cluster(&pods, &[0, 1, 2], &[1, 2, 3])
     })
