@@ -93,11 +93,13 @@ pub fn top(engine: &Engine, check: Option<Check>, n: usize, now: Time) -> Vec<Ke
         .map(|(ip, count)| key_count(policy, Check::ConnOpen, &CounterKey::Ip(ip), count));
     let mut all: Vec<KeyCount> = windowed.chain(open).collect();
     let rank = |k: &KeyCount| (k.limit.is_some(), k.percent(), k.count);
+    // Ties in key order, so that the same state always lists the same.
     all.sort_by(|a, b| {
-        let (a, b) = (rank(a), rank(b));
-        b.0.cmp(&a.0)
-            .then(b.1.partial_cmp(&a.1).unwrap_or(Ordering::Equal))
-            .then(b.2.cmp(&a.2))
+        let (ra, rb) = (rank(a), rank(b));
+        rb.0.cmp(&ra.0)
+            .then(rb.1.partial_cmp(&ra.1).unwrap_or(Ordering::Equal))
+            .then(rb.2.cmp(&ra.2))
+            .then_with(|| (a.check, &a.key).cmp(&(b.check, &b.key)))
     });
     all.truncate(n);
     all

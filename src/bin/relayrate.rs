@@ -420,6 +420,18 @@ fn serve(
     milter: Option<(ListenAddr, MilterConfig)>,
     serving: Serving,
 ) -> ExitCode {
+    if !config.listen.ip().is_loopback() {
+        if config.tls.is_none() {
+            tracing::warn!(
+                listen = %config.listen,
+                "gRPC port off loopback without TLS: whoever reaches it can write to the \
+                 cluster and change its policy (see --tls-cert)"
+            );
+        }
+        if config.admin_token.is_none() {
+            tracing::warn!("admin writes need no token (see --admin-token-file)");
+        }
+    }
     runtime().block_on(async move {
         if !start_metrics(serving.metrics).await {
             return ExitCode::from(EXIT_CONFIG);

@@ -54,8 +54,11 @@ impl AdminService {
 
     async fn at_leader(&self, proposal: Proposal) -> Result<ProposalReply, Status> {
         match self.node.at_leader(proposal).await {
-            Ok(ProposalReply::Failed(why)) => Err(Status::failed_precondition(why)),
+            Ok(ProposalReply::Failed(why) | ProposalReply::Refused(why)) => {
+                Err(Status::failed_precondition(why))
+            }
             Ok(reply) => Ok(reply),
+            Err(e @ NodeError::Removed) => Err(Status::failed_precondition(e.to_string())),
             Err(e @ (NodeError::NoLeader(_) | NodeError::ShuttingDown)) => {
                 Err(Status::unavailable(e.to_string()))
             }
@@ -280,19 +283,25 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         _request: Request<pb::ShowPolicyRequest>,
     ) -> Result<Response<pb::ShowPolicyResponse>, Status> {
-        let state = self.node.state().read().expect("state lock");
+        // At the leader, so that a policy just applied shows everywhere.
+        let ProposalReply::Policy {
+            files,
+            hash,
+            applied_ms,
+        } = self.at_leader(Proposal::Policy).await?
+        else {
+            return Err(Status::internal("unexpected reply from the leader"));
+        };
         Ok(Response::new(pb::ShowPolicyResponse {
-            files: state
-                .policy()
-                .files()
-                .iter()
+            files: files
+                .into_iter()
                 .map(|f| pb::PolicyFile {
-                    name: f.name.clone(),
-                    text: f.text.clone(),
+                    name: f.name,
+                    text: f.text,
                 })
                 .collect(),
-            hash: state.policy_hash().to_string(),
-            applied_unix_ms: state.policy_applied_ms(),
+            hash,
+            applied_unix_ms: applied_ms,
         }))
     }
 

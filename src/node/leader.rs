@@ -34,6 +34,13 @@ pub enum Proposal {
     Remove {
         id: NodeId,
     },
+    /// Sent by the leader to a node it removed (`false`) or added back
+    /// (`true`): a removed node stops campaigning and deciding.
+    Membership {
+        member: bool,
+    },
+    /// The policy in force, read at the leader.
+    Policy,
     /// The members as the leader sees them, with their replication.
     Members,
     /// Read-only questions about the counts, answered after a read-index
@@ -96,6 +103,13 @@ pub enum ProposalReply {
     Unchanged,
     Members(Vec<MemberInfo>),
     Counts(Vec<KeyCount>),
+    Policy {
+        files: Vec<PolicyFile>,
+        hash: String,
+        applied_ms: u64,
+    },
+    /// The leader will not do it, and asking again will not help.
+    Refused(String),
     /// Not the leader (any more): ask again.
     NotLeader,
     Failed(String),
@@ -103,6 +117,9 @@ pub enum ProposalReply {
 
 /// How long a proposal may look for a leader before giving up.
 const PROPOSE_DEADLINE: Duration = Duration::from_secs(10);
+/// How long a new member may take to hold the leader's log before it is
+/// refused (silent) or told to ask again (catching up).
+const CATCH_UP: Duration = Duration::from_secs(5);
 
 impl Node {
     /// Writes a command at the leader and returns its response; retries
@@ -142,6 +159,9 @@ impl Node {
         let deadline = Instant::now() + PROPOSE_DEADLINE;
         let mut wait = Duration::from_millis(20);
         loop {
+            if self.is_removed() {
+                return Err(NodeError::Removed);
+            }
             let reply = match self.leader_addr() {
                 Some((leader, _)) if leader == self.id => self.serve_local(proposal.clone()).await,
                 Some((_, addr)) => forward(self, &addr, &proposal).await,
@@ -167,6 +187,10 @@ impl Node {
     /// joins this leader's next batch, so that one entry serves them all.
     pub async fn serve_forwarded(&self, proposal: Proposal) -> ProposalReply {
         match proposal {
+            Proposal::Membership { member } => {
+                self.set_member(member);
+                ProposalReply::Response(Response::Done)
+            }
             Proposal::Command(Command::Decide { senders, events }) if self.is_leader() => {
                 let sender = match senders.as_slice() {
                     [one] => *one,
@@ -210,6 +234,21 @@ impl Node {
                 }
             }
             Proposal::Remove { id } => self.remove_member(id).await,
+            Proposal::Membership { member } => {
+                self.set_member(member);
+                ProposalReply::Response(Response::Done)
+            }
+            Proposal::Policy => {
+                if let Err(reply) = self.read_index().await {
+                    return reply;
+                }
+                let state = self.state.read().expect("state lock");
+                ProposalReply::Policy {
+                    files: state.policy().files().to_vec(),
+                    hash: state.policy_hash().to_string(),
+                    applied_ms: state.policy_applied_ms(),
+                }
+            }
             Proposal::Members => match self.is_leader() {
                 true => ProposalReply::Members(self.members(true)),
                 false => ProposalReply::NotLeader,
@@ -278,13 +317,13 @@ impl Node {
             let m = metrics.borrow();
             let membership = m.membership_config.membership();
             let voters: Vec<NodeId> = membership.voter_ids().collect();
-            (voters, membership.get_node(&id).is_some())
+            (voters, membership.get_node(&id).map(|n| n.addr.clone()))
         };
-        if !known {
-            return ProposalReply::Failed(format!("node {id} is not a member"));
-        }
+        let Some(addr) = known else {
+            return ProposalReply::Refused(format!("node {id} is not a member"));
+        };
         if voters == [id] {
-            return ProposalReply::Failed(format!("node {id} is the last voter"));
+            return ProposalReply::Refused(format!("node {id} is the last voter"));
         }
         let change = if voters.contains(&id) {
             ChangeMembers::RemoveVoters([id].into_iter().collect())
@@ -293,7 +332,17 @@ impl Node {
         };
         match self.raft.change_membership(change, false).await {
             Ok(_) => {
-                tracing::info!(id, "node removed from the cluster");
+                tracing::info!(id, %addr, "node removed from the cluster");
+                // Best effort: a removed node that never hears of it keeps
+                // asking for votes, which the members refuse.
+                if id != self.id {
+                    let notice = Proposal::Membership { member: false };
+                    if let ProposalReply::Failed(why) = forward(self, &addr, &notice).await {
+                        tracing::warn!(id, %why, "the removed node was not told");
+                    }
+                } else {
+                    self.set_member(false);
+                }
                 ProposalReply::Response(Response::Done)
             }
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
@@ -331,21 +380,37 @@ impl Node {
         }
     }
 
+    /// Adds a node: as a learner, then, once it holds the leader's log,
+    /// as a voter. A node that does not answer is taken out again, so it
+    /// never counts towards the quorum.
     async fn add_member(&self, id: NodeId, addr: String) -> ProposalReply {
         if !self.is_leader() {
             return ProposalReply::NotLeader;
         }
-        let voters: Vec<NodeId> = {
-            let m = self.raft.metrics().borrow().membership_config.clone();
-            m.membership().voter_ids().collect()
+        let (voters, known) = {
+            let metrics = self.raft.metrics();
+            let m = metrics.borrow();
+            let membership = m.membership_config.membership();
+            let voters: Vec<NodeId> = membership.voter_ids().collect();
+            (voters, membership.get_node(&id).map(|n| n.addr.clone()))
         };
+        if let Some(known) = known.filter(|a| *a != addr) {
+            return ProposalReply::Refused(format!(
+                "node {id} is a member at {known}: remove it first to move it to {addr}"
+            ));
+        }
         if !voters.contains(&id) {
-            if let Err(e) = self
+            let added = match self
                 .raft
-                .add_learner(id, PeerNode::new(addr.clone()), true)
+                .add_learner(id, PeerNode::new(addr.clone()), false)
                 .await
             {
-                return ProposalReply::Failed(e.to_string());
+                Ok(r) => r.log_id.index,
+                Err(e) => return ProposalReply::Failed(e.to_string()),
+            };
+            let target = added.max(self.raft.metrics().borrow().last_log_index.unwrap_or(0));
+            if let Err(reply) = self.wait_caught_up(id, &addr, target).await {
+                return reply;
             }
             let add = ChangeMembers::AddVoterIds([id].into_iter().collect());
             if let Err(e) = self.raft.change_membership(add, false).await {
@@ -353,7 +418,53 @@ impl Node {
             }
             tracing::info!(id, %addr, "node joined as a voter");
         }
+        // A node removed before and added back may campaign again.
+        let _ = forward(self, &addr, &Proposal::Membership { member: true }).await;
         ProposalReply::Joined
+    }
+
+    /// Waits until learner `id` holds the log up to `target`. A learner
+    /// that never answered is removed and refused; one still catching up
+    /// (a big snapshot) is told to ask again, and stays a learner.
+    async fn wait_caught_up(
+        &self,
+        id: NodeId,
+        addr: &str,
+        target: u64,
+    ) -> Result<(), ProposalReply> {
+        let matched = |m: &openraft::RaftMetrics<NodeId, PeerNode>| {
+            m.replication
+                .as_ref()
+                .and_then(|r| r.get(&id).copied().flatten())
+                .map(|l| l.index)
+        };
+        let caught_up = self
+            .raft
+            .wait(Some(CATCH_UP))
+            .metrics(
+                |m| matched(m).is_some_and(|i| i >= target),
+                "learner caught up",
+            )
+            .await;
+        if caught_up.is_ok() {
+            return Ok(());
+        }
+        let now = matched(&self.raft.metrics().borrow());
+        match now {
+            Some(at) => Err(ProposalReply::Refused(format!(
+                "node {id} is still catching up (at {at} of {target}): ask again"
+            ))),
+            None => {
+                let gone = ChangeMembers::RemoveNodes([id].into_iter().collect());
+                if let Err(e) = self.raft.change_membership(gone, false).await {
+                    tracing::warn!(id, error = %e, "the silent learner was not removed");
+                }
+                Err(ProposalReply::Refused(format!(
+                    "node {id} at {addr} did not answer within {} s: not added",
+                    CATCH_UP.as_secs()
+                )))
+            }
+        }
     }
 }
 
@@ -365,7 +476,12 @@ pub(super) async fn forward(node: &Node, addr: &str, proposal: &Proposal) -> Pro
     };
     let mut client = network::client(channel);
     let mut request = tonic::Request::new(network::encode(proposal));
-    request.set_timeout(Duration::from_secs(5));
+    // A join waits for the new member to catch up.
+    let timeout = match proposal {
+        Proposal::Join { .. } => CATCH_UP * 3,
+        _ => Duration::from_secs(5),
+    };
+    request.set_timeout(timeout);
     match client.propose(request).await {
         Ok(reply) => network::decode(&reply.into_inner())
             .unwrap_or_else(|s: tonic::Status| ProposalReply::Failed(s.to_string())),

@@ -168,6 +168,7 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, NodeError> {
         batches: batch_tx,
         in_flight: Arc::new(Semaphore::new(batcher::MAX_IN_FLIGHT)),
         draining: AtomicBool::new(false),
+        removed: AtomicBool::new(false),
         ready: AtomicBool::new(config.policy.is_empty()),
         lease_ttl: config.lease_ttl,
         peers: Mutex::new(HashMap::new()),

@@ -64,6 +64,8 @@ pub enum NodeError {
     ShuttingDown,
     #[error("the node's policy is not in force yet")]
     NotReady,
+    #[error("this node was removed from the cluster")]
+    Removed,
     #[error("raft: {0}")]
     Raft(String),
 }
@@ -87,6 +89,9 @@ pub struct Node {
     /// Batches being written; all permits free means nothing in flight.
     in_flight: Arc<Semaphore>,
     draining: AtomicBool,
+    /// Told by the leader that it was removed: it neither decides nor
+    /// campaigns until it is added back.
+    removed: AtomicBool,
     /// Set once this node's `--policy` is in force (at once without one):
     /// until then no event is decided, so none is decided with no limits.
     ready: AtomicBool,
@@ -100,7 +105,24 @@ pub struct Node {
 impl Node {
     /// Whether the node decides events: its policy is in force.
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Relaxed)
+        self.ready.load(Ordering::Relaxed) && !self.is_removed()
+    }
+
+    pub fn is_removed(&self) -> bool {
+        self.removed.load(Ordering::Relaxed)
+    }
+
+    /// The leader's word on whether this node is a member.
+    fn set_member(&self, member: bool) {
+        let was_removed = self.removed.swap(!member, Ordering::Relaxed);
+        if was_removed == member {
+            if member {
+                tracing::info!("added back to the cluster");
+            } else {
+                tracing::warn!("removed from the cluster: no longer deciding or campaigning");
+            }
+        }
+        self.raft.runtime_config().elect(member);
     }
 
     pub fn state(&self) -> &SharedState {
@@ -143,6 +165,9 @@ impl Node {
     pub async fn decide(&self, events: Vec<Event>) -> Result<Vec<Verdict>, NodeError> {
         if self.draining.load(Ordering::Relaxed) {
             return Err(NodeError::ShuttingDown);
+        }
+        if self.is_removed() {
+            return Err(NodeError::Removed);
         }
         if !self.is_ready() {
             return Err(NodeError::NotReady);

@@ -25,9 +25,10 @@ impl LimiterService {
 /// able to decide.
 fn status(e: NodeError) -> Status {
     match e {
-        NodeError::ShuttingDown | NodeError::NoLeader(_) | NodeError::NotReady => {
-            Status::unavailable(e.to_string())
-        }
+        NodeError::ShuttingDown
+        | NodeError::NoLeader(_)
+        | NodeError::NotReady
+        | NodeError::Removed => Status::unavailable(e.to_string()),
         other => Status::internal(other.to_string()),
     }
 }

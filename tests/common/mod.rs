@@ -449,6 +449,13 @@ impl NodeProc {
         std::fs::read_to_string(self.dir.join("stderr")).unwrap_or_default()
     }
 
+    /// Sends a signal (`HUP`, `TERM`, ...) to the process.
+    pub fn signal(&self, name: &str) {
+        run(Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.child.id().to_string()));
+    }
+
     /// Waits until the node decides events (a bench call of one second
     /// through it, for an address of 10.77/16, gets no error).
     pub async fn wait_deciding(&self) {
@@ -535,5 +542,41 @@ impl Drop for MilterProc {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+impl NodeProc {
+    /// As `start`, with `extra` arguments for `relayrate node` (such as
+    /// `--admin-token-file F`).
+    pub fn start_with_args(
+        root: &Path,
+        id: u64,
+        policy: Option<&str>,
+        seed: Option<SocketAddr>,
+        extra: &[&std::ffi::OsStr],
+    ) -> NodeProc {
+        let dir = root.join(format!("node-{id}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_relayrate"));
+        cmd.arg("node")
+            .arg("--id")
+            .arg(id.to_string())
+            .arg("--listen")
+            .arg(addr.to_string())
+            .arg("--data-dir")
+            .arg(dir.join("data"));
+        if let Some(text) = policy {
+            std::fs::write(dir.join("policy.txt"), text).unwrap();
+            cmd.arg("--policy")
+                .arg(dir.join("policy.txt"))
+                .arg("--bootstrap");
+        }
+        if let Some(seed) = seed {
+            cmd.arg("--join").arg(seed.to_string());
+        }
+        cmd.args(extra);
+        let child = spawn_logged(&mut cmd, &dir, "info,openraft=warn");
+        NodeProc { addr, dir, child }
     }
 }

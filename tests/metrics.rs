@@ -1,0 +1,182 @@
+//! The Prometheus endpoint of real processes: after known traffic, the
+//! decision counters, near-limit count, milter refusals and fallbacks, and
+//! the Raft figures read what happened.
+
+mod common;
+
+use std::net::{IpAddr, SocketAddr};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::{eventually_async, free_port, Relayrate};
+use indymilter_test::{Status, TestConnection};
+use relayrate::convert::event_to_pb;
+use relayrate::engine::{ConnId, Event};
+use relayrate::policy::Client;
+use relayrate::proto::v1::limiter_client::LimiterClient;
+use relayrate::proto::v1::DecideRequest;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const DEADLINE: Duration = Duration::from_secs(30);
+
+/// GET /metrics, plain HTTP/1.1; the body.
+async fn scrape(port: u16) -> String {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut reply = String::new();
+    s.read_to_string(&mut reply).await.unwrap();
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    reply
+}
+
+/// The value of the sample whose name and labels are `series` exactly.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+fn connect(ip: &str, conn: u64) -> Event {
+    Event::Connect {
+        conn: ConnId { owner: 0, conn },
+        client: Client::from_ip(ip.parse().unwrap()),
+    }
+}
+
+#[tokio::test]
+async fn metrics_count_what_the_node_and_the_milter_decided() {
+    let root = tempfile::tempdir().unwrap();
+    let policy = "CHECK_CONN_RATE YES\nConnRate:default 5\n";
+    let relay = Relayrate::run(root.path(), "m", policy);
+    relay.wait_ready().await;
+
+    // 7 connects for one address with a limit of 5: 5 allowed, 2 refused;
+    // the 4th reaches 80% of the limit. Each connect is closed.
+    let mut limiter = LimiterClient::connect(format!("http://{}", relay.node))
+        .await
+        .unwrap();
+    let mut refused = 0;
+    for conn in 1..=7 {
+        let events = vec![
+            event_to_pb(&connect("10.66.0.1", conn)),
+            event_to_pb(&Event::Close {
+                conn: ConnId { owner: 0, conn },
+            }),
+        ];
+        let reply = limiter.decide(DecideRequest { events }).await.unwrap();
+        if !reply.into_inner().verdicts[0].allowed {
+            refused += 1;
+        }
+    }
+    assert_eq!(refused, 2);
+
+    // The milter refuses the same address at connect, and releases the
+    // connection's lease when it closes (one more close).
+    let milter: SocketAddr = format!("127.0.0.1:{}", relay.milter_port).parse().unwrap();
+    let mut c = TestConnection::open(milter).await.unwrap();
+    let ip: IpAddr = "10.66.0.1".parse().unwrap();
+    let status = c.connect("web.example", (ip, 40000)).await.unwrap();
+    assert!(matches!(status, Status::Tempfail { .. }), "{status:?}");
+    drop(c);
+
+    let port = relay.metrics_port;
+    let series = [
+        (
+            r#"relayrate_decisions_total{event="connect",verdict="allow",check="none"}"#,
+            5.0,
+        ),
+        (
+            r#"relayrate_decisions_total{event="connect",verdict="refuse",check="ConnRate"}"#,
+            3.0,
+        ),
+        (
+            r#"relayrate_decisions_total{event="close",verdict="allow",check="none"}"#,
+            8.0,
+        ),
+        (r#"relayrate_near_limit_total{check="ConnRate"}"#, 1.0),
+        (
+            r#"relayrate_milter_refusals_total{check="ConnRate",stage="connect",dry_run="no"}"#,
+            1.0,
+        ),
+        ("relayrate_raft_is_leader", 1.0),
+        ("relayrate_raft_members", 1.0),
+        ("relayrate_ready", 1.0),
+        // 7 calls of ours, the milter's connect and its close.
+        ("relayrate_decision_seconds_count", 9.0),
+    ];
+    // Gauges are copied every second: wait for them, with a deadline.
+    let until = std::time::Instant::now() + DEADLINE;
+    let text = loop {
+        let text = scrape(port).await;
+        let wrong: Vec<_> = series
+            .iter()
+            .filter(|(s, v)| sample(&text, s) != Some(*v))
+            .map(|(s, v)| format!("{s}: want {v}, got {:?}", sample(&text, s)))
+            .collect();
+        if wrong.is_empty() {
+            break text;
+        }
+        assert!(std::time::Instant::now() < until, "{wrong:#?}\n{text}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let applied = sample(&text, "relayrate_raft_applied_index").unwrap();
+    let commit = sample(&text, "relayrate_raft_commit_index").unwrap();
+    assert!(applied >= 8.0, "8 written batches at least: {applied}");
+    assert_eq!(
+        commit,
+        sample(&text, "relayrate_raft_last_log_index").unwrap()
+    );
+    assert_eq!(sample(&text, "relayrate_raft_apply_lag"), Some(0.0));
+    assert!(text.contains("relayrate_batch_events_bucket"));
+}
+
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test]
+async fn a_milter_counts_its_fallbacks_by_fail_mode() {
+    let milter_port = free_port();
+    let metrics_port = free_port();
+    let dead_node = free_port();
+    let _milter = Killed(
+        Command::new(env!("CARGO_BIN_EXE_relayrate"))
+            .args(["milter", "--fail-mode", "open", "--timeout-ms", "100"])
+            .arg("--listen")
+            .arg(format!("inet:127.0.0.1:{milter_port}"))
+            .arg("--node")
+            .arg(format!("http://127.0.0.1:{dead_node}"))
+            .arg("--metrics-listen")
+            .arg(format!("127.0.0.1:{metrics_port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let milter: SocketAddr = format!("127.0.0.1:{milter_port}").parse().unwrap();
+    eventually_async("the milter listening", DEADLINE, || async {
+        TcpStream::connect(milter).await.is_ok()
+    })
+    .await;
+    let mut c = TestConnection::open(milter).await.unwrap();
+    let ip: IpAddr = "10.66.0.9".parse().unwrap();
+    assert_eq!(
+        c.connect("web.example", (ip, 40000)).await.unwrap(),
+        Status::Continue,
+        "fail mode open accepts"
+    );
+    let text = scrape(metrics_port).await;
+    assert_eq!(
+        sample(&text, r#"relayrate_milter_fallbacks_total{mode="open"}"#),
+        Some(1.0),
+        "{text}"
+    );
+}
