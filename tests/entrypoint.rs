@@ -425,14 +425,16 @@ async fn three_pods_form_one_cluster_and_a_restarted_pod_rejoins_with_its_data()
 // ---------------------------------------------------------------------------
 // The scripts' decisions, with stand-ins for the binaries
 
-/// A stand-in program that appends its arguments to `calls` and exits
-/// with the codes listed in `codes` (one a call; the last one repeats).
+/// A stand-in program that appends its arguments to `calls`, prints
+/// $STAND_IN_SAYS to stderr, and exits with the codes listed in `codes`
+/// (one a call; the last one repeats).
 fn stand_in(dir: &Path, name: &str, codes: &[u8]) -> PathBuf {
     let path = dir.join(name);
     let codes: Vec<String> = codes.iter().map(u8::to_string).collect();
     let text = format!(
         "#!/bin/sh\n\
          echo \"$*\" >> '{calls}'\n\
+         [ -z \"$STAND_IN_SAYS\" ] || echo \"$STAND_IN_SAYS\" >&2\n\
          n=$(wc -l < '{calls}')\n\
          set -- {codes}\n\
          while [ \"$n\" -gt 1 ] && [ $# -gt 1 ]; do shift; n=$((n - 1)); done\n\
@@ -457,17 +459,24 @@ fn calls(dir: &Path, name: &str) -> Vec<String> {
 /// Runs prestop.sh for pod `relayrate-ORDINAL` with `scale` as the API's
 /// answer and a relayratectl whose calls exit with `codes`.
 fn prestop(dir: &Path, ordinal: u32, scale: &str, codes: &[u8]) -> Output {
+    prestop_saying(dir, ordinal, scale, codes, "")
+}
+
+/// [`prestop`] with a relayratectl that says `said` on each call.
+fn prestop_saying(dir: &Path, ordinal: u32, scale: &str, codes: &[u8], said: &str) -> Output {
     let data = dir.join("data");
     std::fs::create_dir_all(&data).unwrap();
     std::fs::write(dir.join("scale.json"), scale).unwrap();
     Command::new("sh")
         .arg(script("prestop.sh"))
         .env("RELAYRATE_POD_NAME", format!("relayrate-{ordinal}"))
+        .env("RELAYRATE_PEER", "relayrate-{ordinal}.peers:7450")
         .env("RELAYRATE_DATA_DIR", &data)
         .env("RELAYRATE_LISTEN", "0.0.0.0:7450")
         .env("RELAYRATE_SCALE_JSON", dir.join("scale.json"))
         .env("RELAYRATE_REMOVE_TIMEOUT", "2")
         .env("RELAYRATECTL", stand_in(dir, "relayratectl", codes))
+        .env("STAND_IN_SAYS", said)
         .output()
         .unwrap()
 }
@@ -551,7 +560,25 @@ fn prestop_tries_again_until_the_node_is_removed_or_the_deadline() {
     );
     let made = calls(dir.path(), "relayratectl");
     assert_eq!(made.len(), 5, "{made:?}");
-    assert_eq!(made[1], "--node http://127.0.0.1:7450 members --json");
+    assert_eq!(made[0], "--node http://127.0.0.1:7450 remove-node 4");
+    // Whether it is gone, pod 0 says: it is never removed by a scale-down.
+    assert_eq!(
+        made[1],
+        "--node http://relayrate-0.peers:7450 members --json"
+    );
+    assert!(dir.path().join("data/removed-from-cluster").exists());
+
+    // A removed node refuses everything, even the answer to its own
+    // removal: that refusal means done.
+    let dir = tempfile::tempdir().unwrap();
+    let said = "relayratectl: refused: this node was removed from the cluster";
+    let out = prestop_saying(dir.path(), 3, &scale(3), &[1], said);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(calls(dir.path(), "relayratectl").len(), 1);
     assert!(dir.path().join("data/removed-from-cluster").exists());
 
     // Never removed: the hook gives up at RELAYRATE_REMOVE_TIMEOUT, fails

@@ -78,17 +78,26 @@ fi
 # Ask the local node; it forwards to the leader.
 listen=$(printf '%s' "${RELAYRATE_LISTEN:-0.0.0.0:7450}" | sed "s/{ordinal}/$ordinal/g")
 node="http://$(printf '%s' "$listen" | sed 's/^0\.0\.0\.0:/127.0.0.1:/; s/^\[::\]:/[::1]:/')"
+# Pod 0, never removed by a scale-down, tells whether the removal is done.
+seed=$node
+if [ -n "${RELAYRATE_PEER:-}" ]; then
+    seed="http://$(printf '%s' "$RELAYRATE_PEER" | sed "s/{ordinal}/0/g")"
+fi
 say "replicas=$replicas, ordinal $ordinal: scaled down, removing node $id"
 end=$(($(date +%s) + timeout))
-# Whether the cluster no longer lists node $id (false when it cannot tell).
+# Whether node $id has left the cluster, given remove-node's answer: a
+# removed node refuses everything with "removed from the cluster" (even
+# the answer to its own removal), or pod 0 no longer lists it (a removal
+# whose answer was lost). False when it cannot tell.
 gone() {
-    members=$("$ctl" --node "$node" members --json) || return 1
+    case $1 in *"removed from the cluster"*) return 0 ;; esac
+    members=$("$ctl" --node "$seed" members --json) || return 1
     ! printf '%s' "$members" | grep -q "\"id\":$id,"
 }
 # Several pods may leave at once; a membership change in progress refuses
-# the next one, so try again until the deadline. A removal whose answer
-# was lost is refused the second time ("not a member"): that is done too.
-until "$ctl" --node "$node" remove-node "$id" || gone; do
+# the next one, so try again until the deadline.
+until answer=$("$ctl" --node "$node" remove-node "$id" 2>&1) || gone "$answer"; do
+    say "not yet: $answer"
     if [ "$(date +%s)" -ge "$end" ]; then
         say "node $id not removed within ${timeout}s; remove it by hand: relayratectl remove-node $id"
         exit 1
