@@ -24,6 +24,9 @@ const DRAIN_SECS: u64 = 5;
 const HAND_OVER_SECS: u64 = 9;
 /// curl's --max-time in prestop.sh when it asks the API for the replicas.
 const API_SECS: u64 = 5;
+/// One try of prestop.sh's removal, begun just before its deadline:
+/// remove-node then members, each with relayratectl --timeout-secs 5.
+const LAST_TRY_SECS: u64 = 2 * 5;
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -251,7 +254,10 @@ fn the_grace_period_covers_the_hook_and_the_hand_over() {
     let remove: u64 = env_value(relayrate, "RELAYRATE_REMOVE_TIMEOUT")
         .parse()
         .unwrap();
-    let needed = API_SECS + remove + DRAIN_SECS + HAND_OVER_SECS;
+    let needed = API_SECS + remove + LAST_TRY_SECS + DRAIN_SECS + HAND_OVER_SECS;
+    let hook = read("deploy/kubernetes/prestop.sh");
+    assert_eq!(hook.matches("--timeout-secs 5").count(), 2);
+    assert!(hook.contains("--max-time 5"));
     assert!(grace >= needed, "grace {grace} s < {needed} s");
 }
 

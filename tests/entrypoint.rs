@@ -133,7 +133,7 @@ impl Pods {
                 format!("{}/data-{{ordinal}}", self.root.path().display()),
             ),
             ("RELAYRATE_POLICY", self.policy.display().to_string()),
-            ("RELAYRATE_REMOVE_TIMEOUT", "30".to_string()),
+            ("RELAYRATE_REMOVE_TIMEOUT", "20".to_string()),
             ("RELAYRATE_LOG", "info,openraft=warn".to_string()),
             ("NO_COLOR", "1".to_string()),
         ];
@@ -514,7 +514,7 @@ fn prestop_leaves_the_cluster_only_on_a_scale_down() {
         assert!(out.status.success(), "{ordinal}/{replicas}: {said}");
         let expected: Vec<String> = if removed {
             vec![format!(
-                "--node http://127.0.0.1:7450 remove-node {}",
+                "--node http://127.0.0.1:7450 --timeout-secs 5 remove-node {}",
                 ordinal + 1
             )]
         } else {
@@ -560,11 +560,14 @@ fn prestop_tries_again_until_the_node_is_removed_or_the_deadline() {
     );
     let made = calls(dir.path(), "relayratectl");
     assert_eq!(made.len(), 5, "{made:?}");
-    assert_eq!(made[0], "--node http://127.0.0.1:7450 remove-node 4");
+    assert_eq!(
+        made[0],
+        "--node http://127.0.0.1:7450 --timeout-secs 5 remove-node 4"
+    );
     // Whether it is gone, pod 0 says: it is never removed by a scale-down.
     assert_eq!(
         made[1],
-        "--node http://relayrate-0.peers:7450 members --json"
+        "--node http://relayrate-0.peers:7450 --timeout-secs 5 members --json"
     );
     assert!(dir.path().join("data/removed-from-cluster").exists());
 

@@ -8,7 +8,8 @@
 #
 # Environment, as for the entrypoint: RELAYRATE_POD_NAME, RELAYRATE_LISTEN,
 # RELAYRATE_DATA_DIR, RELAYRATECTL; and
-#   RELAYRATE_REMOVE_TIMEOUT  seconds to keep trying remove-node (default 30)
+#   RELAYRATE_REMOVE_TIMEOUT  seconds to keep trying remove-node (default 20;
+#                             one more try may take 2 x 5 s)
 #   RELAYRATE_SCALE_JSON      a file holding the StatefulSet's Scale, read
 #                             instead of asking the Kubernetes API (tests)
 set -u
@@ -17,7 +18,7 @@ ctl=${RELAYRATECTL:-/usr/local/bin/relayratectl}
 # Container runtimes set HOSTNAME to the pod's name.
 # shellcheck disable=SC3028
 pod=${RELAYRATE_POD_NAME:-${HOSTNAME:-}}
-timeout=${RELAYRATE_REMOVE_TIMEOUT:-30}
+timeout=${RELAYRATE_REMOVE_TIMEOUT:-20}
 sa=/var/run/secrets/kubernetes.io/serviceaccount
 
 say() {
@@ -91,12 +92,12 @@ end=$(($(date +%s) + timeout))
 # whose answer was lost). False when it cannot tell.
 gone() {
     case $1 in *"removed from the cluster"*) return 0 ;; esac
-    members=$("$ctl" --node "$seed" members --json) || return 1
+    members=$("$ctl" --node "$seed" --timeout-secs 5 members --json) || return 1
     ! printf '%s' "$members" | grep -q "\"id\":$id,"
 }
 # Several pods may leave at once; a membership change in progress refuses
 # the next one, so try again until the deadline.
-until answer=$("$ctl" --node "$node" remove-node "$id" 2>&1) || gone "$answer"; do
+until answer=$("$ctl" --node "$node" --timeout-secs 5 remove-node "$id" 2>&1) || gone "$answer"; do
     say "not yet: $answer"
     if [ "$(date +%s)" -ge "$end" ]; then
         say "node $id not removed within ${timeout}s; remove it by hand: relayratectl remove-node $id"
