@@ -277,3 +277,21 @@ async fn tls_admits_only_certificates_of_the_cluster_ca() {
         assert!(raft.is_err(), "Raft with {what} must be refused");
     }
 }
+
+#[tokio::test]
+async fn a_node_joins_through_the_first_seed_that_answers() {
+    let dirs = temp_dirs(2);
+    let nodes = cluster(1, &dirs, |_| {}).await;
+    let dead = format!("127.0.0.1:{}", common::free_port());
+    let seeds = format!("{dead},{}", nodes[0].addr);
+    let listen: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let mut config = NodeConfig::new(2, listen, dirs[1].path().into(), Start::Join(seeds));
+    config.raft = fast_raft();
+    let second = node::start(config).await.expect("node starts");
+    let raft = second.node.raft.clone();
+    eventually("node 2 a voter", DEADLINE, || {
+        let m = raft.metrics().borrow().clone();
+        m.membership_config.membership().voter_ids().count() == 2
+    })
+    .await;
+}

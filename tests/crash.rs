@@ -386,6 +386,7 @@ async fn ensure_voter(addrs: &[String], id: NodeId) {
     let join = Proposal::Join {
         id,
         addr: addrs[id as usize - 1].clone(),
+        fresh: false,
     };
     loop {
         let leader = find_leader(addrs).await;

@@ -108,7 +108,8 @@ struct RunArgs {
     #[arg(long)]
     advertise: Option<String>,
     /// Join the cluster that ADDR belongs to instead of creating one
-    /// (only read when the data dir is empty).
+    /// (only read when the data dir is empty); several members may be
+    /// given, separated by commas.
     #[arg(long)]
     join: Option<String>,
     /// Milter socket for the MTA.
@@ -167,7 +168,8 @@ struct NodeArgs {
     /// Create a new cluster with this node (empty data dir only).
     #[arg(long, conflicts_with = "join")]
     bootstrap: bool,
-    /// Join the cluster that ADDR belongs to (empty data dir only).
+    /// Join the cluster that ADDR belongs to (empty data dir only);
+    /// several members may be given, separated by commas.
     #[arg(long)]
     join: Option<String>,
     /// How long this node's open-connection leases outlive its silence.

@@ -197,7 +197,12 @@ impl pb::admin_server::Admin for AdminService {
             ));
         }
         tracing::info!(id, %addr, "admin: add node");
-        match self.at_leader(Proposal::Join { id, addr }).await? {
+        let join = Proposal::Join {
+            id,
+            addr,
+            fresh: false,
+        };
+        match self.at_leader(join).await? {
             ProposalReply::Joined => {}
             other => return Err(unexpected(other)),
         }
@@ -211,7 +216,13 @@ impl pb::admin_server::Admin for AdminService {
         self.authorize(&request)?;
         let id = request.into_inner().id;
         tracing::info!(id, "admin: remove node");
-        match self.at_leader(Proposal::Remove { id }).await? {
+        let outcome = self.at_leader(Proposal::Remove { id }).await;
+        // A node removing itself may hear the leader's notice before the
+        // answer: it is out, which is what was asked.
+        if id == self.node.id && self.node.is_removed() {
+            return Ok(Response::new(members_response(&self.node.members(false))));
+        }
+        match outcome? {
             ProposalReply::Response(Applied::Done) => {}
             other => return Err(unexpected(other)),
         }

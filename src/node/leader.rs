@@ -23,10 +23,13 @@ pub enum Proposal {
     Command(Command),
     /// Read-only events, answered after a read-index check.
     Read(Vec<Event>),
-    /// Add a node as a learner, then as a voter.
+    /// Add a node as a learner, then as a voter. `fresh`: the node asks
+    /// for itself with an empty data dir, so if it is a voter already it
+    /// lost its state (and its vote) and must be added anew.
     Join {
         id: NodeId,
         addr: String,
+        fresh: bool,
     },
     /// Put these files in force unless the cluster's policy is the same.
     EnsurePolicy(Vec<PolicyFile>),
@@ -220,7 +223,7 @@ impl Node {
                 }
                 Err(reply) => reply,
             },
-            Proposal::Join { id, addr } => self.add_member(id, addr).await,
+            Proposal::Join { id, addr, fresh } => self.add_member(id, addr, fresh).await,
             Proposal::EnsurePolicy(files) => {
                 if let Err(reply) = self.read_index().await {
                     return reply;
@@ -386,11 +389,20 @@ impl Node {
     /// Adds a node: as a learner, then, once it holds the leader's log,
     /// as a voter. A node that does not answer is taken out again, so it
     /// never counts towards the quorum.
-    async fn add_member(&self, id: NodeId, addr: String) -> ProposalReply {
+    async fn add_member(&self, id: NodeId, addr: String, fresh: bool) -> ProposalReply {
         if !self.is_leader() {
             return ProposalReply::NotLeader;
         }
-        let (voters, known) = self.voters_and_addr(id);
+        let (mut voters, known) = self.voters_and_addr(id);
+        if fresh && voters.contains(&id) && id != self.id {
+            // Kept as it is, it would vote again in terms it voted in.
+            tracing::warn!(id, %addr, "a voter joins with an empty data dir: adding it anew");
+            let gone = ChangeMembers::RemoveVoters([id].into_iter().collect());
+            if let Err(e) = self.raft.change_membership(gone, false).await {
+                return ProposalReply::Failed(e.to_string());
+            }
+            voters.retain(|v| *v != id);
+        }
         if let Some(known) = known.filter(|a| *a != addr) {
             return ProposalReply::Refused(format!(
                 "node {id} is a member at {known}: remove it first to move it to {addr}"

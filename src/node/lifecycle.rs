@@ -279,14 +279,33 @@ fn incarnation(id: NodeId) -> u64 {
     (nanos << 8) ^ id ^ u64::from(std::process::id()) << 40
 }
 
-/// Asks `seed` (and then the leader it points to) to add this node.
-async fn join(node: Arc<Node>, seed: String, advertise: String) {
+/// Asks the seeds in turn (`seeds`: one address or several, separated by
+/// commas; then the leader they point to) to add this node, until this
+/// node sees itself a voter.
+async fn join(node: Arc<Node>, seeds: String, advertise: String) {
+    let seeds: Vec<String> = seeds.split(',').map(|s| s.trim().to_string()).collect();
     let mut wait = Duration::from_millis(100);
-    loop {
+    for attempt in 0.. {
+        let voter = {
+            let metrics = node.raft.metrics();
+            let m = metrics.borrow();
+            let voter = m
+                .membership_config
+                .membership()
+                .voter_ids()
+                .any(|v| v == node.id);
+            voter
+        };
+        if voter {
+            tracing::info!("joined the cluster");
+            return;
+        }
         let proposal = Proposal::Join {
             id: node.id,
             addr: advertise.clone(),
+            fresh: true,
         };
+        let seed = &seeds[attempt % seeds.len()];
         let target = node.leader_addr().map_or(seed.clone(), |(_, a)| a);
         match forward(&node, &target, &proposal).await {
             ProposalReply::Joined => {
