@@ -664,7 +664,8 @@ fn the_entrypoint_builds_the_command_line_the_manifests_expect() {
     let third = entrypoint_argv(sts, &format!("{name}-2"), ns);
     assert_eq!(third["--id"], "3");
     assert_eq!(third["--advertise"], peer(2));
-    assert_eq!(third["--join"], peer(0));
+    // Every lower ordinal, pod 0 first: a new pod joins while pod 0 is down.
+    assert_eq!(third["--join"], format!("{},{}", peer(0), peer(1)));
 
     for flags in [&first, &third] {
         assert_eq!(port_of(&flags["--listen"]), grpc);

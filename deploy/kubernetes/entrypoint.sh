@@ -19,7 +19,7 @@
 #
 # The node's id is ordinal + 1 (ids start at 1: 0 means "no leader" in
 # the Admin API). With an empty data dir, pod 0 creates the cluster and
-# the others join it through pod 0; with data, every pod rejoins as the
+# the others join it through the pods before them; with data, every pod rejoins as the
 # member its data says it is, and --join is ignored by the node.
 set -eu
 
@@ -72,10 +72,15 @@ in_cluster() {
         grep -q '"voter":true'
 }
 
+# Seeds to join through: every lower ordinal, pod 0 first, so that a new
+# pod joins even while pod 0 is down.
 join=
-if [ "$ordinal" -ne 0 ]; then
-    join=$(fill "$peer_template" 0)
-elif empty_data && in_cluster 1; then
+n=0
+while [ "$n" -lt "$ordinal" ]; do
+    join=${join:+$join,}$(fill "$peer_template" "$n")
+    n=$((n + 1))
+done
+if [ "$ordinal" -eq 0 ] && empty_data && in_cluster 1; then
     # Pod 0 lost its volume while the others run: creating a cluster now
     # would make a second one under the same names. Join the running one.
     echo "relayrate-entrypoint: pod 0 has no data but pod 1 is in a cluster: joining it" >&2
