@@ -394,6 +394,11 @@ impl Node {
             return ProposalReply::NotLeader;
         }
         let (mut voters, known) = self.voters_and_addr(id);
+        if let Some(known) = known.filter(|a| *a != addr) {
+            return ProposalReply::Refused(format!(
+                "node {id} is a member at {known}: remove it first to move it to {addr}"
+            ));
+        }
         if fresh && voters.contains(&id) && id != self.id {
             // Kept as it is, it would vote again in terms it voted in.
             tracing::warn!(id, %addr, "a voter joins with an empty data dir: adding it anew");
@@ -402,11 +407,6 @@ impl Node {
                 return ProposalReply::Failed(e.to_string());
             }
             voters.retain(|v| *v != id);
-        }
-        if let Some(known) = known.filter(|a| *a != addr) {
-            return ProposalReply::Refused(format!(
-                "node {id} is a member at {known}: remove it first to move it to {addr}"
-            ));
         }
         if !voters.contains(&id) {
             let added = match self
