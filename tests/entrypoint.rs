@@ -634,24 +634,24 @@ fn flag<'a>(argv: &'a [String], name: &str) -> Option<&'a str> {
 fn entrypoint_takes_id_and_addresses_from_the_pod_name() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
+    // Seeds: every lower ordinal, pod 0 first.
+    let seeds = |below: usize| {
+        (0..below)
+            .map(|o| format!("relayrate-{o}.peers.ns.svc.cluster.local:7450"))
+            .collect::<Vec<_>>()
+            .join(",")
+    };
     for (pod, id, join) in [
         ("relayrate-0", "1", None),
-        (
-            "relayrate-1",
-            "2",
-            Some("relayrate-0.peers.ns.svc.cluster.local:7450"),
-        ),
+        ("relayrate-1", "2", Some(seeds(1))),
+        ("relayrate-3", "4", Some(seeds(3))),
         // The ordinal is what follows the last dash.
-        (
-            "relay-rate-12",
-            "13",
-            Some("relayrate-0.peers.ns.svc.cluster.local:7450"),
-        ),
+        ("relay-rate-12", "13", Some(seeds(12))),
     ] {
         let argv = entrypoint(dir.path(), pod, &data).unwrap();
         assert_eq!(argv[0], "run");
         assert_eq!(flag(&argv, "--id"), Some(id), "{pod}");
-        assert_eq!(flag(&argv, "--join"), join, "{pod}");
+        assert_eq!(flag(&argv, "--join"), join.as_deref(), "{pod}");
         let ordinal = pod.rsplit('-').next().unwrap();
         assert_eq!(
             flag(&argv, "--advertise").unwrap(),
