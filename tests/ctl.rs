@@ -103,6 +103,22 @@ fn try_json(addr: SocketAddr, args: &[&str]) -> Option<Value> {
     serde_json::from_slice(&out.stdout).ok()
 }
 
+/// A `top --json` answer as (check, key, count) rows.
+fn top_rows(top: &Value) -> Vec<(&str, &str, u64)> {
+    top["keys"]
+        .as_array()
+        .expect("keys")
+        .iter()
+        .map(|k| {
+            (
+                k["check"].as_str().unwrap(),
+                k["key"].as_str().unwrap(),
+                k["count"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
 /// The entry of `check` in a `show` answer.
 fn show_check(addr: SocketAddr, key: &str, check: &str) -> Value {
     let show = ctl_json(addr, &["show", key]);
@@ -385,18 +401,8 @@ async fn top_lists_the_hot_key_first_and_filters_by_check(cluster: &Cluster) {
     for id in 1..=3 {
         let top = ctl_json(cluster.addr(id), &["top", "-n", "3"]);
         let keys = top["keys"].as_array().expect("keys");
-        let got: Vec<(&str, &str, u64)> = keys
-            .iter()
-            .map(|k| {
-                (
-                    k["check"].as_str().unwrap(),
-                    k["key"].as_str().unwrap(),
-                    k["count"].as_u64().unwrap(),
-                )
-            })
-            .collect();
         assert_eq!(
-            got,
+            top_rows(&top),
             [
                 ("ConnRate", "10.99.0.1", 12),
                 ("MsgRate", "10.99.0.12", 8),
@@ -415,20 +421,8 @@ async fn top_lists_the_hot_key_first_and_filters_by_check(cluster: &Cluster) {
     }
 
     let top = ctl_json(cluster.addr(2), &["top", "--check", "connrate", "-n", "3"]);
-    let got: Vec<(&str, &str, u64)> = top["keys"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|k| {
-            (
-                k["check"].as_str().unwrap(),
-                k["key"].as_str().unwrap(),
-                k["count"].as_u64().unwrap(),
-            )
-        })
-        .collect();
     assert_eq!(
-        got,
+        top_rows(&top),
         [
             ("ConnRate", "10.99.0.1", 12),
             ("ConnRate", "10.99.0.10", 5),
