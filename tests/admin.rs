@@ -9,8 +9,8 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{eventually, eventually_async};
-use relayrate::node::{self, NodeConfig, NodeHandle, Proposal, ProposalReply, RaftTuning, Start};
+use common::{eventually, eventually_async, fast_raft};
+use relayrate::node::{self, NodeConfig, NodeHandle, Proposal, ProposalReply, Start};
 use relayrate::policy::PolicyFile;
 use relayrate::proto::v1::admin_client::AdminClient;
 use relayrate::proto::v1::raft_client::RaftClient;
@@ -23,15 +23,6 @@ use tonic::Code;
 
 const DEADLINE: Duration = Duration::from_secs(30);
 const POLICY: &str = "CHECK_CONN_RATE YES\nConnRate:default 5\n";
-
-fn fast_raft() -> RaftTuning {
-    RaftTuning {
-        heartbeat_ms: 250,
-        election_min_ms: 750,
-        election_max_ms: 1500,
-        ..RaftTuning::default()
-    }
-}
 
 /// `n` nodes on loopback, node 1 bootstrapping with [`POLICY`], the others
 /// joining it; `tune` adjusts each config.

@@ -2,16 +2,19 @@
 //! dir: limits that hold across nodes, leader loss, restarts, catch-up by
 //! snapshot, and lease expiry.
 
+mod common;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::fast_raft;
 use relayrate::check::Check;
 use relayrate::convert::event_to_pb;
 use relayrate::engine::{ConnId, Event};
-use relayrate::node::{self, NodeConfig, NodeHandle, RaftTuning, Start};
+use relayrate::node::{self, NodeConfig, NodeHandle, Start};
 use relayrate::policy::{Client, PolicyFile};
 use relayrate::proto::v1::limiter_client::LimiterClient;
 use relayrate::proto::v1::DecideRequest;
@@ -20,17 +23,13 @@ use tonic::transport::Channel;
 
 const DEADLINE: Duration = Duration::from_secs(30);
 
-/// Polls `cond` until it holds or the deadline passes.
-async fn eventually<F, Fut>(what: &str, mut cond: F)
+/// Polls `cond` until it holds or [`DEADLINE`] passes.
+async fn eventually<F, Fut>(what: &str, cond: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let until = Instant::now() + DEADLINE;
-    while !cond().await {
-        assert!(Instant::now() < until, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    common::eventually_async(what, DEADLINE, cond).await
 }
 
 fn policy(text: &str) -> Vec<PolicyFile> {
@@ -38,15 +37,6 @@ fn policy(text: &str) -> Vec<PolicyFile> {
         name: "test-policy".into(),
         text: text.into(),
     }]
-}
-
-fn fast_raft() -> RaftTuning {
-    RaftTuning {
-        heartbeat_ms: 250,
-        election_min_ms: 750,
-        election_max_ms: 1500,
-        ..RaftTuning::default()
-    }
 }
 
 struct Cluster {

@@ -44,6 +44,16 @@ pub async fn eventually(what: &str, limit: Duration, mut cond: impl FnMut() -> b
     }
 }
 
+/// Raft timing for in-process clusters: elections in about a second.
+pub fn fast_raft() -> relayrate::node::RaftTuning {
+    relayrate::node::RaftTuning {
+        heartbeat_ms: 250,
+        election_min_ms: 750,
+        election_max_ms: 1500,
+        ..relayrate::node::RaftTuning::default()
+    }
+}
+
 /// Polls an asynchronous `cond` until it holds, or panics after `limit`.
 pub async fn eventually_async<F, Fut>(what: &str, limit: Duration, mut cond: F)
 where
