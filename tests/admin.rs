@@ -286,3 +286,68 @@ async fn a_node_joins_through_the_first_seed_that_answers() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_removed_node_stays_removed_across_a_restart_until_added_back() {
+    use relayrate::convert::event_to_pb;
+    use relayrate::engine::{ConnId, Event};
+    use relayrate::policy::Client;
+    use relayrate::proto::v1::limiter_client::LimiterClient;
+
+    let dirs = temp_dirs(3);
+    let mut nodes = cluster(3, &dirs, |_| {}).await;
+    let mut admin1 = admin(nodes[0].addr, None).await.unwrap();
+    admin1
+        .remove_node(pb::RemoveNodeRequest { id: 3 })
+        .await
+        .expect("node 3 removed");
+    let third = nodes.pop().unwrap();
+    let addr3 = third.addr;
+    let told = third.node.clone();
+    eventually("node 3 told", DEADLINE, || told.is_removed()).await;
+    // The node (and its sled files) must be let go of to be reopened.
+    drop(told);
+    third.kill().await;
+
+    // Restarted on its data: it still knows, decides nothing, and says so.
+    let mut config = NodeConfig::new(3, addr3, dirs[2].path().into(), Start::Resume);
+    config.raft = fast_raft();
+    let until = std::time::Instant::now() + DEADLINE;
+    let restarted = loop {
+        match node::start(config.clone()).await {
+            Ok(h) => break h,
+            // The killed server's port may take a moment to be free.
+            Err(e) if std::time::Instant::now() < until => eprintln!("restart: {e}"),
+            Err(e) => panic!("restart failed: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(restarted.node.is_removed());
+    assert!(!restarted.node.is_ready());
+    let channel = network::channel(&addr3.to_string(), None).unwrap();
+    let connect = Event::Connect {
+        conn: ConnId { owner: 0, conn: 1 },
+        client: Client::from_ip("10.0.0.3".parse().unwrap()),
+    };
+    let refused = LimiterClient::new(channel)
+        .decide(pb::DecideRequest {
+            events: vec![event_to_pb(&connect)],
+        })
+        .await
+        .expect_err("a removed node decides nothing");
+    assert_eq!(refused.code(), Code::Unavailable);
+
+    // Added back: it decides again, as a voter.
+    admin1
+        .add_node(pb::AddNodeRequest {
+            id: 3,
+            addr: addr3.to_string(),
+        })
+        .await
+        .expect("node 3 added back");
+    let back = restarted.node.clone();
+    eventually("node 3 a member again", DEADLINE, || {
+        !back.is_removed() && back.is_ready()
+    })
+    .await;
+}

@@ -158,6 +158,14 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, NodeError> {
     })?;
     let advertise = config.advertise.clone().unwrap_or_else(|| addr.to_string());
 
+    let meta = db.open_tree("node_meta").map_err(|e| storage(&e))?;
+    let removed = meta
+        .contains_key(super::REMOVED_KEY)
+        .map_err(|e| storage(&e))?;
+    if removed {
+        tracing::warn!("this node was removed from the cluster: it waits to be added back");
+        raft.runtime_config().elect(false);
+    }
     let (batch_tx, batch_rx) = mpsc::channel(4096);
     let node = Arc::new(Node {
         id: config.id,
@@ -168,7 +176,8 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, NodeError> {
         batches: batch_tx,
         in_flight: Arc::new(Semaphore::new(batcher::MAX_IN_FLIGHT)),
         draining: AtomicBool::new(false),
-        removed: AtomicBool::new(false),
+        removed: AtomicBool::new(removed),
+        meta,
         ready: AtomicBool::new(config.policy.is_empty()),
         lease_ttl: config.lease_ttl,
         peers: Mutex::new(HashMap::new()),

@@ -70,6 +70,9 @@ pub enum NodeError {
     Raft(String),
 }
 
+/// Key of the removal mark in the `node_meta` tree.
+const REMOVED_KEY: &str = "removed";
+
 /// Milliseconds since the epoch: the leader's stamp on each entry.
 pub fn now_ms() -> u64 {
     SystemTime::now()
@@ -90,8 +93,11 @@ pub struct Node {
     in_flight: Arc<Semaphore>,
     draining: AtomicBool,
     /// Told by the leader that it was removed: it neither decides nor
-    /// campaigns until it is added back.
+    /// campaigns until it is added back. Kept in `meta`, so that a restart
+    /// does not forget it.
     removed: AtomicBool,
+    /// This node's own facts on sled (tree `node_meta`), outside the log.
+    meta: sled::Tree,
     /// Set once this node's `--policy` is in force (at once without one):
     /// until then no event is decided, so none is decided with no limits.
     ready: AtomicBool,
@@ -120,6 +126,13 @@ impl Node {
                 tracing::info!("added back to the cluster");
             } else {
                 tracing::warn!("removed from the cluster: no longer deciding or campaigning");
+            }
+            let stored = match member {
+                true => self.meta.remove(REMOVED_KEY).map(|_| ()),
+                false => self.meta.insert(REMOVED_KEY, &[1]).map(|_| ()),
+            };
+            if let Err(e) = stored.and_then(|()| self.meta.flush().map(|_| ())) {
+                tracing::error!(error = %e, "could not store whether this node is a member");
             }
         }
         self.raft.runtime_config().elect(member);
