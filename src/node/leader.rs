@@ -190,10 +190,6 @@ impl Node {
     /// joins this leader's next batch, so that one entry serves them all.
     pub async fn serve_forwarded(&self, proposal: Proposal) -> ProposalReply {
         match proposal {
-            Proposal::Membership { member } => {
-                self.set_member(member);
-                ProposalReply::Response(Response::Done)
-            }
             Proposal::Command(Command::Decide { senders, events }) if self.is_leader() => {
                 let sender = match senders.as_slice() {
                     [one] => *one,
@@ -237,6 +233,7 @@ impl Node {
                 }
             }
             Proposal::Remove { id } => self.remove_member(id).await,
+            // The leader's notice to a node it removed or added back.
             Proposal::Membership { member } => {
                 self.set_member(member);
                 ProposalReply::Response(Response::Done)
