@@ -1,6 +1,8 @@
 //! `relayrate bench`: a load generator for the `Limiter` service. Each
 //! worker sends a Connect for the next of K client addresses of
 //! 10.77.0.0/16, then its Close, and measures the Connect's round trip.
+//! Workers share one [`BatchingClient`] per target, as a milter's sessions
+//! do, so concurrent events leave in one call.
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::process::ExitCode;
@@ -10,13 +12,14 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 use serde::Serialize;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
 
-use crate::convert::event_to_pb;
 use crate::engine::{ConnId, Event};
+use crate::limiter_client::BatchingClient;
 use crate::policy::Client;
-use crate::proto::v1::limiter_client::LimiterClient;
-use crate::proto::v1::DecideRequest;
+
+/// A call not answered in this time counts as an error for its events.
+const CALL_DEADLINE: Duration = Duration::from_secs(5);
 
 #[derive(Args, Clone, Debug)]
 pub struct BenchArgs {
@@ -92,21 +95,21 @@ pub async fn run(args: BenchArgs) -> ExitCode {
 }
 
 pub async fn measure(args: &BenchArgs) -> Result<Report, String> {
-    let channels = args
+    let clients = args
         .target
         .iter()
         .map(|t| {
             Endpoint::from_shared(t.clone())
-                .map(|e| e.tcp_nodelay(true).connect_lazy())
+                .map(|e| BatchingClient::new(e.tcp_nodelay(true).connect_lazy(), CALL_DEADLINE))
                 .map_err(|e| format!("bad target {t}: {e}"))
         })
-        .collect::<Result<Vec<Channel>, _>>()?;
+        .collect::<Result<Vec<_>, _>>()?;
     let next_key = Arc::new(AtomicU64::new(0));
     let deadline = Instant::now() + Duration::from_secs(args.duration);
     let started = Instant::now();
     let workers: Vec<_> = (0..args.concurrency.max(1))
         .map(|w| {
-            let client = LimiterClient::new(channels[w % channels.len()].clone());
+            let client = clients[w % clients.len()].clone();
             let next_key = next_key.clone();
             let keys = u64::from(args.keys);
             tokio::spawn(worker(w as u64, client, next_key, keys, deadline))
@@ -144,7 +147,7 @@ pub async fn measure(args: &BenchArgs) -> Result<Report, String> {
 
 async fn worker(
     w: u64,
-    mut client: LimiterClient<Channel>,
+    client: BatchingClient,
     next_key: Arc<AtomicU64>,
     keys: u64,
     deadline: Instant,
@@ -163,8 +166,9 @@ async fn worker(
             client: Client::from_ip(key_address(i as u32)),
         };
         let sent = Instant::now();
-        match decide(&mut client, &connect).await {
-            Ok(allowed) => {
+        match client.decide(&connect).await {
+            Ok(verdict) => {
+                let allowed = verdict.is_allowed();
                 tally.latencies_us.push(sent.elapsed().as_micros() as u64);
                 if allowed {
                     tally.allowed += 1;
@@ -177,21 +181,9 @@ async fn worker(
                 continue;
             }
         }
-        if decide(&mut client, &Event::Close { conn }).await.is_err() {
+        if client.decide(&Event::Close { conn }).await.is_err() {
             tally.errors += 1;
         }
     }
     tally
-}
-
-async fn decide(client: &mut LimiterClient<Channel>, event: &Event) -> Result<bool, tonic::Status> {
-    let request = DecideRequest {
-        events: vec![event_to_pb(event)],
-    };
-    let reply = client.decide(request).await?.into_inner();
-    reply
-        .verdicts
-        .first()
-        .map(|v| v.allowed)
-        .ok_or_else(|| tonic::Status::internal("no verdict"))
 }

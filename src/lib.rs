@@ -11,6 +11,8 @@
 //!   a given time and returns verdicts. Pure: no I/O, no clock.
 //! - [`inspect`]: who is near a limit, every count of one key (for the
 //!   admin service).
+//! - [`limiter_client`]: a node client that sends concurrent callers' events
+//!   in one call.
 //! - [`proto`]: the gRPC messages of `proto/relayrate/v1/`.
 //!
 //! Data flows one way: the MTA's milter turns an SMTP session into
@@ -24,6 +26,7 @@ pub mod check;
 pub mod convert;
 pub mod engine;
 pub mod inspect;
+pub mod limiter_client;
 pub mod metrics;
 pub mod milter;
 pub mod node;

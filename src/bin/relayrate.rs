@@ -32,6 +32,10 @@ struct Cli {
     /// Log lines as text for people, or as JSON objects for collectors.
     #[arg(long, global = true, default_value = "human")]
     log_format: LogFormat,
+    /// Threads that serve requests. One (the default) costs the least CPU
+    /// per decision: no hand-overs between threads (see BENCHMARKS.md).
+    #[arg(long, global = true, default_value = "1", value_parser = clap::value_parser!(u16).range(1..=256))]
+    threads: u16,
     #[command(subcommand)]
     command: Command,
 }
@@ -214,6 +218,7 @@ enum PolicyCommand {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logs(cli.log_format);
+    let threads = cli.threads;
     match cli.command {
         Command::Run(args) => {
             let policy = if args.policy.is_empty() {
@@ -243,6 +248,7 @@ fn main() -> ExitCode {
             let serving = Serving {
                 policy_paths: args.policy,
                 metrics,
+                threads,
             };
             serve(config, Some((args.milter_listen, milter)), serving)
         }
@@ -266,7 +272,7 @@ fn main() -> ExitCode {
                     }
                 }
             }
-            serve_milter(args.listen, milter, args.metrics_listen)
+            serve_milter(args.listen, milter, args.metrics_listen, threads)
         }
         Command::Node(args) => {
             let start = match (args.bootstrap, args.join) {
@@ -293,10 +299,11 @@ fn main() -> ExitCode {
             let serving = Serving {
                 policy_paths: args.policy,
                 metrics: args.server.metrics_listen,
+                threads,
             };
             serve(config, None, serving)
         }
-        Command::Bench(args) => runtime().block_on(relayrate::bench::run(args)),
+        Command::Bench(args) => runtime(threads).block_on(relayrate::bench::run(args)),
         Command::Policy(PolicyCommand::Check { files }) => {
             let Some(policy) = load_policy(&files) else {
                 return ExitCode::FAILURE;
@@ -350,11 +357,17 @@ fn local_address(listen: SocketAddr) -> SocketAddr {
     }
 }
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime")
+/// One thread runs everything unless `threads` asks for more.
+fn runtime(threads: u16) -> tokio::runtime::Runtime {
+    let mut builder = match threads {
+        1 => tokio::runtime::Builder::new_current_thread(),
+        n => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(usize::from(n));
+            b
+        }
+    };
+    builder.enable_all().build().expect("tokio runtime")
 }
 
 fn init_logs(format: LogFormat) {
@@ -395,6 +408,7 @@ struct Serving {
     /// Re-read on SIGHUP.
     policy_paths: Vec<PathBuf>,
     metrics: Option<SocketAddr>,
+    threads: u16,
 }
 
 /// Starts the metrics endpoint, if asked; false if it cannot listen.
@@ -434,7 +448,7 @@ fn serve(
             tracing::warn!("admin writes need no token (see --admin-token-file)");
         }
     }
-    runtime().block_on(async move {
+    runtime(serving.threads).block_on(async move {
         if !start_metrics(serving.metrics).await {
             return ExitCode::from(EXIT_CONFIG);
         }
@@ -518,8 +532,13 @@ async fn reload(node: &relayrate::node::Node, paths: &[PathBuf]) {
 }
 
 /// Runs a milter alone until SIGTERM or Ctrl-C.
-fn serve_milter(listen: ListenAddr, config: MilterConfig, metrics: Option<SocketAddr>) -> ExitCode {
-    runtime().block_on(async move {
+fn serve_milter(
+    listen: ListenAddr,
+    config: MilterConfig,
+    metrics: Option<SocketAddr>,
+    threads: u16,
+) -> ExitCode {
+    runtime(threads).block_on(async move {
         if !start_metrics(metrics).await {
             return ExitCode::from(EXIT_CONFIG);
         }

@@ -8,17 +8,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use tonic::transport::Channel;
-
 use super::MilterConfig;
-use crate::tls::endpoint;
-
-use crate::convert::event_to_pb;
 use crate::engine::{Engine, Event, Verdict};
+use crate::limiter_client::BatchingClient;
 use crate::policy::{Policy, PolicyFile};
-use crate::proto::v1::limiter_client::LimiterClient;
-use crate::proto::v1::{DecideRequest, GetPolicyRequest};
+use crate::proto::v1::GetPolicyRequest;
 use crate::raft::state::policy_hash;
+use crate::tls::endpoint;
 
 /// What to do when the node does not answer in time.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -68,9 +64,10 @@ pub enum Decision {
     Unavailable,
 }
 
-/// The milter's client of its node, with the fallback.
+/// The milter's client of its node, with the fallback. The events of all
+/// the milter's sessions share its calls to the node.
 pub struct Decider {
-    client: LimiterClient<Channel>,
+    client: BatchingClient,
     timeout: Duration,
     fail_mode: FailMode,
     relays: u64,
@@ -97,7 +94,7 @@ impl Decider {
             .connect_timeout(config.timeout)
             .connect_lazy();
         Ok(Decider {
-            client: LimiterClient::new(channel),
+            client: BatchingClient::new(channel, config.timeout),
             timeout: config.timeout,
             fail_mode: config.fail_mode,
             relays: config.relays.max(1),
@@ -126,17 +123,9 @@ impl Decider {
     /// Decides one event: at the node if it answers within the timeout,
     /// else by the fail mode.
     pub async fn decide(&self, event: &Event) -> Decision {
-        let request = DecideRequest {
-            events: vec![event_to_pb(event)],
-        };
-        let mut client = self.client.clone();
-        let asked = tokio::time::timeout(self.timeout, client.decide(request)).await;
+        let asked = tokio::time::timeout(self.timeout, self.client.decide(event)).await;
         let why = match asked {
-            Ok(Ok(reply)) => match reply.into_inner().verdicts.first().map(Verdict::try_from) {
-                Some(Ok(verdict)) => return Decision::Node(verdict),
-                Some(Err(e)) => format!("bad verdict: {e}"),
-                None => "no verdict".to_string(),
-            },
+            Ok(Ok(verdict)) => return Decision::Node(verdict),
             Ok(Err(status)) => format!("{}: {}", status.code(), status.message()),
             Err(_) => format!("no answer within {} ms", self.timeout.as_millis()),
         };
@@ -167,7 +156,7 @@ impl Decider {
     /// Fetches the node's policy, and puts it in the fallback engine when
     /// it changed. Returns whether the node answered.
     pub async fn refresh_policy(&self) -> bool {
-        let mut client = self.client.clone();
+        let mut client = self.client.inner();
         let asked =
             tokio::time::timeout(self.timeout * 4, client.get_policy(GetPolicyRequest {})).await;
         let Ok(Ok(reply)) = asked else {

@@ -1,0 +1,115 @@
+//! The batching client of the `Limiter` service against a real one-node
+//! cluster: concurrent callers share calls and each gets the verdict of
+//! its own event; a node that never answers fails its callers at the
+//! deadline and does not hold the calls after it.
+
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+use relayrate::check::Check;
+use relayrate::engine::{ConnId, Event, Verdict};
+use relayrate::limiter_client::BatchingClient;
+use relayrate::node::{self, NodeConfig, Start};
+use relayrate::policy::{Client, PolicyFile};
+use tempfile::TempDir;
+use tonic::transport::Endpoint;
+
+mod common;
+use common::eventually;
+
+fn connect(n: u64, ip: &str) -> Event {
+    Event::Connect {
+        conn: ConnId { owner: 0, conn: n },
+        client: Client::from_ip(ip.parse::<IpAddr>().unwrap()),
+    }
+}
+
+fn client(url: String, deadline: Duration) -> BatchingClient {
+    let channel = Endpoint::from_shared(url).unwrap().connect_lazy();
+    BatchingClient::new(channel, deadline)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_callers_share_calls_and_each_gets_its_own_verdict() {
+    let dir = TempDir::new().unwrap();
+    let mut config = NodeConfig::new(
+        1,
+        "127.0.0.1:0".parse().unwrap(),
+        dir.path().to_path_buf(),
+        Start::Bootstrap,
+    );
+    config.policy = vec![PolicyFile {
+        name: "test".into(),
+        text: "CHECK_CONN_RATE YES\nConnRate:10.9.9.1 3\nConnRate:default 1000\n".into(),
+    }];
+    let node = node::start(config).await.unwrap();
+    let ready = node.node.clone();
+    eventually("policy in force", Duration::from_secs(30), || {
+        ready.is_ready()
+    })
+    .await;
+
+    let limiter = client(format!("http://{}", node.addr), Duration::from_secs(5));
+    // 20 connections of the limited client and 20 of 20 others, at once.
+    let callers: Vec<_> = (0..40u64)
+        .map(|n| {
+            let limiter = limiter.clone();
+            let ip = if n % 2 == 0 {
+                "10.9.9.1".to_string()
+            } else {
+                format!("10.9.8.{n}")
+            };
+            tokio::spawn(async move { (ip.clone(), limiter.decide(&connect(n, &ip)).await) })
+        })
+        .collect();
+    let mut limited_allowed = 0;
+    for caller in callers {
+        let (ip, verdict) = caller.await.unwrap();
+        let verdict = verdict.expect("the node answers");
+        if ip == "10.9.9.1" {
+            limited_allowed += u32::from(verdict.is_allowed());
+            if let Verdict::Refuse(r) = &verdict {
+                assert_eq!((r.check, r.limit), (Check::ConnRate, 3), "{r:?}");
+            }
+        } else {
+            assert!(verdict.is_allowed(), "{ip}: {verdict:?}");
+        }
+    }
+    assert_eq!(limited_allowed, 3, "the limit holds across shared calls");
+    assert!(
+        limiter.calls() < 40,
+        "40 concurrent events took {} calls",
+        limiter.calls()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_node_fails_callers_at_the_deadline_and_holds_no_later_call() {
+    // Accepts connections and never answers.
+    let hung = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", hung.local_addr().unwrap());
+    let _keep = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = hung.accept().await {
+            held.push(s);
+        }
+    });
+    let deadline = Duration::from_millis(200);
+    let limiter = client(url, deadline);
+    // More rounds than calls in flight: each round must still end at its
+    // deadline, not wait behind the calls of the round before.
+    for round in 0..4u64 {
+        let asked = Instant::now();
+        let event = connect(round, "10.9.7.1");
+        let answered = tokio::time::timeout(Duration::from_secs(2), limiter.decide(&event))
+            .await
+            .unwrap_or_else(|_| panic!("round {round}: no answer at all within 2 s"));
+        let took = asked.elapsed();
+        let status = answered.expect_err("a hung node gives no verdict");
+        assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
+        assert!(
+            took >= Duration::from_millis(190) && took < Duration::from_millis(1000),
+            "round {round} took {took:?}"
+        );
+    }
+}
