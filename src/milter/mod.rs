@@ -84,7 +84,7 @@ struct Shared {
 
 /// indymilter does not set TCP_NODELAY; without it a reply written in
 /// several pieces stalls 40 ms on Nagle's algorithm and delayed ACKs.
-struct NoDelay(TcpListener);
+pub struct NoDelay(pub TcpListener);
 
 impl Listener for NoDelay {
     type Io = TcpStream;
