@@ -47,5 +47,11 @@ async fn main() -> std::io::Result<()> {
         max_connections: 1000,
         ..Default::default()
     };
-    indymilter::run(NoDelay(listener), callbacks, config, tokio::signal::ctrl_c()).await
+    indymilter::run(
+        NoDelay(listener),
+        callbacks,
+        config,
+        tokio::signal::ctrl_c(),
+    )
+    .await
 }

@@ -29,7 +29,7 @@ async fn bench_reports_decisions_and_the_limit_holds_per_key() {
     let target = format!("http://{}", handle.addr);
     // The seed's policy: ConnRate for 10.77.0.x is the built-in 15.
     let out = tokio::task::spawn_blocking(move || {
-        // On two threads: the other process tests run on the default one.
+        // On two threads, not its default one.
         Command::new(env!("CARGO_BIN_EXE_relayrate"))
             .args(["--threads", "2"])
             .args([

@@ -32,10 +32,10 @@ struct Cli {
     /// Log lines as text for people, or as JSON objects for collectors.
     #[arg(long, global = true, default_value = "human")]
     log_format: LogFormat,
-    /// Threads that serve requests. One (the default) costs the least CPU
-    /// per decision: no hand-overs between threads (see BENCHMARKS.md).
-    #[arg(long, global = true, default_value = "1", value_parser = clap::value_parser!(u16).range(1..=256))]
-    threads: u16,
+    /// Threads that do the work [default: one per CPU; bench: one, which
+    /// drives more load with less CPU (see BENCHMARKS.md)].
+    #[arg(long, global = true, value_parser = clap::value_parser!(u16).range(1..=256))]
+    threads: Option<u16>,
     #[command(subcommand)]
     command: Command,
 }
@@ -303,7 +303,7 @@ fn main() -> ExitCode {
             };
             serve(config, None, serving)
         }
-        Command::Bench(args) => runtime(threads).block_on(relayrate::bench::run(args)),
+        Command::Bench(args) => runtime(threads.or(Some(1))).block_on(relayrate::bench::run(args)),
         Command::Policy(PolicyCommand::Check { files }) => {
             let Some(policy) = load_policy(&files) else {
                 return ExitCode::FAILURE;
@@ -357,15 +357,17 @@ fn local_address(listen: SocketAddr) -> SocketAddr {
     }
 }
 
-/// One thread runs everything unless `threads` asks for more.
-fn runtime(threads: u16) -> tokio::runtime::Runtime {
+/// A runtime of `threads` threads (one per CPU when `None`). With one,
+/// everything runs on the calling thread, with no hand-overs.
+fn runtime(threads: Option<u16>) -> tokio::runtime::Runtime {
     let mut builder = match threads {
-        1 => tokio::runtime::Builder::new_current_thread(),
-        n => {
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        Some(n) => {
             let mut b = tokio::runtime::Builder::new_multi_thread();
             b.worker_threads(usize::from(n));
             b
         }
+        None => tokio::runtime::Builder::new_multi_thread(),
     };
     builder.enable_all().build().expect("tokio runtime")
 }
@@ -408,7 +410,7 @@ struct Serving {
     /// Re-read on SIGHUP.
     policy_paths: Vec<PathBuf>,
     metrics: Option<SocketAddr>,
-    threads: u16,
+    threads: Option<u16>,
 }
 
 /// Starts the metrics endpoint, if asked; false if it cannot listen.
@@ -536,7 +538,7 @@ fn serve_milter(
     listen: ListenAddr,
     config: MilterConfig,
     metrics: Option<SocketAddr>,
-    threads: u16,
+    threads: Option<u16>,
 ) -> ExitCode {
     runtime(threads).block_on(async move {
         if !start_metrics(metrics).await {
