@@ -79,13 +79,13 @@ struct Pods {
 /// 127/8 is local), so that tests running at once never share an address.
 static NETWORKS: AtomicU64 = AtomicU64::new(101);
 
-/// Three distinct free ports (held at once while they are picked).
+/// Three distinct free ports, out of the ephemeral range.
 fn three_ports() -> (u16, u16, u16) {
-    let listeners: Vec<std::net::TcpListener> = (0..3)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    let port = |i: usize| listeners[i].local_addr().unwrap().port();
-    (port(0), port(1), port(2))
+    (
+        common::free_port(),
+        common::free_port(),
+        common::free_port(),
+    )
 }
 
 impl Pods {

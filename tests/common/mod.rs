@@ -27,12 +27,31 @@ pub fn postfix_available(test: &str) -> bool {
     found
 }
 
+/// A loopback port free now, below Linux's ephemeral range (32768 and
+/// up): a port from that range can be taken by any outgoing connection
+/// between this call and the bind of the process it is meant for (seen:
+/// "Address already in use" for a node started 0.1 s later). Ports of one
+/// test process are distinct: a counter from a random start.
 pub fn free_port() -> u16 {
-    StdListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::hash::{BuildHasher, Hasher};
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::OnceLock;
+    const LOW: u32 = 20_000;
+    const HIGH: u32 = 32_768;
+    static NEXT: OnceLock<AtomicU32> = OnceLock::new();
+    let next = NEXT.get_or_init(|| {
+        let random = std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish();
+        AtomicU32::new((random % u64::from(HIGH - LOW)) as u32)
+    });
+    for _ in LOW..HIGH {
+        let port = (LOW + next.fetch_add(1, Ordering::Relaxed) % (HIGH - LOW)) as u16;
+        if StdListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in {LOW}..{HIGH}");
 }
 
 /// Polls `cond` until it holds, or panics after `limit`.
