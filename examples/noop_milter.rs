@@ -5,10 +5,8 @@
 //!
 //! Usage: cargo run --release --example noop_milter -- 127.0.0.1:PORT
 
-use std::ffi::CString;
-
-use indymilter::{Callbacks, Config, MacroStage, Status};
-use relayrate::milter::NoDelay;
+use indymilter::{Callbacks, Config, Status};
+use relayrate::milter::{ask_for_macros, NoDelay};
 use tokio::net::TcpListener;
 
 #[tokio::main(flavor = "current_thread")]
@@ -20,18 +18,7 @@ async fn main() -> std::io::Result<()> {
     let callbacks: Callbacks<()> = Callbacks::new()
         .on_negotiate(|cx, _, _| {
             Box::pin(async move {
-                // The macros relayrate's milter asks for.
-                let ask = [
-                    (MacroStage::Connect, "j {client_name} {client_addr}"),
-                    (MacroStage::Helo, "{client_name}"),
-                    (MacroStage::Mail, "i {auth_authen}"),
-                    (MacroStage::Rcpt, "i {auth_authen}"),
-                    (MacroStage::Eom, "i"),
-                ];
-                for (stage, names) in ask {
-                    cx.requested_macros
-                        .insert(stage, CString::new(names).expect("no NUL"));
-                }
+                ask_for_macros(&mut cx.requested_macros);
                 Status::Continue
             })
         })

@@ -85,15 +85,7 @@ async fn concurrent_callers_share_calls_and_each_gets_its_own_verdict() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hung_node_fails_callers_at_the_deadline_and_holds_no_later_call() {
-    // Accepts connections and never answers.
-    let hung = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", hung.local_addr().unwrap());
-    let _keep = tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((s, _)) = hung.accept().await {
-            held.push(s);
-        }
-    });
+    let (url, _hung) = common::hung_node().await;
     let deadline = Duration::from_millis(200);
     let limiter = client(url, deadline);
     // More rounds than calls in flight: each round must still end at its

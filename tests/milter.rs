@@ -420,15 +420,7 @@ async fn with_the_node_down_each_fail_mode_answers_within_its_timeout() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hung_node_is_not_waited_for_beyond_the_timeout() {
-    // Accepts connections and never answers.
-    let hung = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", hung.local_addr().unwrap());
-    let _keep = tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((s, _)) = hung.accept().await {
-            held.push(s);
-        }
-    });
+    let (url, _hung) = common::hung_node().await;
     let mut config = MilterConfig::new(url);
     config.fail_mode = FailMode::Open;
     config.timeout = Duration::from_millis(200);

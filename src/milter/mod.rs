@@ -8,6 +8,7 @@
 pub mod decider;
 mod session;
 
+use std::collections::HashMap;
 use std::ffi::{CStr, CString};
 use std::future::Future;
 use std::io;
@@ -177,6 +178,21 @@ async fn refresh_policy(shared: Arc<Shared>) {
     }
 }
 
+/// Asks the MTA for the macros the milter reads, stage by stage. Postfix
+/// sends no macro of a stage left out of these lists.
+pub fn ask_for_macros(requested: &mut HashMap<MacroStage, CString>) {
+    let ask = [
+        (MacroStage::Connect, "j {client_name} {client_addr}"),
+        (MacroStage::Helo, "{client_name}"),
+        (MacroStage::Mail, "i {auth_authen}"),
+        (MacroStage::Rcpt, "i {auth_authen}"),
+        (MacroStage::Eom, "i"),
+    ];
+    for (stage, names) in ask {
+        requested.insert(stage, CString::new(names).expect("no NUL"));
+    }
+}
+
 fn callbacks(shared: Arc<Shared>) -> Callbacks<Session> {
     let (s1, s2, s3, s4, s5, s6) = (
         shared.clone(),
@@ -189,18 +205,7 @@ fn callbacks(shared: Arc<Shared>) -> Callbacks<Session> {
     Callbacks::new()
         .on_negotiate(|cx, _, _| {
             Box::pin(async move {
-                // Postfix sends no macro of a stage left out of these lists.
-                let ask = [
-                    (MacroStage::Connect, "j {client_name} {client_addr}"),
-                    (MacroStage::Helo, "{client_name}"),
-                    (MacroStage::Mail, "i {auth_authen}"),
-                    (MacroStage::Rcpt, "i {auth_authen}"),
-                    (MacroStage::Eom, "i"),
-                ];
-                for (stage, names) in ask {
-                    cx.requested_macros
-                        .insert(stage, CString::new(names).expect("no NUL"));
-                }
+                ask_for_macros(&mut cx.requested_macros);
                 Status::Continue
             })
         })

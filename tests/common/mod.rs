@@ -54,6 +54,20 @@ pub fn free_port() -> u16 {
     panic!("no free port in {LOW}..{HIGH}");
 }
 
+/// A node that accepts connections and never answers, for as long as the
+/// returned task runs: its URL and the task.
+pub async fn hung_node() -> (String, tokio::task::JoinHandle<()>) {
+    let hung = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", hung.local_addr().unwrap());
+    let holding = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = hung.accept().await {
+            held.push(s);
+        }
+    });
+    (url, holding)
+}
+
 /// Polls `cond` until it holds, or panics after `limit`.
 pub async fn eventually(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
     let until = Instant::now() + limit;
