@@ -102,6 +102,13 @@ async fn gather(
                 Err(_) => break,
             }
         }
+        // A caller that gave up waiting (its deadline passed while a hung
+        // node held the calls) has decided without the node: its event
+        // must not be counted there as well.
+        batch.retain(|w| !w.reply.is_closed());
+        if batch.is_empty() {
+            continue;
+        }
         calls.fetch_add(1, Ordering::Relaxed);
         let mut client = client.clone();
         tokio::spawn(async move {

@@ -105,3 +105,42 @@ async fn a_hung_node_fails_callers_at_the_deadline_and_holds_no_later_call() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_whose_caller_gave_up_is_not_sent() {
+    let (url, _hung) = common::hung_node().await;
+    let limiter = client(url, Duration::from_millis(200));
+    // Two callers hold both calls in flight, one call each.
+    let mut held = Vec::new();
+    for n in 0..2u64 {
+        let l = limiter.clone();
+        held.push(tokio::spawn(async move {
+            l.decide(&connect(n, "10.9.6.1")).await
+        }));
+        let l = limiter.clone();
+        eventually("the call is out", Duration::from_secs(2), move || {
+            l.calls() == n + 1
+        })
+        .await;
+    }
+    // A third waits behind them and gives up, deciding without the node
+    // (as the milter's fail mode does).
+    let gave_up = tokio::time::timeout(
+        Duration::from_millis(50),
+        limiter.decide(&connect(2, "10.9.6.1")),
+    )
+    .await;
+    assert!(gave_up.is_err(), "nothing can answer within 50 ms");
+    for h in held {
+        let status = h.await.unwrap().expect_err("hung");
+        assert_eq!(status.code(), tonic::Code::DeadlineExceeded);
+    }
+    // The next event goes out as the third call: the abandoned one never
+    // went.
+    let status = limiter
+        .decide(&connect(3, "10.9.6.1"))
+        .await
+        .expect_err("hung");
+    assert_eq!(status.code(), tonic::Code::DeadlineExceeded);
+    assert_eq!(limiter.calls(), 3, "the abandoned event was sent");
+}
