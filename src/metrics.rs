@@ -12,7 +12,13 @@
 //! - `relayrate_milter_fallbacks_total{mode}` and
 //!   `relayrate_milter_refusals_total{check,stage,dry_run}`: the milter;
 //! - `relayrate_raft_*`: term, leader, log, commit and apply indexes, apply
-//!   lag, members ([`watch_node`]).
+//!   lag, members ([`watch_node`]);
+//! - where a write's time goes: `relayrate_raft_write_seconds{command}` (a
+//!   log write at the leader, until applied), `relayrate_forward_seconds
+//!   {proposal}` (a follower waiting for the leader),
+//!   `relayrate_append_entries_seconds{kind}` (the leader's AppendEntries
+//!   round trips, with entries or empty), `relayrate_log_flush_seconds` and
+//!   `relayrate_log_flush_appends` (one group flush of the log).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -37,13 +43,16 @@ const BATCH_BUCKETS: [f64; 10] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 256.0, 1
 /// `listen` until the process ends; returns the bound address.
 pub async fn serve(listen: SocketAddr) -> std::io::Result<SocketAddr> {
     let handle = PrometheusBuilder::new()
-        .set_buckets_for_metric(
-            Matcher::Full("relayrate_decision_seconds".into()),
-            &LATENCY_BUCKETS,
-        )
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &LATENCY_BUCKETS)
         .and_then(|b| {
             b.set_buckets_for_metric(
                 Matcher::Full("relayrate_batch_events".into()),
+                &BATCH_BUCKETS,
+            )
+        })
+        .and_then(|b| {
+            b.set_buckets_for_metric(
+                Matcher::Full("relayrate_log_flush_appends".into()),
                 &BATCH_BUCKETS,
             )
         })
@@ -95,6 +104,30 @@ fn describe() {
     describe_counter!(
         "relayrate_milter_refusals_total",
         "Refusals the milter gave (or, in a dry run, would have given)"
+    );
+    describe_histogram!(
+        "relayrate_raft_write_seconds",
+        Unit::Seconds,
+        "A log write at the leader, from proposal until applied, by command"
+    );
+    describe_histogram!(
+        "relayrate_forward_seconds",
+        Unit::Seconds,
+        "A proposal forwarded to the leader, until its answer, by proposal"
+    );
+    describe_histogram!(
+        "relayrate_append_entries_seconds",
+        Unit::Seconds,
+        "AppendEntries round trips from this leader, with entries or empty"
+    );
+    describe_histogram!(
+        "relayrate_log_flush_seconds",
+        Unit::Seconds,
+        "One flush of the log to disk (group commit)"
+    );
+    describe_histogram!(
+        "relayrate_log_flush_appends",
+        "Log appends made durable by one flush"
     );
     describe_gauge!("relayrate_raft_term", "Current Raft term");
     describe_gauge!("relayrate_raft_leader_id", "Leader's node id, 0 if none");
@@ -149,6 +182,26 @@ pub fn record_decisions(kinds: &[&'static str], verdicts: &[Verdict], elapsed: D
 
 pub fn record_batch(events: usize) {
     histogram!("relayrate_batch_events").record(events as f64);
+}
+
+pub fn record_raft_write(command: &'static str, elapsed: Duration) {
+    histogram!("relayrate_raft_write_seconds", "command" => command).record(elapsed.as_secs_f64());
+}
+
+pub fn record_forward(proposal: &'static str, elapsed: Duration) {
+    histogram!("relayrate_forward_seconds", "proposal" => proposal).record(elapsed.as_secs_f64());
+}
+
+/// One AppendEntries round trip; `with_entries` false for the empty ones
+/// (heartbeats, commit notices, leadership checks).
+pub fn record_append_entries(with_entries: bool, elapsed: Duration) {
+    let kind = if with_entries { "entries" } else { "empty" };
+    histogram!("relayrate_append_entries_seconds", "kind" => kind).record(elapsed.as_secs_f64());
+}
+
+pub fn record_log_flush(appends: usize, elapsed: Duration) {
+    histogram!("relayrate_log_flush_seconds").record(elapsed.as_secs_f64());
+    histogram!("relayrate_log_flush_appends").record(appends as f64);
 }
 
 pub fn record_fallback(mode: &'static str) {

@@ -4,11 +4,12 @@
 
 mod common;
 
+use std::ffi::OsStr;
 use std::net::{IpAddr, SocketAddr};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{eventually_async, free_port, Relayrate};
+use common::{eventually_async, free_port, NodeProc, Relayrate};
 use indymilter_test::{Status, TestConnection};
 use relayrate::convert::event_to_pb;
 use relayrate::engine::{ConnId, Event};
@@ -131,6 +132,97 @@ async fn metrics_count_what_the_node_and_the_milter_decided() {
     );
     assert_eq!(sample(&text, "relayrate_raft_apply_lag"), Some(0.0));
     assert!(text.contains("relayrate_batch_events_bucket"));
+}
+
+/// The figures of where a write's time goes, on a 3-node cluster of
+/// processes: 5 Decide calls, one after the other, through a follower are
+/// 5 forwards there, and 5 log writes at the leader, each flushed and
+/// sent to the followers with its entries.
+#[tokio::test]
+async fn a_cluster_shows_where_a_writes_time_goes() {
+    let root = tempfile::tempdir().unwrap();
+    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let listen: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    let metrics_on = |i: usize| [OsStr::new("--metrics-listen"), OsStr::new(&listen[i])];
+    let policy = "CHECK_CONN_RATE YES\nConnRate:default 100\n";
+    let first = NodeProc::start_with_args(root.path(), 1, Some(policy), None, &metrics_on(0));
+    first.wait_deciding().await;
+    let seed = Some(first.addr);
+    let nodes = [
+        first,
+        NodeProc::start_with_args(root.path(), 2, None, seed, &metrics_on(1)),
+        NodeProc::start_with_args(root.path(), 3, None, seed, &metrics_on(2)),
+    ];
+    for n in &nodes {
+        n.wait_deciding().await;
+    }
+
+    // The leader as its gauge says (copied every second).
+    let until = std::time::Instant::now() + DEADLINE;
+    let leader = 'found: loop {
+        for (i, port) in ports.iter().enumerate() {
+            if sample(&scrape(*port).await, "relayrate_raft_is_leader") == Some(1.0) {
+                break 'found i;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < until,
+            "no leader in the metrics"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let follower = (leader + 1) % 3;
+
+    let write = r#"relayrate_raft_write_seconds_count{command="decide"}"#;
+    let forward = r#"relayrate_forward_seconds_count{proposal="decide"}"#;
+    let entries = r#"relayrate_append_entries_seconds_count{kind="entries"}"#;
+    let flushes = "relayrate_log_flush_seconds_count";
+    let count = |text: &str, series: &str| sample(text, series).unwrap_or(0.0);
+    let at_leader = scrape(ports[leader]).await;
+    let at_follower = scrape(ports[follower]).await;
+
+    let mut limiter = LimiterClient::connect(format!("http://{}", nodes[follower].addr))
+        .await
+        .unwrap();
+    for conn in 1..=5 {
+        let events = vec![event_to_pb(&connect("10.66.0.9", conn))];
+        let reply = limiter.decide(DecideRequest { events }).await.unwrap();
+        assert!(reply.into_inner().verdicts[0].allowed);
+    }
+
+    let leader_after = scrape(ports[leader]).await;
+    let follower_after = scrape(ports[follower]).await;
+    let grew =
+        |before: &str, after: &str, series: &str| count(after, series) - count(before, series);
+    assert_eq!(
+        grew(&at_follower, &follower_after, forward),
+        5.0,
+        "{follower_after}"
+    );
+    assert_eq!(
+        grew(&at_leader, &leader_after, write),
+        5.0,
+        "{leader_after}"
+    );
+    assert!(
+        grew(&at_leader, &leader_after, entries) >= 5.0,
+        "{leader_after}"
+    );
+    assert!(
+        grew(&at_leader, &leader_after, flushes) >= 5.0,
+        "{leader_after}"
+    );
+    // A follower writes no log entry itself, and the leader forwards none.
+    assert_eq!(grew(&at_follower, &follower_after, write), 0.0);
+    assert_eq!(grew(&at_leader, &leader_after, forward), 0.0);
+    // One flush makes one or more appends durable.
+    assert_eq!(
+        count(&leader_after, flushes),
+        count(&leader_after, "relayrate_log_flush_appends_count")
+    );
+    assert!(
+        count(&leader_after, "relayrate_log_flush_appends_sum") >= count(&leader_after, flushes)
+    );
 }
 
 struct Killed(Child);

@@ -51,6 +51,23 @@ pub enum Proposal {
     Inspect(Inspect),
 }
 
+impl Proposal {
+    /// The proposal's name in metrics.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Proposal::Command(c) => c.name(),
+            Proposal::Read(_) => "read",
+            Proposal::Join { .. } => "join",
+            Proposal::EnsurePolicy(_) => "ensure_policy",
+            Proposal::Remove { .. } => "remove",
+            Proposal::Membership { .. } => "membership",
+            Proposal::Policy => "policy",
+            Proposal::Members => "members",
+            Proposal::Inspect(_) => "inspect",
+        }
+    }
+}
+
 /// What an operator asks about the counts.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum Inspect {
@@ -357,11 +374,15 @@ impl Node {
 
     /// Appends a command stamped with this leader's clock.
     async fn write(&self, command: Command) -> ProposalReply {
+        let name = command.name();
         let request = Request {
             stamp_ms: now_ms(),
             command,
         };
-        match self.raft.client_write(request).await {
+        let started = Instant::now();
+        let written = self.raft.client_write(request).await;
+        crate::metrics::record_raft_write(name, started.elapsed());
+        match written {
             Ok(r) => ProposalReply::Response(r.data),
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
                 ProposalReply::NotLeader
@@ -488,7 +509,10 @@ pub(super) async fn forward(node: &Node, addr: &str, proposal: &Proposal) -> Pro
         _ => Duration::from_secs(5),
     };
     request.set_timeout(timeout);
-    match client.propose(request).await {
+    let started = Instant::now();
+    let answer = client.propose(request).await;
+    crate::metrics::record_forward(proposal.name(), started.elapsed());
+    match answer {
         Ok(reply) => network::decode(&reply.into_inner())
             .unwrap_or_else(|s: tonic::Status| ProposalReply::Failed(s.to_string())),
         Err(status) => ProposalReply::Failed(status.to_string()),

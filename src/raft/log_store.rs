@@ -56,7 +56,9 @@ fn spawn_flusher(db: sled::Db) -> std::io::Result<Flusher> {
         .spawn(move || {
             while let Ok(first) = rx.recv() {
                 let waiting: Vec<_> = std::iter::once(first).chain(rx.try_iter()).collect();
+                let started = std::time::Instant::now();
                 let flushed = db.flush();
+                crate::metrics::record_log_flush(waiting.len(), started.elapsed());
                 for callback in waiting {
                     let result = match &flushed {
                         Ok(_) => Ok(()),

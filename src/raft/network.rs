@@ -119,12 +119,16 @@ impl RaftNetwork<TypeConfig> for Peer {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> RpcResult<AppendEntriesResponse<NodeId>, openraft::error::Infallible> {
-        self.call(
-            |mut c, r| Box::pin(async move { c.append_entries(r).await }),
-            &rpc,
-            &option,
-        )
-        .await
+        let started = std::time::Instant::now();
+        let answer = self
+            .call(
+                |mut c, r| Box::pin(async move { c.append_entries(r).await }),
+                &rpc,
+                &option,
+            )
+            .await;
+        crate::metrics::record_append_entries(!rpc.entries.is_empty(), started.elapsed());
+        answer
     }
 
     async fn install_snapshot(

@@ -56,6 +56,18 @@ pub enum Command {
     },
 }
 
+impl Command {
+    /// The command's name in metrics.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Command::Decide { .. } => "decide",
+            Command::SetPolicy { .. } => "set_policy",
+            Command::Heartbeat { .. } => "heartbeat",
+            Command::Reset { .. } => "reset",
+        }
+    }
+}
+
 /// A command with the leader's clock at proposal.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Request {
