@@ -1,8 +1,13 @@
-//! `relayrate bench`: a load generator for the `Limiter` service. Each
-//! worker sends a Connect for the next of K client addresses of
+//! `relayrate bench`: a load generator for the `Limiter` service. A
+//! session sends a Connect for the next of K client addresses of
 //! 10.77.0.0/16, then its Close, and measures the Connect's round trip.
-//! Workers share one [`BatchingClient`] per target, as a milter's sessions
-//! do, so concurrent events leave in one call.
+//! Sessions share one [`BatchingClient`] per target, as a milter's do, so
+//! concurrent events leave in one call.
+//!
+//! Closed loop (the default): C workers, each starting its next session
+//! when the last one ends. Open loop (`--rate R`): a session starts every
+//! 1/R seconds whatever the answers, at most C at once; this measures the
+//! latency at a given load.
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::process::ExitCode;
@@ -12,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 use serde::Serialize;
+use tokio::sync::{mpsc, Semaphore};
 use tonic::transport::Endpoint;
 
 use crate::engine::{ConnId, Event};
@@ -20,15 +26,22 @@ use crate::policy::Client;
 
 /// A call not answered in this time counts as an error for its events.
 const CALL_DEADLINE: Duration = Duration::from_secs(5);
+/// How late tokio's millisecond timer may wake the open loop.
+const TIMER_SLACK: Duration = Duration::from_millis(2);
 
 #[derive(Args, Clone, Debug)]
 pub struct BenchArgs {
     /// Node URLs, comma-separated; workers are spread over them.
     #[arg(long, value_delimiter = ',', default_value = "http://127.0.0.1:7450")]
     pub target: Vec<String>,
-    /// Requests in flight at once.
+    /// Sessions at once: the workers of the closed loop, or with `--rate`
+    /// the most sessions open at once.
     #[arg(long, default_value = "16")]
     pub concurrency: usize,
+    /// Open loop: start this many sessions (decisions) a second, spread
+    /// evenly, whatever the answers.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub rate: Option<u32>,
     /// Seconds to run.
     #[arg(long, default_value = "10")]
     pub duration: u64,
@@ -68,6 +81,15 @@ struct Tally {
     latencies_us: Vec<u64>,
 }
 
+impl Tally {
+    fn add(&mut self, other: Tally) {
+        self.allowed += other.allowed;
+        self.denied += other.denied;
+        self.errors += other.errors;
+        self.latencies_us.extend(other.latencies_us);
+    }
+}
+
 pub async fn run(args: BenchArgs) -> ExitCode {
     match measure(&args).await {
         Ok(report) => {
@@ -104,25 +126,13 @@ pub async fn measure(args: &BenchArgs) -> Result<Report, String> {
                 .map_err(|e| format!("bad target {t}: {e}"))
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let next_key = Arc::new(AtomicU64::new(0));
-    let deadline = Instant::now() + Duration::from_secs(args.duration);
+    let keys = u64::from(args.keys);
     let started = Instant::now();
-    let workers: Vec<_> = (0..args.concurrency.max(1))
-        .map(|w| {
-            let client = clients[w % clients.len()].clone();
-            let next_key = next_key.clone();
-            let keys = u64::from(args.keys);
-            tokio::spawn(worker(w as u64, client, next_key, keys, deadline))
-        })
-        .collect();
-    let mut total = Tally::default();
-    for w in workers {
-        let t = w.await.map_err(|e| e.to_string())?;
-        total.allowed += t.allowed;
-        total.denied += t.denied;
-        total.errors += t.errors;
-        total.latencies_us.extend(t.latencies_us);
-    }
+    let deadline = started + Duration::from_secs(args.duration);
+    let mut total = match args.rate {
+        Some(rate) => open_loop(rate, args.concurrency, &clients, keys, started, deadline).await,
+        None => closed_loop(args.concurrency, &clients, keys, deadline).await?,
+    };
     let elapsed = started.elapsed().as_secs_f64();
     total.latencies_us.sort_unstable();
     let pct = |p: f64| {
@@ -145,45 +155,113 @@ pub async fn measure(args: &BenchArgs) -> Result<Report, String> {
     })
 }
 
-async fn worker(
-    w: u64,
-    client: BatchingClient,
-    next_key: Arc<AtomicU64>,
+async fn closed_loop(
+    workers: usize,
+    clients: &[BatchingClient],
     keys: u64,
     deadline: Instant,
-) -> Tally {
-    let mut tally = Tally::default();
-    let mut n = 0u64;
-    while Instant::now() < deadline {
-        let i = next_key.fetch_add(1, Ordering::Relaxed) % keys;
-        let conn = ConnId {
-            owner: 0,
-            conn: (w << 40) | n,
-        };
-        n += 1;
-        let connect = Event::Connect {
-            conn,
-            client: Client::from_ip(key_address(i as u32)),
-        };
-        let sent = Instant::now();
-        match client.decide(&connect).await {
-            Ok(verdict) => {
-                let allowed = verdict.is_allowed();
-                tally.latencies_us.push(sent.elapsed().as_micros() as u64);
-                if allowed {
-                    tally.allowed += 1;
-                } else {
-                    tally.denied += 1;
+) -> Result<Tally, String> {
+    let next_key = Arc::new(AtomicU64::new(0));
+    let workers: Vec<_> = (0..workers.max(1))
+        .map(|w| {
+            let client = clients[w % clients.len()].clone();
+            let next_key = next_key.clone();
+            tokio::spawn(async move {
+                let mut tally = Tally::default();
+                let mut n = 0u64;
+                while Instant::now() < deadline {
+                    let i = next_key.fetch_add(1, Ordering::Relaxed) % keys;
+                    let conn = ConnId {
+                        owner: 0,
+                        conn: ((w as u64) << 40) | n,
+                    };
+                    n += 1;
+                    session(&client, conn, i, Instant::now(), &mut tally).await;
                 }
-            }
-            Err(_) => {
-                tally.errors += 1;
-                continue;
+                tally
+            })
+        })
+        .collect();
+    let mut total = Tally::default();
+    for w in workers {
+        total.add(w.await.map_err(|e| e.to_string())?);
+    }
+    Ok(total)
+}
+
+/// A session starts every 1/`rate` seconds from `started`, at most
+/// `concurrency` at once. A Connect's time includes any wait for a free
+/// session, so the figures are those of the offered load, not only of
+/// the sessions the cluster let through.
+async fn open_loop(
+    rate: u32,
+    concurrency: usize,
+    clients: &[BatchingClient],
+    keys: u64,
+    started: Instant,
+    deadline: Instant,
+) -> Tally {
+    let free = Arc::new(Semaphore::new(concurrency.max(1)));
+    let (done, mut tallies) = mpsc::unbounded_channel::<Tally>();
+    let mut n = 0u64;
+    loop {
+        let due = started + Duration::from_secs_f64(n as f64 / f64::from(rate));
+        if due >= deadline {
+            break;
+        }
+        tokio::time::sleep_until(due.into()).await;
+        // tokio's timer ticks every millisecond: a wake-up up to a tick
+        // late is the timer's, and the time runs from the wake-up. Later
+        // than that, this loop was held up waiting for a free session, and
+        // the time runs from when the session was due.
+        let woke = Instant::now();
+        let from = match woke.duration_since(due) <= TIMER_SLACK {
+            true => woke,
+            false => due,
+        };
+        let permit = free.clone().acquire_owned().await.expect("never closed");
+        let client = clients[n as usize % clients.len()].clone();
+        let done = done.clone();
+        let conn = ConnId { owner: 0, conn: n };
+        let i = n % keys;
+        tokio::spawn(async move {
+            let mut tally = Tally::default();
+            session(&client, conn, i, from, &mut tally).await;
+            let _ = done.send(tally);
+            drop(permit);
+        });
+        n += 1;
+    }
+    drop(done);
+    let mut total = Tally::default();
+    while let Some(t) = tallies.recv().await {
+        total.add(t);
+    }
+    total
+}
+
+/// One session: the Connect of the `i`-th address, timed from `from`, then
+/// its Close.
+async fn session(client: &BatchingClient, conn: ConnId, i: u64, from: Instant, tally: &mut Tally) {
+    let connect = Event::Connect {
+        conn,
+        client: Client::from_ip(key_address(i as u32)),
+    };
+    match client.decide(&connect).await {
+        Ok(verdict) => {
+            tally.latencies_us.push(from.elapsed().as_micros() as u64);
+            if verdict.is_allowed() {
+                tally.allowed += 1;
+            } else {
+                tally.denied += 1;
             }
         }
-        if client.decide(&Event::Close { conn }).await.is_err() {
+        Err(_) => {
             tally.errors += 1;
+            return;
         }
     }
-    tally
+    if client.decide(&Event::Close { conn }).await.is_err() {
+        tally.errors += 1;
+    }
 }
