@@ -1,20 +1,26 @@
 //! Gathers the events of concurrent callers into one log entry: the
 //! node's own milters' events, and on the leader the batches its followers
-//! forward. While a batch is being written, new events wait and pile up,
-//! so the batch grows with the load: one fsync and one replication round
-//! then serve many decisions.
+//! forward. At the leader, while a batch is being written, new events wait
+//! and pile up, so the batch grows with the load: one fsync and one
+//! replication round then serve many decisions. A follower forwards each
+//! batch at once, without waiting for the answer to the one before: its
+//! events then join the leader's next entry instead of waiting a whole
+//! forward for their turn.
 
 use std::sync::Arc;
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
 use super::{Node, NodeError};
 use crate::engine::{Event, Verdict};
 use crate::raft::{Command, RequestId, Response, Sender};
 
-/// Batches being written at once. One: the next batch gathers while the
-/// current one commits, which measured faster than several small ones.
-pub const MAX_IN_FLIGHT: usize = 1;
+/// Batches being written at once at the leader. One: the next batch
+/// gathers while the current one commits, which measured faster than
+/// several small ones.
+pub const MAX_WRITES: usize = 1;
+/// Batches a follower has forwarded and not yet had answered, at most.
+pub const MAX_FORWARDS: usize = 16;
 /// Events in one batch at most.
 pub const MAX_EVENTS: usize = 2048;
 
@@ -26,14 +32,45 @@ pub struct Pending {
     pub reply: oneshot::Sender<Result<Vec<Verdict>, NodeError>>,
 }
 
+/// The batches out at once: being written at the leader, or forwarded by
+/// a follower.
+pub struct InFlight {
+    writes: Arc<Semaphore>,
+    forwards: Arc<Semaphore>,
+}
+
+impl Default for InFlight {
+    fn default() -> InFlight {
+        InFlight {
+            writes: Arc::new(Semaphore::new(MAX_WRITES)),
+            forwards: Arc::new(Semaphore::new(MAX_FORWARDS)),
+        }
+    }
+}
+
+impl InFlight {
+    /// Waits for room for one more batch, written here if `leading`, else
+    /// forwarded. (Leadership may change before the batch leaves; it then
+    /// goes the other way, which is only slower.)
+    async fn acquire(&self, leading: bool) -> OwnedSemaphorePermit {
+        let room = if leading {
+            &self.writes
+        } else {
+            &self.forwards
+        };
+        room.clone().acquire_owned().await.expect("never closed")
+    }
+
+    /// Whether no batch is out.
+    pub fn is_idle(&self) -> bool {
+        self.writes.available_permits() == MAX_WRITES
+            && self.forwards.available_permits() == MAX_FORWARDS
+    }
+}
+
 pub async fn run(node: Arc<Node>, mut rx: mpsc::Receiver<Pending>) {
     while let Some(first) = rx.recv().await {
-        let permit = node
-            .in_flight
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("never closed");
+        let permit = node.in_flight.acquire(node.is_leader()).await;
         let mut count = first.events.len();
         let mut batch = vec![first];
         while count < MAX_EVENTS {

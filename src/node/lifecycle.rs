@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use super::config::{raft_config, NodeConfig, Start};
@@ -60,7 +60,7 @@ impl NodeHandle {
         let node = &self.node;
         while Instant::now() < until {
             let queued = node.batches.max_capacity() - node.batches.capacity();
-            if queued == 0 && node.in_flight.available_permits() == batcher::MAX_IN_FLIGHT {
+            if queued == 0 && node.in_flight.is_idle() {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -174,7 +174,7 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, NodeError> {
         raft: raft.clone(),
         state,
         batches: batch_tx,
-        in_flight: Arc::new(Semaphore::new(batcher::MAX_IN_FLIGHT)),
+        in_flight: batcher::InFlight::default(),
         draining: AtomicBool::new(false),
         removed: AtomicBool::new(removed),
         meta,

@@ -23,10 +23,10 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{mpsc, oneshot};
 use tonic::transport::Channel;
 
 pub use config::{NodeConfig, RaftTuning, Start};
@@ -89,8 +89,8 @@ pub struct Node {
     pub raft: Raft,
     state: SharedState,
     batches: mpsc::Sender<batcher::Pending>,
-    /// Batches being written; all permits free means nothing in flight.
-    in_flight: Arc<Semaphore>,
+    /// Batches being written or forwarded.
+    in_flight: batcher::InFlight,
     draining: AtomicBool,
     /// Told by the leader that it was removed: it neither decides nor
     /// campaigns until it is added back. Kept in `meta`, so that a restart
