@@ -3,9 +3,12 @@
 //! `raft_meta`. An append is reported flushed only once sled has flushed
 //! it to disk: a flusher thread does that for every append waiting at the
 //! time with one flush (group commit), in order, while Raft goes on.
+//! Purged entries are removed by a thread of their own: removing thousands
+//! of keys takes tens of milliseconds, and openraft waits for `purge`.
 
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
@@ -27,18 +30,46 @@ pub struct LogStore {
     db: sled::Db,
     log: sled::Tree,
     meta: sled::Tree,
-    flusher: Arc<Flusher>,
+    flusher: Arc<Worker<LogFlushed<TypeConfig>>>,
+    purger: Arc<Worker<u64>>,
+    /// The lowest index not purged: entries below it may still be on disk
+    /// until the purge thread has removed them, and are never read.
+    first_kept: Arc<AtomicU64>,
 }
 
-/// The flusher thread and the way to it. Dropping the last handle stops
-/// the thread and waits for it, so the database is closed when the log
-/// store is gone (and can be opened again at once).
-struct Flusher {
-    tx: Option<mpsc::Sender<LogFlushed<TypeConfig>>>,
+/// A thread that serves the jobs sent to it, each with those waiting
+/// behind it. Dropping the last handle stops the thread and waits for it,
+/// so the database is closed when the log store is gone (and can be
+/// opened again at once).
+struct Worker<T> {
+    tx: Option<mpsc::Sender<T>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
-impl Drop for Flusher {
+impl<T: Send + 'static> Worker<T> {
+    fn spawn(name: &str, mut serve: impl FnMut(Vec<T>) + Send + 'static) -> std::io::Result<Self> {
+        let (tx, rx) = mpsc::channel::<T>();
+        let thread = std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || {
+                while let Ok(first) = rx.recv() {
+                    serve(std::iter::once(first).chain(rx.try_iter()).collect());
+                }
+            })?;
+        Ok(Worker {
+            tx: Some(tx),
+            thread: Some(thread),
+        })
+    }
+
+    /// Hands a job to the thread; gives it back if the thread is gone.
+    fn send(&self, job: T) -> Result<(), T> {
+        let tx = self.tx.as_ref().expect("set until dropped");
+        tx.send(job).map_err(|mpsc::SendError(job)| job)
+    }
+}
+
+impl<T> Drop for Worker<T> {
     fn drop(&mut self) {
         self.tx.take();
         if let Some(t) = self.thread.take() {
@@ -49,28 +80,34 @@ impl Drop for Flusher {
 
 /// Flushes sled for the appends waiting, then reports them flushed, in
 /// order.
-fn spawn_flusher(db: sled::Db) -> std::io::Result<Flusher> {
-    let (tx, rx) = mpsc::channel::<LogFlushed<TypeConfig>>();
-    let thread = std::thread::Builder::new()
-        .name("relayrate-log-flush".into())
-        .spawn(move || {
-            while let Ok(first) = rx.recv() {
-                let waiting: Vec<_> = std::iter::once(first).chain(rx.try_iter()).collect();
-                let started = std::time::Instant::now();
-                let flushed = db.flush();
-                crate::metrics::record_log_flush(waiting.len(), started.elapsed());
-                for callback in waiting {
-                    let result = match &flushed {
-                        Ok(_) => Ok(()),
-                        Err(e) => Err(std::io::Error::other(e.to_string())),
-                    };
-                    callback.log_io_completed(result);
-                }
+fn spawn_flusher(db: sled::Db) -> std::io::Result<Worker<LogFlushed<TypeConfig>>> {
+    Worker::spawn(
+        "relayrate-log-flush",
+        move |waiting: Vec<LogFlushed<TypeConfig>>| {
+            let started = std::time::Instant::now();
+            let flushed = db.flush();
+            crate::metrics::record_log_flush(waiting.len(), started.elapsed());
+            for callback in waiting {
+                let result = match &flushed {
+                    Ok(_) => Ok(()),
+                    Err(e) => Err(std::io::Error::other(e.to_string())),
+                };
+                callback.log_io_completed(result);
             }
-        })?;
-    Ok(Flusher {
-        tx: Some(tx),
-        thread: Some(thread),
+        },
+    )
+}
+
+/// Removes the entries at or below the highest index asked for. The
+/// `last_purged` marker is already stored, so a failure here or a crash
+/// before it only leaves entries that nothing reads, and the next purge
+/// removes them.
+fn spawn_purger(log: sled::Tree) -> std::io::Result<Worker<u64>> {
+    Worker::spawn("relayrate-log-purge", move |upto| {
+        let upto = upto.into_iter().max().expect("at least one");
+        if let Err(e) = remove_range(&log, ..=key(upto)) {
+            tracing::warn!(error = %e, upto, "could not remove purged log entries");
+        }
     })
 }
 
@@ -89,12 +126,21 @@ fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, bincode::Error> {
 }
 
 impl LogStore {
-    pub fn open(db: &sled::Db) -> Result<LogStore, sled::Error> {
+    pub fn open(db: &sled::Db) -> Result<LogStore, StorageError<NodeId>> {
+        let io = |e: &dyn std::error::Error| StorageIOError::read_logs(openraft::AnyError::error(e));
+        let log = db.open_tree("raft_log").map_err(|e| io(&e))?;
+        let meta = db.open_tree("raft_meta").map_err(|e| io(&e))?;
+        let purged: Option<LogId<NodeId>> = match meta.get(LAST_PURGED).map_err(|e| io(&e))? {
+            Some(bytes) => Some(decode(&bytes).map_err(|e| io(&e))?),
+            None => None,
+        };
         Ok(LogStore {
             db: db.clone(),
-            log: db.open_tree("raft_log")?,
-            meta: db.open_tree("raft_meta")?,
-            flusher: Arc::new(spawn_flusher(db.clone())?),
+            log: log.clone(),
+            meta,
+            flusher: Arc::new(spawn_flusher(db.clone()).map_err(|e| io(&e))?),
+            purger: Arc::new(spawn_purger(log).map_err(|e| io(&e))?),
+            first_kept: Arc::new(AtomicU64::new(purged.map_or(0, |l| l.index + 1))),
         })
     }
 
@@ -120,18 +166,15 @@ impl LogStore {
             .map_err(|e| StorageIOError::write(&e))?;
         Ok(())
     }
+}
 
-    /// Removes the keys of `range` from the log, in one atomic batch.
-    fn remove_range(&self, range: impl RangeBounds<[u8; 8]>) -> StoreResult<()> {
-        let mut batch = sled::Batch::default();
-        for k in self.log.range(range).keys() {
-            batch.remove(k.map_err(|e| StorageIOError::write_logs(&e))?);
-        }
-        self.log
-            .apply_batch(batch)
-            .map_err(|e| StorageIOError::write_logs(&e))?;
-        Ok(())
+/// Removes the keys of `range` from the log, in one atomic batch.
+fn remove_range(log: &sled::Tree, range: impl RangeBounds<[u8; 8]>) -> sled::Result<()> {
+    let mut batch = sled::Batch::default();
+    for k in log.range(range).keys() {
+        batch.remove(k?);
     }
+    log.apply_batch(batch)
 }
 
 impl RaftLogReader<TypeConfig> for LogStore {
@@ -143,7 +186,8 @@ impl RaftLogReader<TypeConfig> for LogStore {
             Bound::Included(i) => *i,
             Bound::Excluded(i) => *i + 1,
             Bound::Unbounded => 0,
-        };
+        }
+        .max(self.first_kept.load(Ordering::Acquire));
         let mut entries = Vec::new();
         for item in self.log.range(key(start)..) {
             let (k, v) = item.map_err(|e| StorageIOError::read_logs(&e))?;
@@ -161,13 +205,14 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn get_log_state(&mut self) -> StoreResult<LogState<TypeConfig>> {
         let last_purged_log_id: Option<LogId<NodeId>> = self.read_meta(LAST_PURGED)?;
+        let first_kept = self.first_kept.load(Ordering::Acquire);
         let last = match self.log.last().map_err(|e| StorageIOError::read_logs(&e))? {
-            Some((_, v)) => Some(
+            Some((k, v)) if index_of(&k) >= first_kept => Some(
                 decode::<Entry>(&v)
                     .map_err(|e| StorageIOError::read_logs(&e))?
                     .log_id,
             ),
-            None => None,
+            _ => None,
         };
         Ok(LogState {
             last_purged_log_id,
@@ -216,8 +261,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .apply_batch(batch)
             .map_err(|e| StorageIOError::write_logs(&e))?;
         // Readable now; durable, and so reported, only after the flush.
-        let tx = self.flusher.tx.as_ref().expect("set until dropped");
-        if let Err(mpsc::SendError(callback)) = tx.send(callback) {
+        if let Err(callback) = self.flusher.send(callback) {
             let gone = std::io::Error::other("log flusher stopped");
             callback.log_io_completed(Err(gone));
         }
@@ -225,14 +269,80 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> StoreResult<()> {
-        self.remove_range(key(log_id.index)..)?;
+        remove_range(&self.log, key(log_id.index)..).map_err(|e| StorageIOError::write_logs(&e))?;
         self.flush().await
     }
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> StoreResult<()> {
         // The marker first: entries at or below it are ignored even if a
-        // crash leaves them behind.
+        // crash leaves them behind. Their removal is left to the purge
+        // thread, so that Raft does not wait for it.
         self.write_meta(LAST_PURGED, &log_id).await?;
-        self.remove_range(..=key(log_id.index))
+        self.first_kept
+            .fetch_max(log_id.index + 1, Ordering::AcqRel);
+        if self.purger.send(log_id.index).is_err() {
+            return Err(
+                StorageIOError::write_logs(&std::io::Error::other("log purger stopped")).into(),
+            );
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A log of entries 1..=n at term 1, written straight into sled (an
+    /// append needs a callback only openraft can make).
+    fn log_of(db: &sled::Db, n: u64) -> LogStore {
+        let store = LogStore::open(db).unwrap();
+        for i in 1..=n {
+            let entry = openraft::testing::blank_ent::<TypeConfig>(1, 1, i);
+            store
+                .log
+                .insert(key(i), bincode::serialize(&entry).unwrap())
+                .unwrap();
+        }
+        store
+    }
+
+    #[tokio::test]
+    async fn purged_entries_are_never_read_and_are_gone_once_the_store_closes() {
+        let dir = tempfile::TempDir::new().unwrap();
+        {
+            let db = sled::open(dir.path()).unwrap();
+            let mut store = log_of(&db, 5000);
+            let purged = openraft::testing::log_id(1, 1, 4000);
+            store.purge(purged).await.unwrap();
+
+            // Whether or not the purge thread has removed them yet.
+            let kept = store.try_get_log_entries(0..).await.unwrap();
+            assert_eq!(kept.len(), 1000);
+            assert_eq!(kept[0].log_id.index, 4001);
+            let state = store.get_log_state().await.unwrap();
+            assert_eq!(state.last_purged_log_id, Some(purged));
+            assert_eq!(state.last_log_id.map(|l| l.index), Some(5000));
+        }
+        // Closing the store waited for the purge thread: the entries are
+        // off the disk, and the marker holds after reopening.
+        let db = sled::open(dir.path()).unwrap();
+        let mut store = LogStore::open(&db).unwrap();
+        assert_eq!(store.log.len(), 1000);
+        let state = store.get_log_state().await.unwrap();
+        assert_eq!(state.last_purged_log_id.map(|l| l.index), Some(4000));
+        assert_eq!(store.try_get_log_entries(..4001).await.unwrap().len(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_log_purged_to_its_end_reports_the_purged_id_as_its_last() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let db = sled::open(dir.path()).unwrap();
+        let mut store = log_of(&db, 10);
+        let purged = openraft::testing::log_id(1, 1, 10);
+        store.purge(purged).await.unwrap();
+        let state = store.get_log_state().await.unwrap();
+        assert_eq!(state.last_log_id, Some(purged));
+        assert!(store.try_get_log_entries(0..).await.unwrap().is_empty());
     }
 }
