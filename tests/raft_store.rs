@@ -2,7 +2,7 @@
 //! machine, and a restart that finds the log and the snapshot again.
 
 use openraft::storage::{RaftLogStorage, RaftStateMachine};
-use openraft::testing::{StoreBuilder, Suite};
+use openraft::testing::{blank_ent, StoreBuilder, Suite};
 use openraft::{RaftSnapshotBuilder, StorageError};
 use relayrate::raft::log_store::LogStore;
 use relayrate::raft::state_machine::StateMachine;
@@ -47,4 +47,22 @@ async fn vote_and_snapshot_survive_reopening() {
     assert_eq!(log.read_vote().await.unwrap(), Some(vote));
     let mut sm = StateMachine::open(&db).unwrap();
     assert!(sm.get_current_snapshot().await.unwrap().is_some());
+}
+
+/// openraft builds a snapshot in a task of its own while entries go on
+/// being applied: the snapshot's last log id must be that of the state it
+/// holds, or a node restored from it applies the entries in between twice.
+#[tokio::test]
+async fn a_snapshot_built_while_entries_are_applied_names_the_state_it_holds() {
+    let dir = TempDir::new().unwrap();
+    let db = sled::open(dir.path()).unwrap();
+    let mut sm = StateMachine::open(&db).unwrap();
+    let entries = |r: std::ops::RangeInclusive<u64>| r.map(|i| blank_ent::<TypeConfig>(1, 1, i));
+    sm.apply(entries(1..=3)).await.unwrap();
+    let mut builder = sm.get_snapshot_builder().await;
+    sm.apply(entries(4..=5)).await.unwrap();
+    let snapshot = builder.build_snapshot().await.unwrap();
+    assert_eq!(snapshot.meta.last_log_id.map(|l| l.index), Some(5));
+    let (applied, _) = sm.applied_state().await.unwrap();
+    assert_eq!(applied, snapshot.meta.last_log_id);
 }

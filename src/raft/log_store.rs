@@ -127,7 +127,8 @@ fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, bincode::Error> {
 
 impl LogStore {
     pub fn open(db: &sled::Db) -> Result<LogStore, StorageError<NodeId>> {
-        let io = |e: &dyn std::error::Error| StorageIOError::read_logs(openraft::AnyError::error(e));
+        let io =
+            |e: &dyn std::error::Error| StorageIOError::read_logs(openraft::AnyError::error(e));
         let log = db.open_tree("raft_log").map_err(|e| io(&e))?;
         let meta = db.open_tree("raft_meta").map_err(|e| io(&e))?;
         let purged: Option<LogId<NodeId>> = match meta.get(LAST_PURGED).map_err(|e| io(&e))? {

@@ -4,7 +4,7 @@
 //! openraft re-applies the log entries after it.
 
 use std::io::Cursor;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{
@@ -31,11 +31,21 @@ struct StoredSnapshot {
 /// The state, readable by the node while Raft applies to it.
 pub type SharedState = Arc<RwLock<LimiterState>>;
 
+/// How far the log has been applied to the state. Changed only while the
+/// state's write lock is held, and read for a snapshot under its read
+/// lock: openraft builds a snapshot in a task of its own while applying
+/// goes on, and a snapshot whose state is newer than its last log id would
+/// have the entries in between applied twice after a restore.
+#[derive(Clone, Default)]
+struct AppliedTo {
+    last: Option<LogId<NodeId>>,
+    membership: StoredMembership<NodeId, Node>,
+}
+
 #[derive(Clone)]
 pub struct StateMachine {
     state: SharedState,
-    last_applied: Option<LogId<NodeId>>,
-    membership: StoredMembership<NodeId, Node>,
+    applied: Arc<Mutex<AppliedTo>>,
     snapshots: sled::Tree,
     db: sled::Db,
     /// Makes snapshot ids unique.
@@ -58,8 +68,7 @@ impl StateMachine {
             .map_err(|e| StorageIOError::read_state_machine(&e))?;
         let mut sm = StateMachine {
             state: Arc::new(RwLock::new(initial_state())),
-            last_applied: None,
-            membership: StoredMembership::default(),
+            applied: Arc::default(),
             snapshots,
             db: db.clone(),
             builds: 0,
@@ -109,9 +118,12 @@ impl StateMachine {
         };
         let snap: LimiterSnapshot = bincode::deserialize(data).map_err(|e| bad(&e))?;
         let state = LimiterState::from_snapshot(snap).map_err(|e| bad(&e))?;
-        *self.state.write().expect("state lock") = state;
-        self.last_applied = meta.last_log_id;
-        self.membership = meta.last_membership.clone();
+        let mut current = self.state.write().expect("state lock");
+        *current = state;
+        *self.applied.lock().expect("applied lock") = AppliedTo {
+            last: meta.last_log_id,
+            membership: meta.last_membership.clone(),
+        };
         Ok(())
     }
 }
@@ -119,9 +131,16 @@ impl StateMachine {
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     async fn build_snapshot(&mut self) -> StoreResult<Snapshot<TypeConfig>> {
         // Copy under the lock, encode outside it: deciding goes on meanwhile.
-        let (snap, last_applied, membership) = {
+        let (
+            snap,
+            AppliedTo {
+                last: last_applied,
+                membership,
+            },
+        ) = {
             let state = self.state.read().expect("state lock");
-            (state.snapshot(), self.last_applied, self.membership.clone())
+            let applied = self.applied.lock().expect("applied lock").clone();
+            (state.snapshot(), applied)
         };
         let data = bincode::serialize(&snap).map_err(|e| StorageIOError::read_state_machine(&e))?;
         let snapshot_id = match last_applied {
@@ -148,7 +167,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     async fn applied_state(
         &mut self,
     ) -> StoreResult<(Option<LogId<NodeId>>, StoredMembership<NodeId, Node>)> {
-        Ok((self.last_applied, self.membership.clone()))
+        let applied = self.applied.lock().expect("applied lock");
+        Ok((applied.last, applied.membership.clone()))
     }
 
     async fn apply<I>(&mut self, entries: I) -> StoreResult<Vec<Response>>
@@ -158,13 +178,14 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     {
         let mut responses = Vec::new();
         let mut state = self.state.write().expect("state lock");
+        let mut applied = self.applied.lock().expect("applied lock");
         for entry in entries {
-            self.last_applied = Some(entry.log_id);
+            applied.last = Some(entry.log_id);
             responses.push(match entry.payload {
                 EntryPayload::Blank => Response::Done,
                 EntryPayload::Normal(request) => state.apply(&request),
                 EntryPayload::Membership(m) => {
-                    self.membership = StoredMembership::new(Some(entry.log_id), m);
+                    applied.membership = StoredMembership::new(Some(entry.log_id), m);
                     Response::Done
                 }
             });
