@@ -9,6 +9,8 @@
 //! - `relayrate_batch_events`: events per log entry (the batcher);
 //! - `relayrate_near_limit_total{check}`: counts that reached 80% of their
 //!   limit (the engine counts; [`watch_node`] copies);
+//! - `relayrate_abandoned_events_total`: events a node dropped because
+//!   every caller of their batch had given up (the batcher);
 //! - `relayrate_milter_fallbacks_total{mode}` and
 //!   `relayrate_milter_refusals_total{check,stage,dry_run}`: the milter;
 //! - `relayrate_raft_*`: term, leader, log, commit and apply indexes, apply
@@ -96,6 +98,10 @@ fn describe() {
     describe_counter!(
         "relayrate_near_limit_total",
         "Times a key's count reached 80% of its limit, cluster-wide"
+    );
+    describe_counter!(
+        "relayrate_abandoned_events_total",
+        "Events dropped unanswered: every caller gave up before the cluster answered"
     );
     describe_counter!(
         "relayrate_milter_fallbacks_total",
@@ -202,6 +208,10 @@ pub fn record_append_entries(with_entries: bool, elapsed: Duration) {
 pub fn record_log_flush(appends: usize, elapsed: Duration) {
     histogram!("relayrate_log_flush_seconds").record(elapsed.as_secs_f64());
     histogram!("relayrate_log_flush_appends").record(appends as f64);
+}
+
+pub fn record_abandoned(events: usize) {
+    counter!("relayrate_abandoned_events_total").increment(events as u64);
 }
 
 pub fn record_fallback(mode: &'static str) {

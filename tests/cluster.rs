@@ -449,3 +449,44 @@ async fn a_client_alternating_between_nodes_gets_exactly_its_message_limit() {
     }
     assert_eq!(sent, 3);
 }
+
+/// A node cut off from any leader retries a batch only while a caller
+/// waits for it. Once every caller has given up (a milter then decides
+/// without the cluster), the batch is dropped, so the cluster does not
+/// count it as well when a leader is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_batch_whose_callers_gave_up_is_dropped_not_counted_later() {
+    let mut c = Cluster::start("CHECK_CONN_RATE YES\nConnRate:default 1000\n", |_| {}).await;
+    let leader = c.leader_index().unwrap();
+    let (other, lone) = ((leader + 1) % 3, (leader + 2) % 3);
+    c.kill(leader).await;
+    c.kill(other).await;
+
+    // One node of three: no quorum. The caller gives up after 300 ms.
+    let impatient =
+        tonic::transport::Endpoint::from_shared(format!("http://{}", c.node(lone).addr))
+            .unwrap()
+            .timeout(Duration::from_millis(300))
+            .connect_lazy();
+    let mut impatient = LimiterClient::new(impatient);
+    assert_eq!(decide(&mut impatient, &connect("10.1.0.9")).await, None);
+    let node = c.node(lone).node.clone();
+    eventually("the node drops the batch nobody waits for", || {
+        let n = node.abandoned_events();
+        async move { n == 1 }
+    })
+    .await;
+
+    c.restart(leader).await;
+    c.restart(other).await;
+    c.wait_voters(3).await;
+    let mut patient = client(c.node(lone).addr).await;
+    let until = Instant::now() + DEADLINE;
+    while decide(&mut patient, &connect("10.1.0.9")).await.is_none() {
+        assert!(Instant::now() < until, "no decision after the restart");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Only the Connect answered after the restart counts.
+    let leader = c.leader_index().unwrap();
+    assert_eq!(count_on(c.node(leader), Check::ConnRate, "10.1.0.9"), 1);
+}

@@ -7,6 +7,7 @@
 //! events then join the leader's next entry instead of waiting a whole
 //! forward for their turn.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
@@ -82,6 +83,12 @@ pub async fn run(node: Arc<Node>, mut rx: mpsc::Receiver<Pending>) {
                 Err(_) => break,
             }
         }
+        // A caller that gave up (its milter decided without the cluster)
+        // must not be counted here as well.
+        batch.retain(|p| !p.reply.is_closed());
+        if batch.is_empty() {
+            continue;
+        }
         let node = node.clone();
         tokio::spawn(async move {
             decide_batch(&node, batch).await;
@@ -105,7 +112,11 @@ async fn decide_batch(node: &Node, batch: Vec<Pending>) {
         .collect();
     let result = if events.iter().any(|(_, e)| e.is_write()) {
         crate::metrics::record_batch(events.len());
-        match node.propose(Command::Decide { senders, events }).await {
+        let wanted = || batch.iter().any(|p| !p.reply.is_closed());
+        match node
+            .propose_while(Command::Decide { senders, events }, &wanted)
+            .await
+        {
             Ok(Response::Verdicts(v)) => Ok(v),
             Ok(other) => Err(NodeError::Raft(format!("unexpected response {other:?}"))),
             Err(e) => Err(e),
@@ -121,6 +132,15 @@ async fn decide_batch(node: &Node, batch: Vec<Pending>) {
                 let mine = verdicts.by_ref().take(p.events.len()).collect();
                 let _ = p.reply.send(Ok(mine));
             }
+        }
+        Err(NodeError::Abandoned) => {
+            let events: usize = batch.iter().map(|p| p.events.len()).sum();
+            node.abandoned.fetch_add(events as u64, Ordering::Relaxed);
+            crate::metrics::record_abandoned(events);
+            tracing::warn!(
+                events,
+                "events dropped: every caller gave up before the cluster answered"
+            );
         }
         Err(e) => {
             let why = e.to_string();

@@ -146,7 +146,22 @@ impl Node {
     /// across leader changes until [`PROPOSE_DEADLINE`]. A retried
     /// `Decide` keeps its request ids, so it is counted once.
     pub async fn propose(&self, command: Command) -> Result<Response, NodeError> {
-        match self.at_leader(Proposal::Command(command)).await? {
+        self.propose_while(command, &|| true).await
+    }
+
+    /// As [`Node::propose`], but gives up between attempts once `wanted`
+    /// says that no one waits for the answer any more: events whose
+    /// callers gave up (and decided without the cluster) must not be
+    /// counted seconds later, when a new leader takes the retry.
+    pub async fn propose_while(
+        &self,
+        command: Command,
+        wanted: &(dyn Fn() -> bool + Sync),
+    ) -> Result<Response, NodeError> {
+        match self
+            .at_leader_while(Proposal::Command(command), wanted)
+            .await?
+        {
             ProposalReply::Response(r) => Ok(r),
             other => Err(NodeError::Raft(format!("unexpected reply {other:?}"))),
         }
@@ -176,6 +191,16 @@ impl Node {
     /// Runs a proposal at the leader: here if this node leads, else
     /// forwarded in one RPC. The one place that knows about forwarding.
     pub(super) async fn at_leader(&self, proposal: Proposal) -> Result<ProposalReply, NodeError> {
+        self.at_leader_while(proposal, &|| true).await
+    }
+
+    /// As [`Node::at_leader`]; retries until an answer, the deadline, or
+    /// `wanted` says no.
+    async fn at_leader_while(
+        &self,
+        proposal: Proposal,
+        wanted: &(dyn Fn() -> bool + Sync),
+    ) -> Result<ProposalReply, NodeError> {
         let deadline = Instant::now() + PROPOSE_DEADLINE;
         let mut wait = Duration::from_millis(20);
         loop {
@@ -197,6 +222,9 @@ impl Node {
             }
             if Instant::now() >= deadline {
                 return Err(NodeError::NoLeader("no leader known".into()));
+            }
+            if !wanted() {
+                return Err(NodeError::Abandoned);
             }
             tokio::time::sleep(wait).await;
             wait = (wait * 2).min(Duration::from_millis(500));

@@ -177,6 +177,7 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, NodeError> {
         in_flight: batcher::InFlight::default(),
         draining: AtomicBool::new(false),
         removed: AtomicBool::new(removed),
+        abandoned: AtomicU64::new(0),
         meta,
         ready: AtomicBool::new(config.policy.is_empty()),
         lease_ttl: config.lease_ttl,

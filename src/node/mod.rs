@@ -66,6 +66,8 @@ pub enum NodeError {
     NotReady,
     #[error("this node was removed from the cluster")]
     Removed,
+    #[error("every caller gave up waiting")]
+    Abandoned,
     #[error("raft: {0}")]
     Raft(String),
 }
@@ -96,6 +98,8 @@ pub struct Node {
     /// campaigns until it is added back. Kept in `meta`, so that a restart
     /// does not forget it.
     removed: AtomicBool,
+    /// Events dropped because every caller of their batch gave up.
+    abandoned: AtomicU64,
     /// This node's own facts on sled (tree `node_meta`), outside the log.
     meta: sled::Tree,
     /// Set once this node's `--policy` is in force (at once without one):
@@ -112,6 +116,12 @@ impl Node {
     /// Whether the node decides events: its policy is in force.
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Relaxed) && !self.is_removed()
+    }
+
+    /// Events this node dropped, unanswered, because every caller of
+    /// their batch had given up waiting (and decided without the cluster).
+    pub fn abandoned_events(&self) -> u64 {
+        self.abandoned.load(Ordering::Relaxed)
     }
 
     pub fn is_removed(&self) -> bool {

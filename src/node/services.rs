@@ -29,6 +29,7 @@ fn status(e: NodeError) -> Status {
         | NodeError::NoLeader(_)
         | NodeError::NotReady
         | NodeError::Removed => Status::unavailable(e.to_string()),
+        NodeError::Abandoned => Status::cancelled(e.to_string()),
         other => Status::internal(other.to_string()),
     }
 }
