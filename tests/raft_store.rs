@@ -27,6 +27,23 @@ fn openraft_suite_passes_on_the_sled_stores() {
     }
 }
 
+/// Opens a sled db that was just closed. sled's I/O thread lets go of a
+/// db only after it has handed back the result of its last flush, so the
+/// file lock can outlive the last handle by a moment.
+async fn open_again(path: &std::path::Path) -> sled::Db {
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match sled::open(path) {
+            Ok(db) => return db,
+            Err(e) if std::time::Instant::now() < until => {
+                eprintln!("not yet: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("sled db does not open again: {e}"),
+        }
+    }
+}
+
 #[tokio::test]
 async fn vote_and_snapshot_survive_reopening() {
     let dir = TempDir::new().unwrap();
@@ -42,7 +59,7 @@ async fn vote_and_snapshot_survive_reopening() {
             .await
             .unwrap();
     }
-    let db = sled::open(dir.path()).unwrap();
+    let db = open_again(dir.path()).await;
     let mut log = LogStore::open(&db).unwrap();
     assert_eq!(log.read_vote().await.unwrap(), Some(vote));
     let mut sm = StateMachine::open(&db).unwrap();

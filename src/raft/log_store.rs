@@ -326,8 +326,17 @@ mod tests {
             assert_eq!(state.last_log_id.map(|l| l.index), Some(5000));
         }
         // Closing the store waited for the purge thread: the entries are
-        // off the disk, and the marker holds after reopening.
-        let db = sled::open(dir.path()).unwrap();
+        // off the disk, and the marker holds after reopening. (sled's I/O
+        // thread may hold the file lock a moment after the last handle.)
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let db = loop {
+            match sled::open(dir.path()) {
+                Ok(db) => break db,
+                Err(e) if std::time::Instant::now() < until => eprintln!("not yet: {e}"),
+                Err(e) => panic!("the db does not open again: {e}"),
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        };
         let mut store = LogStore::open(&db).unwrap();
         assert_eq!(store.log.len(), 1000);
         let state = store.get_log_state().await.unwrap();
