@@ -295,9 +295,10 @@ mod tests {
     use super::*;
 
     /// A log of entries 1..=n at term 1, written straight into sled (an
-    /// append needs a callback only openraft can make).
-    fn log_of(db: &sled::Db, n: u64) -> LogStore {
-        let store = LogStore::open(db).unwrap();
+    /// append needs a callback only openraft can make), then purged up to
+    /// `upto`.
+    async fn purged_log(db: &sled::Db, n: u64, upto: u64) -> (LogStore, LogId<NodeId>) {
+        let mut store = LogStore::open(db).unwrap();
         for i in 1..=n {
             let entry = openraft::testing::blank_ent::<TypeConfig>(1, 1, i);
             store
@@ -305,7 +306,9 @@ mod tests {
                 .insert(key(i), bincode::serialize(&entry).unwrap())
                 .unwrap();
         }
-        store
+        let purged = openraft::testing::log_id(1, 1, upto);
+        store.purge(purged).await.unwrap();
+        (store, purged)
     }
 
     #[tokio::test]
@@ -313,9 +316,7 @@ mod tests {
         let dir = tempfile::TempDir::new().unwrap();
         {
             let db = sled::open(dir.path()).unwrap();
-            let mut store = log_of(&db, 5000);
-            let purged = openraft::testing::log_id(1, 1, 4000);
-            store.purge(purged).await.unwrap();
+            let (mut store, purged) = purged_log(&db, 5000, 4000).await;
 
             // Whether or not the purge thread has removed them yet.
             let kept = store.try_get_log_entries(0..).await.unwrap();
@@ -348,9 +349,7 @@ mod tests {
     async fn a_log_purged_to_its_end_reports_the_purged_id_as_its_last() {
         let dir = tempfile::TempDir::new().unwrap();
         let db = sled::open(dir.path()).unwrap();
-        let mut store = log_of(&db, 10);
-        let purged = openraft::testing::log_id(1, 1, 10);
-        store.purge(purged).await.unwrap();
+        let (mut store, purged) = purged_log(&db, 10, 10).await;
         let state = store.get_log_state().await.unwrap();
         assert_eq!(state.last_log_id, Some(purged));
         assert!(store.try_get_log_entries(0..).await.unwrap().is_empty());
