@@ -85,7 +85,8 @@ pub async fn run(node: Arc<Node>, mut rx: mpsc::Receiver<Pending>) {
         }
         // A caller that gave up (its milter decided without the cluster)
         // must not be counted here as well.
-        batch.retain(|p| !p.reply.is_closed());
+        let (gone, batch): (Vec<_>, Vec<_>) = batch.into_iter().partition(|p| p.reply.is_closed());
+        abandon(&node, &gone);
         if batch.is_empty() {
             continue;
         }
@@ -133,15 +134,7 @@ async fn decide_batch(node: &Node, batch: Vec<Pending>) {
                 let _ = p.reply.send(Ok(mine));
             }
         }
-        Err(NodeError::Abandoned) => {
-            let events: usize = batch.iter().map(|p| p.events.len()).sum();
-            node.abandoned.fetch_add(events as u64, Ordering::Relaxed);
-            crate::metrics::record_abandoned(events);
-            tracing::warn!(
-                events,
-                "events dropped: every caller gave up before the cluster answered"
-            );
-        }
+        Err(NodeError::Abandoned) => abandon(node, &batch),
         Err(e) => {
             let why = e.to_string();
             for p in batch {
@@ -149,4 +142,19 @@ async fn decide_batch(node: &Node, batch: Vec<Pending>) {
             }
         }
     }
+}
+
+/// Drops the events of callers that all gave up: counted, logged, never
+/// sent.
+fn abandon(node: &Node, gone: &[Pending]) {
+    let events: usize = gone.iter().map(|p| p.events.len()).sum();
+    if events == 0 {
+        return;
+    }
+    node.abandoned.fetch_add(events as u64, Ordering::Relaxed);
+    crate::metrics::record_abandoned(events);
+    tracing::warn!(
+        events,
+        "events dropped: every caller gave up before the cluster answered"
+    );
 }
