@@ -144,8 +144,8 @@ async fn decide_batch(node: &Node, batch: Vec<Pending>) {
     }
 }
 
-/// Drops the events of callers that all gave up: counted, logged, never
-/// sent.
+/// Drops the events of callers that all gave up: counted and logged, and
+/// not sent (again) to the leader.
 fn abandon(node: &Node, gone: &[Pending]) {
     let events: usize = gone.iter().map(|p| p.events.len()).sum();
     if events == 0 {
