@@ -83,6 +83,10 @@ async fn http(listener: TcpListener, handle: PrometheusHandle) {
 fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
     describe_counter!(
+        "relayrate_peer_refusals_total",
+        "Calls to the peer listener refused (no valid proof of membership, or not a member), by method"
+    );
+    describe_counter!(
         "relayrate_decisions_total",
         "Events decided by this node, by event, verdict and refusing check"
     );
@@ -208,6 +212,11 @@ pub fn record_append_entries(with_entries: bool, elapsed: Duration) {
 pub fn record_log_flush(appends: usize, elapsed: Duration) {
     histogram!("relayrate_log_flush_seconds").record(elapsed.as_secs_f64());
     histogram!("relayrate_log_flush_appends").record(appends as f64);
+}
+
+/// A call to the peer listener refused: no valid proof, or not a member.
+pub fn record_peer_refusal(method: &'static str) {
+    counter!("relayrate_peer_refusals_total", "method" => method).increment(1);
 }
 
 pub fn record_abandoned(events: usize) {

@@ -6,16 +6,17 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::{eventually, eventually_async, fast_raft};
 use relayrate::node::{self, NodeConfig, NodeHandle, Proposal, ProposalReply, Start};
 use relayrate::policy::PolicyFile;
 use relayrate::proto::v1::admin_client::AdminClient;
-use relayrate::proto::v1::raft_client::RaftClient;
 use relayrate::proto::v1::{self as pb, ResetRequest, StatusRequest};
 use relayrate::raft::network;
+use relayrate::raft::peer_auth::PeerAuth;
+use relayrate::raft::Command;
 use relayrate::tls::{endpoint, Tls};
 use tempfile::TempDir;
 use tonic::transport::Channel;
@@ -31,12 +32,13 @@ async fn cluster(n: u64, dirs: &[TempDir], tune: impl Fn(&mut NodeConfig)) -> Ve
     for id in 1..=n {
         let start = match nodes.first() {
             None => Start::Bootstrap,
-            Some(first) => Start::Join(first.addr.to_string()),
+            Some(first) => Start::Join(first.peer_addr.to_string()),
         };
         let listen: SocketAddr = "127.0.0.1:0".parse().unwrap();
         let dir = dirs[id as usize - 1].path().to_path_buf();
         let mut config = NodeConfig::new(id, listen, dir, start);
         config.raft = fast_raft();
+        config.cluster_secret = Some(common::test_secret());
         if id == 1 {
             config.policy = vec![PolicyFile {
                 name: "policy".into(),
@@ -184,9 +186,18 @@ async fn writes_need_the_admin_token_when_one_is_set() {
     assert_eq!(status.role, "leader");
 }
 
-/// A CA and a certificate it signs for localhost and 127.0.0.1, usable by
-/// servers and clients, written as PEM files under `dir`.
-fn make_ca(dir: &Path, name: &str) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+/// PEM files under `dir`: a CA, a certificate it signs for localhost and
+/// 127.0.0.1 (the nodes', usable by servers and clients), and another it
+/// signs for `milter.example` (a milter host's).
+struct Certs {
+    cert: PathBuf,
+    key: PathBuf,
+    ca: PathBuf,
+    milter_cert: PathBuf,
+    milter_key: PathBuf,
+}
+
+fn make_ca(dir: &Path, name: &str) -> Certs {
     use rcgen::{
         BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     };
@@ -195,38 +206,51 @@ fn make_ca(dir: &Path, name: &str) -> (std::path::PathBuf, std::path::PathBuf, s
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     let ca_cert = ca_params.self_signed(&ca_key).unwrap();
     let issuer = Issuer::new(ca_params, ca_key);
-    let key = KeyPair::generate().unwrap();
-    let mut params =
-        CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
-    params.extended_key_usages = vec![
-        ExtendedKeyUsagePurpose::ServerAuth,
-        ExtendedKeyUsagePurpose::ClientAuth,
-    ];
-    let cert = params.signed_by(&key, &issuer).unwrap();
-    let paths = (
-        dir.join(format!("{name}-cert.pem")),
-        dir.join(format!("{name}-key.pem")),
-        dir.join(format!("{name}-ca.pem")),
-    );
-    std::fs::write(&paths.0, cert.pem()).unwrap();
-    std::fs::write(&paths.1, key.serialize_pem()).unwrap();
-    std::fs::write(&paths.2, ca_cert.pem()).unwrap();
-    paths
+    let path = |what: &str| dir.join(format!("{name}-{what}.pem"));
+    let sign = |names: Vec<String>, what: &str| {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(names).unwrap();
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let cert = params.signed_by(&key, &issuer).unwrap();
+        std::fs::write(path(&format!("{what}-cert")), cert.pem()).unwrap();
+        std::fs::write(path(&format!("{what}-key")), key.serialize_pem()).unwrap();
+    };
+    sign(vec!["localhost".into(), "127.0.0.1".into()], "node");
+    sign(vec!["milter.example".into()], "milter");
+    std::fs::write(path("ca"), ca_cert.pem()).unwrap();
+    Certs {
+        cert: path("node-cert"),
+        key: path("node-key"),
+        ca: path("ca"),
+        milter_cert: path("milter-cert"),
+        milter_key: path("milter-key"),
+    }
 }
 
 #[tokio::test]
 async fn tls_admits_only_certificates_of_the_cluster_ca() {
     let certs = TempDir::new().unwrap();
-    let (cert, key, ca) = make_ca(certs.path(), "cluster");
-    let (other_cert, other_key, _) = make_ca(certs.path(), "other");
+    let Certs { cert, key, ca, .. } = make_ca(certs.path(), "cluster");
+    let other = make_ca(certs.path(), "other");
     let tls = Tls::from_options(Some(cert.clone()), Some(key.clone()), Some(ca.clone()))
         .unwrap()
         .unwrap();
 
-    // Three nodes that elect, join and replicate over mutual TLS.
+    // Three nodes that elect, join and replicate over mutual TLS, known
+    // to each other by their certificates alone (no cluster secret).
     let dirs = temp_dirs(3);
-    let nodes = cluster(3, &dirs, |c| c.tls = Some(tls.clone())).await;
+    let nodes = cluster(3, &dirs, |c| {
+        c.tls = Some(tls.clone());
+        c.cluster_secret = None;
+    })
+    .await;
     let addr = nodes[2].addr;
+    let leader = nodes.iter().find(|h| h.node.is_leader()).unwrap();
+    let peer = leader.peer_addr.to_string();
+    let as_node_1 = PeerAuth::new(1, None, true);
 
     // The right certificate: the admin and Raft services answer.
     let mut good = admin(addr, Some(&tls))
@@ -234,23 +258,18 @@ async fn tls_admits_only_certificates_of_the_cluster_ca() {
         .expect("connects with the cluster's certificate");
     let status = good.status(StatusRequest {}).await.unwrap().into_inner();
     assert_eq!(status.members.len(), 3);
-    let leader = nodes.iter().find(|h| h.node.is_leader()).unwrap().addr;
-    let channel = network::channel(&leader.to_string(), Some(&tls)).unwrap();
-    let reply = RaftClient::new(channel)
-        .propose(network::encode(&Proposal::Members))
+    let reply = common::peer_propose(&peer, Some(&tls), &as_node_1, Proposal::Members)
         .await
-        .expect("the Raft port answers a peer with the cluster's certificate");
-    let reply: ProposalReply = network::decode(reply.get_ref()).unwrap();
+        .expect("the peer port answers a member with the cluster's certificate");
     assert!(
         matches!(&reply, ProposalReply::Members(m) if m.len() == 3),
         "{reply:?}"
     );
 
     // No TLS at all, TLS without a client certificate, and a certificate
-    // of another CA: each is refused on the same port, which serves both
-    // the admin and the Raft services.
+    // of another CA: each is refused, on the client and the peer port.
     let no_identity = Tls::client(&ca, None).unwrap();
-    let other_ca = Tls::client(&ca, Some((other_cert.as_path(), other_key.as_path()))).unwrap();
+    let other_ca = Tls::client(&ca, Some((other.cert.as_path(), other.key.as_path()))).unwrap();
     for (what, client_tls) in [
         ("plain text", None),
         ("no client certificate", Some(&no_identity)),
@@ -261,12 +280,51 @@ async fn tls_admits_only_certificates_of_the_cluster_ca() {
             Ok(mut c) => c.status(StatusRequest {}).await.is_err(),
         };
         assert!(admin_refused, "admin with {what} must be refused");
-        let channel = network::channel(&addr.to_string(), client_tls).unwrap();
-        let raft = RaftClient::new(channel)
-            .propose(network::encode(&Proposal::Members))
-            .await;
+        let raft = common::peer_propose(&peer, client_tls, &as_node_1, Proposal::Members).await;
         assert!(raft.is_err(), "Raft with {what} must be refused");
     }
+}
+
+/// Every milter host holds a certificate of the cluster's CA: on the peer
+/// port it must not pass for a member, nor change the policy.
+#[tokio::test]
+async fn a_milter_certificate_of_the_cluster_ca_is_not_a_peer() {
+    let certs = TempDir::new().unwrap();
+    let c = make_ca(certs.path(), "cluster");
+    let tls = Tls::from_options(
+        Some(c.cert.clone()),
+        Some(c.key.clone()),
+        Some(c.ca.clone()),
+    )
+    .unwrap()
+    .unwrap();
+    let dirs = temp_dirs(1);
+    let nodes = cluster(1, &dirs, |conf| {
+        conf.tls = Some(tls.clone());
+        conf.cluster_secret = None;
+    })
+    .await;
+    let peer = nodes[0].peer_addr.to_string();
+    let milter_tls = Tls::client(
+        &c.ca,
+        Some((c.milter_cert.as_path(), c.milter_key.as_path())),
+    )
+    .unwrap();
+    let as_node_1 = PeerAuth::new(1, None, true);
+    let empty = Proposal::Command(Command::SetPolicy { files: vec![] });
+    let refused = common::peer_propose(&peer, Some(&milter_tls), &as_node_1, empty)
+        .await
+        .expect_err("a milter's certificate may not propose");
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+    // The policy in force is the one the cluster was started with.
+    let mut client = admin(nodes[0].addr, Some(&tls)).await.unwrap();
+    let shown = client
+        .show_policy(pb::ShowPolicyRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(shown.files.len(), 1);
+    assert_eq!(shown.files[0].text, POLICY);
 }
 
 #[tokio::test]
@@ -274,10 +332,11 @@ async fn a_node_joins_through_the_first_seed_that_answers() {
     let dirs = temp_dirs(2);
     let nodes = cluster(1, &dirs, |_| {}).await;
     let dead = format!("127.0.0.1:{}", common::free_port());
-    let seeds = format!("{dead},{}", nodes[0].addr);
+    let seeds = format!("{dead},{}", nodes[0].peer_addr);
     let listen: SocketAddr = "127.0.0.1:0".parse().unwrap();
     let mut config = NodeConfig::new(2, listen, dirs[1].path().into(), Start::Join(seeds));
     config.raft = fast_raft();
+    config.cluster_secret = Some(common::test_secret());
     let second = node::start(config).await.expect("node starts");
     let raft = second.node.raft.clone();
     eventually("node 2 a voter", DEADLINE, || {
@@ -303,6 +362,7 @@ async fn a_removed_node_stays_removed_across_a_restart_until_added_back() {
         .expect("node 3 removed");
     let third = nodes.pop().unwrap();
     let addr3 = third.addr;
+    let peer3 = third.peer_addr;
     let told = third.node.clone();
     eventually("node 3 told", DEADLINE, || told.is_removed()).await;
     // The node (and its sled files) must be let go of to be reopened.
@@ -312,6 +372,8 @@ async fn a_removed_node_stays_removed_across_a_restart_until_added_back() {
     // Restarted on its data: it still knows, decides nothing, and says so.
     let mut config = NodeConfig::new(3, addr3, dirs[2].path().into(), Start::Resume);
     config.raft = fast_raft();
+    config.peer_listen = Some(peer3);
+    config.cluster_secret = Some(common::test_secret());
     let until = std::time::Instant::now() + DEADLINE;
     let restarted = loop {
         match node::start(config.clone()).await {
@@ -341,7 +403,7 @@ async fn a_removed_node_stays_removed_across_a_restart_until_added_back() {
     admin1
         .add_node(pb::AddNodeRequest {
             id: 3,
-            addr: addr3.to_string(),
+            addr: peer3.to_string(),
         })
         .await
         .expect("node 3 added back");

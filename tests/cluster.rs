@@ -57,11 +57,12 @@ impl Cluster {
             let dir = TempDir::new().unwrap();
             let start = match c.nodes.first() {
                 None => Start::Bootstrap,
-                Some(first) => Start::Join(first.as_ref().unwrap().addr.to_string()),
+                Some(first) => Start::Join(first.as_ref().unwrap().peer_addr.to_string()),
             };
             let listen: SocketAddr = "127.0.0.1:0".parse().unwrap();
             let mut config = NodeConfig::new(id, listen, dir.path().to_path_buf(), start);
             config.raft = fast_raft();
+            config.cluster_secret = Some(common::test_secret());
             if id == 1 {
                 config.policy = policy(policy_text);
             }
@@ -69,6 +70,7 @@ impl Cluster {
             let handle = node::start(config.clone()).await.expect("node starts");
             // A restart listens where peers know it.
             config.listen = handle.addr;
+            config.peer_listen = Some(handle.peer_addr);
             config.start = Start::Resume;
             c.dirs.push(dir);
             c.nodes.push(Some(handle));

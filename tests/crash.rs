@@ -30,7 +30,8 @@ use relayrate::node::{Proposal, ProposalReply};
 use relayrate::policy::Client;
 use relayrate::proto::v1 as pb;
 use relayrate::proto::v1::limiter_client::LimiterClient;
-use relayrate::raft::{network, Entry, NodeId};
+use relayrate::raft::peer_auth::PeerAuth;
+use relayrate::raft::{Entry, NodeId};
 use tempfile::TempDir;
 use tonic::transport::{Channel, Endpoint};
 
@@ -87,7 +88,10 @@ enum StartMode {
 
 struct NodeProc {
     id: NodeId,
+    /// The client listener.
     addr: String,
+    /// The peer listener.
+    peer: String,
     data_dir: PathBuf,
     child: Option<Child>,
     /// Starts so far; each has its own log files.
@@ -120,6 +124,7 @@ impl Cluster {
             .map(|id| NodeProc {
                 id,
                 addr: format!("127.0.0.1:{}", free_port()),
+                peer: format!("127.0.0.1:{}", free_port()),
                 data_dir: dir.path().join(format!("data{id}")),
                 child: None,
                 runs: 0,
@@ -141,8 +146,12 @@ impl Cluster {
         self.nodes.iter().map(|n| n.addr.clone()).collect()
     }
 
+    fn peers(&self) -> Vec<String> {
+        self.nodes.iter().map(|n| n.peer.clone()).collect()
+    }
+
     fn spawn(&mut self, i: usize, mode: StartMode) {
-        let seed = self.nodes[0].addr.clone();
+        let seed = self.nodes[0].peer.clone();
         let dir = self.dir.path().to_path_buf();
         let policy = self.policy.clone();
         let n = &mut self.nodes[i];
@@ -156,6 +165,10 @@ impl Cluster {
             .arg(n.id.to_string())
             .arg("--listen")
             .arg(&n.addr)
+            .arg("--peer-listen")
+            .arg(&n.peer)
+            .arg("--cluster-secret-file")
+            .arg(common::test_secret_file(&dir))
             .arg("--data-dir")
             .arg(&n.data_dir)
             .arg("--policy")
@@ -345,15 +358,13 @@ fn is_conn_rate_refusal(v: &pb::Verdict) -> bool {
 }
 
 /// Sends a proposal to a node's internal `Propose` RPC.
-async fn propose(addr: &str, proposal: &Proposal) -> Result<ProposalReply, String> {
-    let channel = network::channel(addr, None).map_err(|e| e.to_string())?;
-    let mut client = network::client(channel);
-    let mut request = tonic::Request::new(network::encode(proposal));
-    request.set_timeout(REQUEST_TIMEOUT);
-    match tokio::time::timeout(REQUEST_TIMEOUT, client.propose(request)).await {
+/// A proposal to a node's peer listener, signed as node 1 would.
+async fn propose(peer: &str, proposal: &Proposal) -> Result<ProposalReply, String> {
+    let as_node_1 = PeerAuth::new(1, Some(common::test_secret()), false);
+    let call = common::peer_propose(peer, None, &as_node_1, proposal.clone());
+    match tokio::time::timeout(REQUEST_TIMEOUT, call).await {
         Err(_) => Err("timed out".into()),
-        Ok(Err(status)) => Err(status.to_string()),
-        Ok(Ok(reply)) => network::decode(reply.get_ref()).map_err(|s| s.to_string()),
+        Ok(reply) => reply.map_err(|status| status.to_string()),
     }
 }
 
@@ -642,8 +653,9 @@ async fn sigkill_under_load_loses_no_acknowledged_count() {
         cluster.wait_listening(i).await;
     }
     let addrs = cluster.addrs();
+    let peers = cluster.peers();
     for id in 2..=3 {
-        ensure_voter(&addrs, id).await;
+        ensure_voter(&peers, id).await;
     }
     for a in &addrs {
         wait_ready(a, &probe_conns).await;
@@ -662,7 +674,7 @@ async fn sigkill_under_load_loses_no_acknowledged_count() {
     for round in 0..ROUNDS {
         wait_progress(&load, PROGRESS, "before the kill").await;
         load.round.store(round + 1, Ordering::Relaxed);
-        let leader = find_leader(&addrs).await;
+        let leader = find_leader(&peers).await;
         // Odd rounds kill the leader, even rounds a follower (not the one
         // killed last, if possible).
         let victim = if round % 2 == 1 {

@@ -245,7 +245,7 @@ impl Cluster {
             .tempdir()
             .unwrap();
         let first = NodeProc::start_with_args(root.path(), 1, Some(policy), None, extra);
-        let seed = first.addr;
+        let seed = first.peer;
         let mut nodes = vec![first];
         for id in 2..=size {
             nodes.push(NodeProc::start_with_args(

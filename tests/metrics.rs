@@ -147,7 +147,7 @@ async fn a_cluster_shows_where_a_writes_time_goes() {
     let policy = "CHECK_CONN_RATE YES\nConnRate:default 100\n";
     let first = NodeProc::start_with_args(root.path(), 1, Some(policy), None, &metrics_on(0));
     first.wait_deciding().await;
-    let seed = Some(first.addr);
+    let seed = Some(first.peer);
     let nodes = [
         first,
         NodeProc::start_with_args(root.path(), 2, None, seed, &metrics_on(1)),

@@ -47,6 +47,7 @@ impl Relay {
         let node = node::start(config.clone()).await.unwrap();
         wait_ready(&node).await;
         config.listen = node.addr;
+        config.peer_listen = Some(node.peer_addr);
         config.start = Start::Resume;
         let mut mc = MilterConfig::new(format!("http://{}", node.addr));
         tune(&mut mc);

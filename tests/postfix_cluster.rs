@@ -24,8 +24,8 @@ async fn a_client_alternating_between_two_relays_gets_its_limit_once() {
     let sink = Sink::start(root.path());
     let n1 = NodeProc::start(root.path(), 1, Some(POLICY), None);
     n1.wait_deciding().await;
-    let n2 = NodeProc::start(root.path(), 2, None, Some(n1.addr));
-    let n3 = NodeProc::start(root.path(), 3, None, Some(n1.addr));
+    let n2 = NodeProc::start(root.path(), 2, None, Some(n1.peer));
+    let n3 = NodeProc::start(root.path(), 3, None, Some(n1.peer));
     n2.wait_deciding().await;
     n3.wait_deciding().await;
     // Relay A asks node 1, relay B asks node 2.

@@ -11,6 +11,7 @@ use relayrate::milter::{self, FailMode, ListenAddr, MilterConfig, MilterListener
 use relayrate::node::{self, NodeConfig, NodeHandle, Start};
 use relayrate::policy::report::{explain, explain_check, summary};
 use relayrate::policy::{Client, Policy, PolicyError, PolicyFile};
+use relayrate::raft::peer_auth::ClusterSecret;
 use relayrate::tls::Tls;
 use tokio::signal::unix::{signal, SignalKind};
 
@@ -61,9 +62,14 @@ struct ServerOptions {
     /// TLS: the CA that signs client and peer certificates; others are refused.
     #[arg(long, requires_all = ["tls_cert", "tls_key"])]
     tls_client_ca: Option<PathBuf>,
-    /// Admin writes (reset, policy apply, add/remove node) need this token.
+    /// Admin writes (reset, policy apply, add/remove node) need this token;
+    /// so do joining and policy changes forwarded between nodes.
     #[arg(long)]
     admin_token_file: Option<PathBuf>,
+    /// Peer listener (the Raft service, for the other nodes only; default:
+    /// the --listen address, port + 10).
+    #[arg(long)]
+    peer_listen: Option<SocketAddr>,
 }
 
 /// A milter's TLS to its node.
@@ -108,14 +114,20 @@ struct RunArgs {
     /// This node's id in the cluster.
     #[arg(long, default_value = "1")]
     id: u64,
-    /// Address the other nodes reach this one at (default: --listen).
+    /// Address the other nodes reach this one's peer listener at
+    /// (default: the peer listener's).
     #[arg(long)]
     advertise: Option<String>,
-    /// Join the cluster that ADDR belongs to instead of creating one
-    /// (only read when the data dir is empty); several members may be
-    /// given, separated by commas.
+    /// Join the cluster that ADDR (a member's peer listener) belongs to
+    /// instead of creating one (only read when the data dir is empty);
+    /// several members may be given, separated by commas. Needs the
+    /// cluster's secret (--cluster-secret-file).
     #[arg(long)]
     join: Option<String>,
+    /// The secret every node of the cluster shares, which authenticates
+    /// peers (default: DATA_DIR/cluster-secret, created if missing).
+    #[arg(long)]
+    cluster_secret_file: Option<PathBuf>,
     /// Milter socket for the MTA.
     #[arg(long, default_value = "inet:127.0.0.1:8894")]
     milter_listen: ListenAddr,
@@ -161,19 +173,25 @@ struct NodeArgs {
     /// gRPC address to bind (Limiter and Raft services).
     #[arg(long)]
     listen: SocketAddr,
-    /// Address the other nodes reach this one at (default: --listen).
+    /// Address the other nodes reach this one's peer listener at
+    /// (default: the peer listener's).
     #[arg(long)]
     advertise: Option<String>,
     #[arg(long)]
     data_dir: PathBuf,
+    /// The secret every node of the cluster shares, which authenticates
+    /// peers (with TLS, peers are also known by their certificates).
+    #[arg(long)]
+    cluster_secret_file: Option<PathBuf>,
     /// Policy files to put in force if the cluster's policy differs.
     #[arg(long)]
     policy: Vec<PathBuf>,
     /// Create a new cluster with this node (empty data dir only).
     #[arg(long, conflicts_with = "join")]
     bootstrap: bool,
-    /// Join the cluster that ADDR belongs to (empty data dir only);
-    /// several members may be given, separated by commas.
+    /// Join the cluster that ADDR (a member's peer listener) belongs to
+    /// (empty data dir only); several members may be given, separated by
+    /// commas.
     #[arg(long)]
     join: Option<String>,
     /// How long this node's open-connection leases outlive its silence.
@@ -233,12 +251,22 @@ fn main() -> ExitCode {
                 }
             };
             let start = args.join.map_or(Start::Bootstrap, Start::Join);
+            let secret_file = args
+                .cluster_secret_file
+                .unwrap_or_else(|| args.data_dir.join("cluster-secret"));
             let mut config = NodeConfig::new(args.id, args.listen, args.data_dir, start);
             config.advertise = args.advertise;
             config.policy = policy;
             if let Err(e) = secure(&mut config, &args.server) {
                 eprintln!("relayrate: {e}");
                 return ExitCode::from(EXIT_CONFIG);
+            }
+            match ClusterSecret::read_or_create(&secret_file) {
+                Ok(secret) => config.cluster_secret = Some(secret),
+                Err(e) => {
+                    eprintln!("relayrate: {e}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
             }
             let mut milter = MilterConfig::new(format!("http://{}", local_address(args.listen)));
             milter.dry_run = args.dry_run;
@@ -295,6 +323,15 @@ fn main() -> ExitCode {
             if let Err(e) = secure(&mut config, &args.server) {
                 eprintln!("relayrate: {e}");
                 return ExitCode::from(EXIT_CONFIG);
+            }
+            if let Some(path) = &args.cluster_secret_file {
+                match ClusterSecret::read(path) {
+                    Ok(secret) => config.cluster_secret = Some(secret),
+                    Err(e) => {
+                        eprintln!("relayrate: {e}");
+                        return ExitCode::from(EXIT_CONFIG);
+                    }
+                }
             }
             let serving = Serving {
                 policy_paths: args.policy,
@@ -393,6 +430,7 @@ fn secure(config: &mut NodeConfig, options: &ServerOptions) -> Result<(), String
         options.tls_client_ca.clone(),
     )
     .map_err(|e| e.to_string())?;
+    config.peer_listen = options.peer_listen;
     if let Some(path) = &options.admin_token_file {
         let token = std::fs::read_to_string(path)
             .map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
@@ -442,8 +480,8 @@ fn serve(
         if config.tls.is_none() {
             tracing::warn!(
                 listen = %config.listen,
-                "gRPC port off loopback without TLS: whoever reaches it can write to the \
-                 cluster and change its policy (see --tls-cert)"
+                "gRPC ports off loopback without TLS: verdicts, admin tokens and peer traffic \
+                 cross the network in clear (see --tls-cert)"
             );
         }
         if config.admin_token.is_none() {
@@ -462,8 +500,8 @@ fn serve(
             }
         };
         println!(
-            "relayrate node {} listening on {}",
-            handle.node.id, handle.addr
+            "relayrate node {} listening on {} (peers on {})",
+            handle.node.id, handle.addr, handle.peer_addr
         );
         let gauges = tokio::spawn(relayrate::metrics::watch_node(
             handle.node.clone(),

@@ -8,6 +8,7 @@ use std::time::Duration;
 use super::NodeError;
 use crate::policy::PolicyFile;
 use crate::raft::network::MAX_MESSAGE_BYTES;
+use crate::raft::peer_auth::ClusterSecret;
 use crate::raft::state::DEFAULT_LEASE_TTL_MS;
 use crate::raft::NodeId;
 use crate::tls::Tls;
@@ -55,9 +56,14 @@ impl Default for RaftTuning {
 #[derive(Clone, Debug)]
 pub struct NodeConfig {
     pub id: NodeId,
-    /// gRPC address to bind (port 0 picks one).
+    /// gRPC address to bind for clients: milters, `relayratectl`, health
+    /// checks (port 0 picks one).
     pub listen: SocketAddr,
-    /// Address peers reach this node at; the bound address if `None`.
+    /// gRPC address to bind for the other nodes (the `Raft` service);
+    /// `None`: [`default_peer_listen`] of `listen`.
+    pub peer_listen: Option<SocketAddr>,
+    /// Address peers reach this node's peer listener at; the bound
+    /// address if `None`.
     pub advertise: Option<String>,
     pub data_dir: PathBuf,
     /// Policy files (read and validated) to put in force if the
@@ -69,8 +75,25 @@ pub struct NodeConfig {
     pub raft: RaftTuning,
     /// Mutual TLS on the gRPC port and to the peers.
     pub tls: Option<Tls>,
-    /// Admin writes need this bearer token when set.
+    /// Admin writes need this bearer token when set; so do joining and
+    /// policy changes forwarded between nodes.
     pub admin_token: Option<String>,
+    /// Authenticates peer calls (with or without TLS). Without it and
+    /// without TLS, the node accepts no peer and cannot join one.
+    pub cluster_secret: Option<ClusterSecret>,
+}
+
+/// How far the peer port is from the client port by default.
+pub const PEER_PORT_OFFSET: u16 = 10;
+
+/// The peer listener beside a client listener: same address, port + 10
+/// (7450 gives 7460); port 0 stays 0.
+pub fn default_peer_listen(listen: SocketAddr) -> SocketAddr {
+    let port = match listen.port() {
+        0 => 0,
+        p => p.saturating_add(PEER_PORT_OFFSET),
+    };
+    SocketAddr::new(listen.ip(), port)
 }
 
 impl NodeConfig {
@@ -78,6 +101,7 @@ impl NodeConfig {
         NodeConfig {
             id,
             listen,
+            peer_listen: None,
             advertise: None,
             data_dir,
             policy: Vec::new(),
@@ -86,6 +110,7 @@ impl NodeConfig {
             raft: RaftTuning::default(),
             tls: None,
             admin_token: None,
+            cluster_secret: None,
         }
     }
 }

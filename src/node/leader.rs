@@ -51,7 +51,33 @@ pub enum Proposal {
     Inspect(Inspect),
 }
 
+/// A proposal as it travels to the leader through the `Propose` RPC, with
+/// the admin token of the call it stands for: a policy change, a reset or
+/// a membership change needs the token wherever it entered the cluster.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Forwarded {
+    pub proposal: Proposal,
+    pub admin_token: Option<String>,
+}
+
 impl Proposal {
+    /// Whether the leader does it only with the admin token (when it has
+    /// one): everything that changes the policy, the counts or the members.
+    pub fn needs_admin(&self) -> bool {
+        match self {
+            Proposal::Command(Command::SetPolicy { .. } | Command::Reset { .. })
+            | Proposal::EnsurePolicy(_)
+            | Proposal::Join { .. }
+            | Proposal::Remove { .. } => true,
+            Proposal::Command(Command::Decide { .. } | Command::Heartbeat { .. })
+            | Proposal::Read(_)
+            | Proposal::Membership { .. }
+            | Proposal::Policy
+            | Proposal::Members
+            | Proposal::Inspect(_) => false,
+        }
+    }
+
     /// The proposal's name in metrics.
     pub fn name(&self) -> &'static str {
         match self {
@@ -231,9 +257,43 @@ impl Node {
         }
     }
 
-    /// A proposal forwarded by another node. A follower's batch of events
-    /// joins this leader's next batch, so that one entry serves them all.
-    pub async fn serve_forwarded(&self, proposal: Proposal) -> ProposalReply {
+    /// A proposal forwarded by node `from`, an authenticated peer. It is
+    /// done only with the authority of the call it stands for: the admin
+    /// token where one is needed, and a membership notice only from this
+    /// node's leader. A follower's batch of events joins this leader's
+    /// next batch, so that one entry serves them all.
+    pub async fn serve_forwarded(&self, forwarded: Forwarded, from: NodeId) -> ProposalReply {
+        let Forwarded {
+            proposal,
+            admin_token,
+        } = forwarded;
+        if let (true, Some(token)) = (proposal.needs_admin(), &self.admin_token) {
+            let given = admin_token.as_deref().unwrap_or("");
+            if !super::admin::same_secret(given.as_bytes(), token.as_bytes()) {
+                tracing::warn!(
+                    from,
+                    proposal = proposal.name(),
+                    "forwarded proposal without the admin token refused"
+                );
+                return ProposalReply::Refused(format!(
+                    "{} needs the admin token of the cluster (--admin-token-file)",
+                    proposal.name()
+                ));
+            }
+        }
+        if let Proposal::Membership { .. } = proposal {
+            let leader = self.raft.metrics().borrow().current_leader;
+            if leader != Some(from) {
+                tracing::warn!(
+                    from,
+                    ?leader,
+                    "membership notice from a node that is not the leader refused"
+                );
+                return ProposalReply::Refused(
+                    "only the leader tells a node it was removed".into(),
+                );
+            }
+        }
         match proposal {
             Proposal::Command(Command::Decide { senders, events }) if self.is_leader() => {
                 let sender = match senders.as_slice() {
@@ -530,7 +590,20 @@ pub(super) async fn forward(node: &Node, addr: &str, proposal: &Proposal) -> Pro
         Err(e) => return ProposalReply::Failed(e.to_string()),
     };
     let mut client = network::client(channel);
-    let mut request = tonic::Request::new(network::encode(proposal));
+    // Encoded as a `Forwarded`, without copying the proposal.
+    #[derive(Serialize)]
+    struct ForwardedRef<'a> {
+        proposal: &'a Proposal,
+        admin_token: Option<&'a str>,
+    }
+    let forwarded = ForwardedRef {
+        proposal,
+        admin_token: node
+            .admin_token
+            .as_deref()
+            .filter(|_| proposal.needs_admin()),
+    };
+    let mut request = network::signed_request(&node.auth, "propose", network::encode(&forwarded));
     // A join waits for the new member to catch up.
     let timeout = match proposal {
         Proposal::Join { .. } => CATCH_UP * 3,

@@ -12,7 +12,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
-use super::config::{raft_config, NodeConfig, Start};
+use super::config::{default_peer_listen, raft_config, NodeConfig, Start};
 use super::leader::{forward, Proposal, ProposalReply};
 use super::{admin, batcher, services, Node, NodeError};
 use crate::policy::PolicyFile;
@@ -21,15 +21,20 @@ use crate::proto::v1::limiter_server::LimiterServer;
 use crate::proto::v1::raft_server::RaftServer;
 use crate::raft::log_store::LogStore;
 use crate::raft::network::{Network, MAX_MESSAGE_BYTES};
+use crate::raft::peer_auth::PeerAuth;
 use crate::raft::state::policy_hash;
 use crate::raft::state_machine::StateMachine;
 use crate::raft::{Command, Node as PeerNode, NodeId, Raft, Response};
 
-/// A started node: its address, and how to stop it.
+/// A started node: its addresses, and how to stop it.
 pub struct NodeHandle {
     pub node: Arc<Node>,
+    /// The client listener (Limiter, Admin, health).
     pub addr: SocketAddr,
+    /// The peer listener (Raft).
+    pub peer_addr: SocketAddr,
     stop: Option<oneshot::Sender<()>>,
+    /// The client server, then the peer server.
     server: JoinHandle<()>,
     batcher: JoinHandle<()>,
     /// Heartbeats, joining, policy sync.
@@ -122,6 +127,11 @@ async fn hand_over_leadership(node: &Node) {
 /// policy in force go on in the background.
 pub async fn start(config: NodeConfig) -> Result<NodeHandle, NodeError> {
     let policy_files = config.policy.clone();
+    let auth = PeerAuth::new(
+        config.id,
+        config.cluster_secret.clone(),
+        config.tls.is_some(),
+    );
     std::fs::create_dir_all(&config.data_dir).map_err(|source| NodeError::DataDir {
         path: config.data_dir.clone(),
         source,
@@ -139,6 +149,7 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, NodeError> {
         Arc::new(raft_config(&config.raft)?),
         Network {
             tls: config.tls.clone(),
+            auth: auth.clone(),
         },
         log,
         sm,
@@ -146,17 +157,25 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, NodeError> {
     .await
     .map_err(|e| NodeError::Raft(e.to_string()))?;
 
-    let listener = TcpListener::bind(config.listen)
-        .await
-        .map_err(|source| NodeError::Listen {
-            addr: config.listen,
-            source,
-        })?;
-    let addr = listener.local_addr().map_err(|source| NodeError::Listen {
-        addr: config.listen,
-        source,
-    })?;
-    let advertise = config.advertise.clone().unwrap_or_else(|| addr.to_string());
+    if matches!(config.start, Start::Join(_)) && !auth.accepts_peers() {
+        let _ = raft.shutdown().await;
+        return Err(NodeError::NoPeerAuth);
+    }
+    if !auth.accepts_peers() {
+        tracing::warn!(
+            "no cluster secret and no TLS: this node accepts no peer, so no node can join it \
+             (see --cluster-secret-file)"
+        );
+    }
+    let (listener, addr) = bind(config.listen).await?;
+    let peer_listen = config
+        .peer_listen
+        .unwrap_or_else(|| default_peer_listen(config.listen));
+    let (peer_listener, peer_addr) = bind(peer_listen).await?;
+    let advertise = config
+        .advertise
+        .clone()
+        .unwrap_or_else(|| peer_addr.to_string());
 
     let meta = db.open_tree("node_meta").map_err(|e| storage(&e))?;
     let removed = meta
@@ -183,6 +202,12 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, NodeError> {
         lease_ttl: config.lease_ttl,
         peers: Mutex::new(HashMap::new()),
         tls: config.tls.clone(),
+        auth,
+        admin_token: config.admin_token.clone(),
+        join_hosts: Mutex::new(match &config.start {
+            Start::Join(seeds) => seeds.split(',').map(|s| s.trim().to_string()).collect(),
+            _ => Vec::new(),
+        }),
     });
 
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
@@ -201,31 +226,30 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, NodeError> {
         let peers = RaftServer::new(services::RaftService::new(node.clone()))
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
-        // Accepted sockets need TCP_NODELAY set here: tonic only sets it on
-        // listeners it binds itself. Without it, Nagle's algorithm meets
-        // delayed ACKs and replies stall for 40 ms.
-        let incoming = tokio_stream::StreamExt::map(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
-            |socket| socket.and_then(|s| s.set_nodelay(true).map(|()| s)),
-        );
-        let mut builder = tonic::transport::Server::builder();
-        if let Some(tls) = &config.tls {
-            builder = builder
-                .tls_config(tls.server_config())
-                .map_err(|e| NodeError::Tls(e.to_string()))?;
-        }
-        let fut = builder
+        let tls = config.tls.as_ref().map(|t| t.server_config());
+        let (peer_stop_tx, peer_stop_rx) = oneshot::channel::<()>();
+        let clients = server_builder(tls.clone())?
             .add_service(limiter)
-            .add_service(peers)
             .add_service(admin)
             .add_service(health_service)
             .add_service(reflection)
-            .serve_with_incoming_shutdown(incoming, async {
+            .serve_with_incoming_shutdown(incoming(listener), async {
                 let _ = stop_rx.await;
+                let _ = peer_stop_tx.send(());
+            });
+        // Peers on their own listener, so that firewalls and the
+        // NetworkPolicy can keep everyone else away from it.
+        let peer_server = server_builder(tls)?
+            .add_service(peers)
+            .serve_with_incoming_shutdown(incoming(peer_listener), async {
+                let _ = peer_stop_rx.await;
             });
         tokio::spawn(async move {
-            if let Err(e) = fut.await {
-                tracing::error!(error = %e, "gRPC server failed");
+            let (clients, peers) = tokio::join!(clients, peer_server);
+            for (which, result) in [("client", clients), ("peer", peers)] {
+                if let Err(e) = result {
+                    tracing::error!(error = %e, "gRPC {which} server failed");
+                }
             }
         })
     };
@@ -272,12 +296,45 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, NodeError> {
     Ok(NodeHandle {
         node,
         addr,
+        peer_addr,
         stop: Some(stop_tx),
         server,
         batcher,
         tasks,
         db,
     })
+}
+
+async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), NodeError> {
+    let listen = |source| NodeError::Listen { addr, source };
+    let listener = TcpListener::bind(addr).await.map_err(listen)?;
+    let bound = listener.local_addr().map_err(listen)?;
+    Ok((listener, bound))
+}
+
+/// Accepted sockets, with TCP_NODELAY set here: tonic only sets it on
+/// listeners it binds itself. Without it, Nagle's algorithm meets delayed
+/// ACKs and replies stall for 40 ms.
+fn incoming(
+    listener: TcpListener,
+) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    tokio_stream::StreamExt::map(
+        tokio_stream::wrappers::TcpListenerStream::new(listener),
+        |socket| socket.and_then(|s| s.set_nodelay(true).map(|()| s)),
+    )
+}
+
+/// A gRPC server, with mutual TLS when the cluster uses it.
+fn server_builder(
+    tls: Option<tonic::transport::ServerTlsConfig>,
+) -> Result<tonic::transport::Server, NodeError> {
+    let builder = tonic::transport::Server::builder();
+    match tls {
+        Some(tls) => builder
+            .tls_config(tls)
+            .map_err(|e| NodeError::Tls(e.to_string())),
+        None => Ok(builder),
+    }
 }
 
 /// A number unique to this start of this node: request ids and lease
@@ -317,6 +374,16 @@ async fn join(node: Arc<Node>, seeds: String, advertise: String) {
         };
         let seed = &seeds[attempt % seeds.len()];
         let target = node.leader_addr().map_or(seed.clone(), |(_, a)| a);
+        // The leader that will replicate to this node may be any member:
+        // with TLS, their certificates are the ones to accept.
+        if let ProposalReply::Members(members) = forward(&node, &target, &Proposal::Members).await {
+            let mut hosts = node.join_hosts.lock().expect("join hosts lock");
+            for m in members {
+                if !hosts.contains(&m.addr) {
+                    hosts.push(m.addr);
+                }
+            }
+        }
         match forward(&node, &target, &proposal).await {
             ProposalReply::Joined => {
                 tracing::info!(%target, "joined the cluster");

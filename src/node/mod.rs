@@ -29,14 +29,15 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, oneshot};
 use tonic::transport::Channel;
 
-pub use config::{NodeConfig, RaftTuning, Start};
-pub use leader::{Proposal, ProposalReply};
+pub use config::{default_peer_listen, NodeConfig, RaftTuning, Start, PEER_PORT_OFFSET};
+pub use leader::{Forwarded, Proposal, ProposalReply};
 pub use lifecycle::{start, NodeHandle};
 
 use crate::engine::{Event, Verdict};
 use crate::raft::network;
+use crate::raft::peer_auth::{host_of, PeerAuth};
 use crate::raft::state_machine::SharedState;
-use crate::raft::{NodeId, Raft, RequestId, Sender};
+use crate::raft::{Node as PeerNode, NodeId, Raft, RequestId, Sender};
 use crate::tls::Tls;
 
 /// Why a node could not start or a request could not be served.
@@ -58,6 +59,10 @@ pub enum NodeError {
     },
     #[error("the data dir is empty: start with --bootstrap or --join ADDR")]
     NotInitialized,
+    #[error(
+        "joining needs a way to prove membership: --cluster-secret-file (the cluster's) or TLS"
+    )]
+    NoPeerAuth,
     #[error("no leader could take the request in time: {0}")]
     NoLeader(String),
     #[error("the node is shutting down")]
@@ -110,6 +115,24 @@ pub struct Node {
     peers: Mutex<HashMap<String, Channel>>,
     /// TLS to the other nodes, when the cluster uses it.
     tls: Option<Tls>,
+    /// This node's proof to its peers, and the check of theirs.
+    auth: PeerAuth,
+    /// The admin token this node was given: carried by the proposals it
+    /// makes itself that need one (its `--policy`, its join).
+    admin_token: Option<String>,
+    /// While this node has no membership yet (it is joining), the hosts
+    /// whose certificates may replicate to it: its seeds and the members
+    /// they named.
+    join_hosts: Mutex<Vec<String>>,
+}
+
+/// What a node knows of another's membership.
+pub(crate) enum MemberAddr {
+    /// A member, at this address.
+    Member(String),
+    NotMember,
+    /// This node has no membership yet; these hosts may speak to it.
+    Joining(Vec<String>),
 }
 
 impl Node {
@@ -146,6 +169,32 @@ impl Node {
             }
         }
         self.raft.runtime_config().elect(member);
+    }
+
+    /// Where member `id` is, as this node's membership or one of the
+    /// `carried` memberships (of the message that names it) says.
+    pub(crate) fn member_addr<'a>(
+        &self,
+        id: NodeId,
+        carried: impl Iterator<Item = &'a openraft::Membership<NodeId, PeerNode>>,
+    ) -> MemberAddr {
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow();
+        let membership = m.membership_config.membership();
+        if let Some(node) = membership.get_node(&id) {
+            return MemberAddr::Member(node.addr.clone());
+        }
+        let empty = membership.nodes().next().is_none();
+        for other in carried {
+            if let Some(node) = other.get_node(&id) {
+                return MemberAddr::Member(node.addr.clone());
+            }
+        }
+        if empty {
+            let hosts = self.join_hosts.lock().expect("join hosts lock");
+            return MemberAddr::Joining(hosts.iter().map(|h| host_of(h).to_string()).collect());
+        }
+        MemberAddr::NotMember
     }
 
     pub fn state(&self) -> &SharedState {

@@ -1,15 +1,22 @@
-//! The gRPC services of a node: `Limiter` for milters, `Raft` for peers.
+//! The gRPC services of a node: `Limiter` for milters, `Raft` for peers
+//! (only for authenticated members: see [`crate::raft::peer_auth`]).
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
+use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
+use openraft::{EntryPayload, Membership};
 use tonic::{Request, Response, Status};
 
-use super::{Node, NodeError, Proposal};
+use super::leader::Forwarded;
+use super::{MemberAddr as Membership_, Node, NodeError, Proposal};
 use crate::convert::event_from_pb;
 use crate::metrics;
 use crate::proto::v1 as pb;
 use crate::raft::network;
+use crate::raft::peer_auth::{host_of, Caller};
+use crate::raft::{Node as PeerNode, NodeId, TypeConfig};
 
 pub struct LimiterService {
     node: Arc<Node>,
@@ -78,11 +85,111 @@ impl pb::limiter_server::Limiter for LimiterService {
 
 pub struct RaftService {
     node: Arc<Node>,
+    /// Refused calls, logged at most once per [`REFUSAL_LOG_EVERY_MS`].
+    refusals: RefusalLog,
 }
 
 impl RaftService {
     pub fn new(node: Arc<Node>) -> RaftService {
-        RaftService { node }
+        RaftService {
+            node,
+            refusals: RefusalLog::default(),
+        }
+    }
+
+    /// Checks the caller's proof, then that `claimed` (the sender the
+    /// message names: a leader or a candidate) is the caller and a member
+    /// it speaks for. `carried`: memberships the message itself carries,
+    /// for a follower that has not seen its leader's addition yet.
+    fn admit<'a>(
+        &self,
+        method: &'static str,
+        request: &Request<pb::RaftPayload>,
+        claimed: Option<NodeId>,
+        carried: impl Iterator<Item = &'a Membership<NodeId, PeerNode>>,
+    ) -> Result<(), Status> {
+        let caller = self.verify(method, request)?;
+        let refuse = |why: String| self.refuse(method, &caller, why);
+        match claimed {
+            Some(id) if id == caller.id => {}
+            Some(id) => {
+                return Err(refuse(format!(
+                    "node {} sent a message of node {id}",
+                    caller.id
+                )))
+            }
+            None => return Err(refuse("the message names no sender".into())),
+        }
+        match self.node.member_addr(caller.id, carried) {
+            Membership_::Member(addr) if caller.speaks_for(&addr) => Ok(()),
+            Membership_::Member(addr) => Err(refuse(format!(
+                "the certificate does not name {}, the host of node {}",
+                host_of(&addr),
+                caller.id
+            ))),
+            Membership_::NotMember => Err(refuse(format!("node {} is not a member", caller.id))),
+            Membership_::Joining(hosts) if hosts.iter().any(|h| caller.speaks_for(h)) => Ok(()),
+            Membership_::Joining(_) => Err(refuse(
+                "this node is joining: its seeds' certificates only".into(),
+            )),
+        }
+    }
+
+    fn verify(
+        &self,
+        method: &'static str,
+        request: &Request<pb::RaftPayload>,
+    ) -> Result<Caller, Status> {
+        self.node
+            .auth
+            .verify(method, request, super::now_ms())
+            .inspect_err(|status| {
+                let from = request
+                    .remote_addr()
+                    .map_or_else(|| "-".to_string(), |a| a.to_string());
+                self.refusals.log(method, &from, status.message());
+            })
+    }
+
+    fn refuse(&self, method: &'static str, caller: &Caller, why: String) -> Status {
+        self.refusals
+            .log(method, &format!("node {}", caller.id), &why);
+        Status::permission_denied(why)
+    }
+}
+
+/// The last time a refused peer call was logged, and how many were not.
+#[derive(Default)]
+struct RefusalLog {
+    last_ms: AtomicU64,
+    quiet: AtomicU64,
+}
+
+/// A flood of refused calls writes one log line per this many ms.
+const REFUSAL_LOG_EVERY_MS: u64 = 5_000;
+
+impl RefusalLog {
+    fn log(&self, method: &'static str, from: &str, why: &str) {
+        metrics::record_peer_refusal(method);
+        let now = super::now_ms();
+        let last = self.last_ms.load(Ordering::Relaxed);
+        if now.saturating_sub(last) < REFUSAL_LOG_EVERY_MS
+            || self
+                .last_ms
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
+            self.quiet.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let also = self.quiet.swap(0, Ordering::Relaxed);
+        tracing::warn!(
+            method,
+            from = ?from,
+            why = ?why,
+            refused_since_last_line = also,
+            "peer call refused"
+        );
     }
 }
 
@@ -91,26 +198,79 @@ type Reply = Result<Response<pb::RaftPayload>, Status>;
 #[tonic::async_trait]
 impl pb::raft_server::Raft for RaftService {
     async fn append_entries(&self, request: Request<pb::RaftPayload>) -> Reply {
-        network::serve_append(&self.node.raft, request.get_ref())
-            .await
-            .map(Response::new)
+        let rpc: AppendEntriesRequest<TypeConfig> = network::decode(request.get_ref())?;
+        let carried = rpc.entries.iter().filter_map(|e| match &e.payload {
+            EntryPayload::Membership(m) => Some(m),
+            _ => None,
+        });
+        self.admit(
+            "append_entries",
+            &request,
+            rpc.vote.leader_id().voted_for(),
+            carried,
+        )?;
+        Ok(Response::new(
+            network::serve_append(&self.node.raft, rpc).await,
+        ))
     }
 
     async fn vote(&self, request: Request<pb::RaftPayload>) -> Reply {
-        network::serve_vote(&self.node.raft, request.get_ref())
-            .await
-            .map(Response::new)
+        let rpc: VoteRequest<NodeId> = network::decode(request.get_ref())?;
+        self.admit(
+            "vote",
+            &request,
+            rpc.vote.leader_id().voted_for(),
+            std::iter::empty(),
+        )?;
+        Ok(Response::new(
+            network::serve_vote(&self.node.raft, rpc).await,
+        ))
     }
 
     async fn install_snapshot(&self, request: Request<pb::RaftPayload>) -> Reply {
-        network::serve_install_snapshot(&self.node.raft, request.get_ref())
-            .await
-            .map(Response::new)
+        let rpc: InstallSnapshotRequest<TypeConfig> = network::decode(request.get_ref())?;
+        let carried = std::iter::once(rpc.meta.last_membership.membership());
+        self.admit(
+            "install_snapshot",
+            &request,
+            rpc.vote.leader_id().voted_for(),
+            carried,
+        )?;
+        Ok(Response::new(
+            network::serve_install_snapshot(&self.node.raft, rpc).await,
+        ))
     }
 
+    /// A proposal for the leader. Members may forward any (with the admin
+    /// token for those that need it, checked at the leader); a node that
+    /// is not a member may only ask to join as itself, or who the members
+    /// are (which any client can read from the Admin service).
     async fn propose(&self, request: Request<pb::RaftPayload>) -> Reply {
-        let proposal: Proposal = network::decode(request.get_ref())?;
-        let reply = self.node.serve_forwarded(proposal).await;
+        let caller = self.verify("propose", &request)?;
+        let forwarded: Forwarded = network::decode(request.get_ref())?;
+        let member = match self.node.member_addr(caller.id, std::iter::empty()) {
+            Membership_::Member(addr) => caller.speaks_for(&addr),
+            _ => false,
+        };
+        let allowed = match &forwarded.proposal {
+            _ if member => Ok(()),
+            Proposal::Members => Ok(()),
+            Proposal::Join { id, addr, .. } if *id == caller.id && caller.speaks_for(addr) => {
+                Ok(())
+            }
+            Proposal::Join { id, .. } if *id == caller.id => Err(format!(
+                "the certificate does not name the host of the address node {id} joins with"
+            )),
+            other => Err(format!(
+                "node {} is not a member: it may not ask for {}",
+                caller.id,
+                other.name()
+            )),
+        };
+        if let Err(why) = allowed {
+            return Err(self.refuse("propose", &caller, why));
+        }
+        let reply = self.node.serve_forwarded(forwarded, caller.id).await;
         Ok(Response::new(network::encode(&reply)))
     }
 }

@@ -7,6 +7,7 @@
 
 pub mod log_store;
 pub mod network;
+pub mod peer_auth;
 pub mod state;
 pub mod state_machine;
 

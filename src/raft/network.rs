@@ -15,6 +15,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tonic::transport::Channel;
 
+use super::peer_auth::PeerAuth;
 use super::{Node, NodeId, Raft, TypeConfig};
 use crate::proto::v1::raft_client::RaftClient;
 use crate::proto::v1::RaftPayload;
@@ -47,15 +48,30 @@ pub fn client(channel: Channel) -> RaftClient<Channel> {
 }
 
 /// Makes a client per peer.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Network {
     pub tls: Option<Tls>,
+    /// Signs every call with this node's proof.
+    pub auth: PeerAuth,
 }
 
 pub struct Peer {
     target: NodeId,
     client: Option<RaftClient<Channel>>,
     addr: String,
+    auth: PeerAuth,
+}
+
+/// A request for `method` (the RPC's name in snake case) that carries
+/// this node's proof.
+pub fn signed_request(
+    auth: &PeerAuth,
+    method: &str,
+    payload: RaftPayload,
+) -> tonic::Request<RaftPayload> {
+    let mut request = tonic::Request::new(payload);
+    auth.sign(method, &mut request, crate::node::now_ms());
+    request
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
@@ -66,6 +82,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             target,
             client: channel(&node.addr, self.tls.as_ref()).ok().map(client),
             addr: node.addr.clone(),
+            auth: self.auth.clone(),
         }
     }
 }
@@ -76,6 +93,7 @@ impl Peer {
     async fn call<Req, Resp, E>(
         &mut self,
         which: fn(RaftClient<Channel>, tonic::Request<RaftPayload>) -> futures_call::Call,
+        method: &str,
         req: &Req,
         option: &RPCOption,
     ) -> RpcResult<Resp, E>
@@ -88,7 +106,7 @@ impl Peer {
             let e = std::io::Error::other(format!("bad address {}", self.addr));
             return Err(RPCError::Unreachable(Unreachable::new(&e)));
         };
-        let mut request = tonic::Request::new(encode(req));
+        let mut request = signed_request(&self.auth, method, encode(req));
         request.set_timeout(option.hard_ttl());
         let reply = which(client, request)
             .await
@@ -123,6 +141,7 @@ impl RaftNetwork<TypeConfig> for Peer {
         let answer = self
             .call(
                 |mut c, r| Box::pin(async move { c.append_entries(r).await }),
+                "append_entries",
                 &rpc,
                 &option,
             )
@@ -138,6 +157,7 @@ impl RaftNetwork<TypeConfig> for Peer {
     ) -> RpcResult<InstallSnapshotResponse<NodeId>, InstallSnapshotError> {
         self.call(
             |mut c, r| Box::pin(async move { c.install_snapshot(r).await }),
+            "install_snapshot",
             &rpc,
             &option,
         )
@@ -151,6 +171,7 @@ impl RaftNetwork<TypeConfig> for Peer {
     ) -> RpcResult<VoteResponse<NodeId>, openraft::error::Infallible> {
         self.call(
             |mut c, r| Box::pin(async move { c.vote(r).await }),
+            "vote",
             &rpc,
             &option,
         )
@@ -158,21 +179,19 @@ impl RaftNetwork<TypeConfig> for Peer {
     }
 }
 
-/// Hands openraft's RPCs to the local Raft; replies carry its result.
-pub async fn serve_append(raft: &Raft, p: &RaftPayload) -> Result<RaftPayload, tonic::Status> {
-    let req: AppendEntriesRequest<TypeConfig> = decode(p)?;
-    Ok(encode(&raft.append_entries(req).await))
+/// Hands openraft's RPCs, decoded and admitted, to the local Raft;
+/// replies carry its result.
+pub async fn serve_append(raft: &Raft, req: AppendEntriesRequest<TypeConfig>) -> RaftPayload {
+    encode(&raft.append_entries(req).await)
 }
 
-pub async fn serve_vote(raft: &Raft, p: &RaftPayload) -> Result<RaftPayload, tonic::Status> {
-    let req: VoteRequest<NodeId> = decode(p)?;
-    Ok(encode(&raft.vote(req).await))
+pub async fn serve_vote(raft: &Raft, req: VoteRequest<NodeId>) -> RaftPayload {
+    encode(&raft.vote(req).await)
 }
 
 pub async fn serve_install_snapshot(
     raft: &Raft,
-    p: &RaftPayload,
-) -> Result<RaftPayload, tonic::Status> {
-    let req: InstallSnapshotRequest<TypeConfig> = decode(p)?;
-    Ok(encode(&raft.install_snapshot(req).await))
+    req: InstallSnapshotRequest<TypeConfig>,
+) -> RaftPayload {
+    encode(&raft.install_snapshot(req).await)
 }

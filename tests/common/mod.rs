@@ -454,15 +454,35 @@ pub fn temp_root() -> TempDir {
     dir
 }
 
+/// The cluster secret of the tests' clusters.
+pub const TEST_SECRET: &str = "tests-cluster-secret-0123456789abcdef";
+
+pub fn test_secret() -> relayrate::raft::peer_auth::ClusterSecret {
+    relayrate::raft::peer_auth::ClusterSecret::new(TEST_SECRET.as_bytes(), "tests").unwrap()
+}
+
+/// Writes [`TEST_SECRET`] to `root/cluster-secret` (once) and returns the path.
+pub fn test_secret_file(root: &Path) -> PathBuf {
+    let path = root.join("cluster-secret");
+    if !path.exists() {
+        std::fs::write(&path, TEST_SECRET).unwrap();
+    }
+    path
+}
+
 /// A `relayrate node` process.
 pub struct NodeProc {
+    /// The client listener (Limiter, Admin).
     pub addr: SocketAddr,
+    /// The peer listener: what `--join` takes.
+    pub peer: SocketAddr,
     pub dir: PathBuf,
     child: Child,
 }
 
 impl NodeProc {
-    /// Node `id`; the first bootstraps with `policy`, the others join `seed`.
+    /// Node `id`; the first bootstraps with `policy`, the others join
+    /// `seed` (a node's peer address). All share [`TEST_SECRET`].
     pub fn start(root: &Path, id: u64, policy: Option<&str>, seed: Option<SocketAddr>) -> NodeProc {
         NodeProc::start_with_args(root, id, policy, seed, &[])
     }
@@ -580,12 +600,17 @@ impl NodeProc {
         let dir = root.join(format!("node-{id}"));
         std::fs::create_dir_all(&dir).unwrap();
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let peer: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_relayrate"));
         cmd.arg("node")
             .arg("--id")
             .arg(id.to_string())
             .arg("--listen")
             .arg(addr.to_string())
+            .arg("--peer-listen")
+            .arg(peer.to_string())
+            .arg("--cluster-secret-file")
+            .arg(test_secret_file(root))
             .arg("--data-dir")
             .arg(dir.join("data"));
         if let Some(text) = policy {
@@ -599,6 +624,54 @@ impl NodeProc {
         }
         cmd.args(extra);
         let child = spawn_logged(&mut cmd, &dir, "info,openraft=warn");
-        NodeProc { addr, dir, child }
+        NodeProc {
+            addr,
+            peer,
+            dir,
+            child,
+        }
     }
+}
+
+/// Sends `proposal` to a node's peer listener as `auth` signs it (as the
+/// nodes do), over `tls` if given.
+pub async fn peer_propose(
+    peer: &str,
+    tls: Option<&relayrate::tls::Tls>,
+    auth: &relayrate::raft::peer_auth::PeerAuth,
+    proposal: relayrate::node::Proposal,
+) -> Result<relayrate::node::ProposalReply, tonic::Status> {
+    use relayrate::raft::network;
+    let forwarded = relayrate::node::Forwarded {
+        proposal,
+        admin_token: None,
+    };
+    peer_call(peer, tls, auth, "propose", network::encode(&forwarded))
+        .await
+        .and_then(|reply| network::decode(&reply))
+}
+
+/// Calls `method` (`propose`, `vote`, `append_entries`) of a node's peer
+/// listener with `payload`, signed by `auth`; the reply's payload.
+pub async fn peer_call(
+    peer: &str,
+    tls: Option<&relayrate::tls::Tls>,
+    auth: &relayrate::raft::peer_auth::PeerAuth,
+    method: &'static str,
+    payload: relayrate::proto::v1::RaftPayload,
+) -> Result<relayrate::proto::v1::RaftPayload, tonic::Status> {
+    use relayrate::raft::network;
+    let channel =
+        network::channel(peer, tls).map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    let mut client = network::client(channel);
+    let mut request = network::signed_request(auth, method, payload);
+    request.set_timeout(Duration::from_secs(5));
+    let reply = match method {
+        "propose" => client.propose(request).await,
+        "vote" => client.vote(request).await,
+        "append_entries" => client.append_entries(request).await,
+        "install_snapshot" => client.install_snapshot(request).await,
+        other => panic!("no peer method {other}"),
+    };
+    reply.map(|r| r.into_inner())
 }
