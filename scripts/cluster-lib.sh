@@ -3,7 +3,8 @@
 # repository's root: builds relayrate, makes a work dir that goes at exit
 # with the nodes started in it, writes a policy that counts every
 # connection and refuses none (the cost of a decision, not of a refusal),
-# and starts nodes on loopback.
+# and starts nodes on loopback, sharing one cluster secret. A node's peer
+# port is its client port + 10 (relayrate's default): join through that.
 
 cargo build --release --quiet --bin relayrate
 bin=target/release/relayrate
@@ -15,6 +16,8 @@ cleanup() {
   rm -rf "$work"
 }
 trap cleanup EXIT
+
+head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$work/cluster-secret"
 
 cat > "$work/policy.txt" <<'POLICY'
 CHECK_CONN_RATE YES
@@ -35,6 +38,7 @@ wait_serving() { # port
 start_node() { # id port extra...
   local id=$1 port=$2; shift 2
   RELAYRATE_LOG=warn "$bin" node --id "$id" --listen "127.0.0.1:$port" \
-    --data-dir "$work/n$id-$port" --policy "$work/policy.txt" "$@" > "$work/n$id-$port.log" 2>&1 &
+    --data-dir "$work/n$id-$port" --policy "$work/policy.txt" \
+    --cluster-secret-file "$work/cluster-secret" "$@" > "$work/n$id-$port.log" 2>&1 &
   pids+=($!)
 }

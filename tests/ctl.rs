@@ -283,8 +283,14 @@ impl Cluster {
         cluster
     }
 
+    /// Node `id`'s client port: what relayratectl and milters call.
     fn addr(&self, id: u64) -> SocketAddr {
         self.nodes[id as usize - 1].addr
+    }
+
+    /// Node `id`'s peer port: its address as a member.
+    fn peer(&self, id: u64) -> SocketAddr {
+        self.nodes[id as usize - 1].peer
     }
 
     /// Fails with every node's log, which is what one needs to see.
@@ -327,8 +333,8 @@ fn status_shows_one_leader_and_three_voters(cluster: &Cluster) {
         assert_eq!(s["leader_id"], leader, "every node names the leader: {s}");
         assert_eq!(
             s["leader_addr"],
-            cluster.addr(leader).to_string(),
-            "leader address: {s}"
+            cluster.peer(leader).to_string(),
+            "leader address (its peer port): {s}"
         );
         assert_eq!(member_ids(s), [1, 2, 3], "{s}");
         assert!(
@@ -353,7 +359,7 @@ fn status_shows_one_leader_and_three_voters(cluster: &Cluster) {
     let out = ctl(cluster.addr(follower), &["status"]);
     assert!(out.status.success(), "{}", describe(&out));
     let text = String::from_utf8_lossy(&out.stdout);
-    let leader_line = format!("{leader}@{}", cluster.addr(leader));
+    let leader_line = format!("{leader}@{}", cluster.peer(leader));
     assert!(
         text.lines()
             .any(|l| l.starts_with("leader") && l.ends_with(&leader_line)),
@@ -689,7 +695,7 @@ async fn a_removed_node_is_no_longer_replicated_to(cluster: &Cluster) {
 }
 
 async fn a_removed_node_added_again_catches_up(cluster: &Cluster) {
-    let addr3 = cluster.addr(3).to_string();
+    let addr3 = cluster.peer(3).to_string();
     let added = ctl_json(cluster.addr(2), &["add-node", "3", &addr3]);
     assert_eq!(member_ids(&added), [1, 2, 3], "add-node answers: {added}");
     assert!(

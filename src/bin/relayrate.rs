@@ -108,7 +108,7 @@ struct RunArgs {
     policy: Vec<PathBuf>,
     #[arg(long, default_value = "relayrate-data")]
     data_dir: PathBuf,
-    /// gRPC address (Limiter and Raft services).
+    /// Client gRPC address (Limiter, Admin, health; peers use --peer-listen).
     #[arg(long, default_value = "127.0.0.1:7450")]
     listen: SocketAddr,
     /// This node's id in the cluster.
@@ -170,7 +170,8 @@ struct NodeArgs {
     /// This node's id in the cluster (a small integer, unique).
     #[arg(long)]
     id: u64,
-    /// gRPC address to bind (Limiter and Raft services).
+    /// Client gRPC address to bind (Limiter, Admin, health; peers use
+    /// --peer-listen).
     #[arg(long)]
     listen: SocketAddr,
     /// Address the other nodes reach this one's peer listener at
