@@ -38,7 +38,8 @@ COPY examples/ze-policy.txt /etc/relayrate/ze-policy.txt
 LABEL org.opencontainers.image.title="relayrate" \
       org.opencontainers.image.licenses="GPL-3.0-or-later"
 USER 10001:10001
-# 7450 gRPC (Raft, Limiter, Admin, health), 9450 metrics; the milter
-# listens on 127.0.0.1:8894 for the Postfix of the same pod.
-EXPOSE 7450 9450
+# 7450 gRPC for clients (Limiter, Admin, health), 7460 gRPC for the other
+# nodes (Raft), 9450 metrics; the milter listens on 127.0.0.1:8894 for the
+# Postfix of the same pod.
+EXPOSE 7450 7460 9450
 ENTRYPOINT ["/usr/local/bin/relayrate-entrypoint"]

@@ -4,9 +4,11 @@
 //! these tests read the manifests and check that probes hit the ports the
 //! containers open, the policy is mounted where `--policy` points, the
 //! headless Service governs the StatefulSet, the PDB keeps a Raft majority,
-//! the grace period covers the shutdown, and the container runs the
-//! repository's entrypoint script; the command line that script builds
-//! from the manifest's environment is checked as a whole. The Postfix,
+//! the grace period covers the shutdown, the peer port is reached by the
+//! relayrate pods alone and the cluster secret is mounted where the
+//! entrypoint reads it, and the container runs the repository's entrypoint
+//! script; the command line that script builds from the manifest's
+//! environment is checked as a whole. The Postfix,
 //! sendmail and systemd files are checked by the tools that read them
 //! (postconf, m4 with sendmail-cf, systemd-analyze) where installed.
 
@@ -127,6 +129,28 @@ fn port_of(addr: &str) -> u64 {
     addr.rsplit(':').next().unwrap().parse().expect("a port")
 }
 
+/// The relayrate container's ports: clients (Limiter, Admin, health) and
+/// peers (Raft).
+fn client_port(relayrate: &Value) -> u64 {
+    resolve_port(relayrate, &Value::from("grpc")).expect("a grpc port")
+}
+
+fn peer_port(relayrate: &Value) -> u64 {
+    resolve_port(relayrate, &Value::from("peer")).expect("a peer port")
+}
+
+/// The example Secret, kept out of `kubectl apply -f deploy/kubernetes/`.
+const EXAMPLE_SECRET: &str = "deploy/kubernetes/examples/cluster-secret.yaml";
+
+fn example_secret() -> Value {
+    let text = read(EXAMPLE_SECRET);
+    let docs: Vec<Value> = yaml_serde::Deserializer::from_str(&text)
+        .map(|d| Value::deserialize(d).unwrap())
+        .collect();
+    assert_eq!(docs.len(), 1, "{EXAMPLE_SECRET}: one object");
+    docs[0].clone()
+}
+
 #[test]
 fn every_object_is_in_the_one_namespace() {
     let objects = objects();
@@ -158,6 +182,16 @@ fn the_headless_service_governs_the_statefulset() {
     let relayrate = container(sts, "relayrate");
     for p in list(peers, "/spec/ports") {
         assert!(resolve_port(relayrate, &p["targetPort"]).is_some(), "{p}");
+    }
+    // It names the peer port (Raft) beside the client port.
+    for port in [peer_port(relayrate), client_port(relayrate)] {
+        assert!(
+            list(peers, "/spec/ports")
+                .iter()
+                .any(|p| p["port"] == port
+                    && resolve_port(relayrate, &p["targetPort"]) == Some(port)),
+            "the peer Service has no port {port}"
+        );
     }
     // After a full outage no pod is ready alone: OrderedReady would never
     // start pod 1.
@@ -205,7 +239,7 @@ fn probes_hit_the_ports_their_container_opens() {
     // relayrate: grpc.health.v1 on its gRPC port; ready ("") once in the
     // cluster with its policy, live ("liveness") as soon as it serves.
     let relayrate = container(sts, "relayrate");
-    let grpc = resolve_port(relayrate, &Value::from("grpc")).expect("a grpc port");
+    let grpc = client_port(relayrate);
     let ready = &relayrate["readinessProbe"]["grpc"];
     assert_eq!(ready["port"].as_u64(), Some(grpc));
     assert!(ready.get("service").is_none() || ready["service"] == "");
@@ -243,6 +277,172 @@ fn the_pdb_keeps_a_raft_majority() {
             );
         }
     }
+}
+
+/// Whether a NetworkPolicy ingress rule lets traffic to `port` through
+/// (a rule without ports covers them all).
+fn covers(rule: &Value, port: u64, name: &str) -> bool {
+    match rule.get("ports").and_then(Value::as_array) {
+        None => true,
+        Some(ports) if ports.is_empty() => true,
+        Some(ports) => ports.iter().any(|p| match p.get("port") {
+            None => true,
+            Some(v) => v.as_u64() == Some(port) || v.as_str() == Some(name),
+        }),
+    }
+}
+
+/// Whether every source a rule admits is a relayrate pod of the policy's
+/// namespace: a `from` that is present, not empty, and made of pod
+/// selectors that pick the pods' labels (no namespace selector, no
+/// address block).
+fn only_relayrate_pods(rule: &Value, pod_labels: &Value) -> bool {
+    let Some(from) = rule.get("from").and_then(Value::as_array) else {
+        return false;
+    };
+    !from.is_empty()
+        && from.iter().all(|peer| {
+            let keys: Vec<&String> = peer
+                .as_object()
+                .map(|o| o.keys().collect())
+                .unwrap_or_default();
+            keys == ["podSelector"]
+                && peer["podSelector"]
+                    .as_object()
+                    .is_some_and(|s| s.keys().all(|k| k == "matchLabels"))
+                && selects(&peer["podSelector"]["matchLabels"], pod_labels)
+        })
+}
+
+#[test]
+fn the_peer_port_is_declared_and_only_the_relayrate_pods_reach_it() {
+    let objects = objects();
+    let sts = statefulset(&objects);
+    let relayrate = container(sts, "relayrate");
+    let pod_labels = &sts["spec"]["template"]["metadata"]["labels"];
+    // The container declares the peer port, 7460, beside the client port
+    // (relayrate's default: client port + 10); the nodes advertise it.
+    let peer = peer_port(relayrate);
+    assert_eq!(peer, 7460);
+    assert_eq!(peer, client_port(relayrate) + 10);
+    let env = pod_env(relayrate, "relayrate-0", "relayrate");
+    assert_eq!(port_of(&env["RELAYRATE_PEER"]), peer);
+    assert_eq!(port_of(&env["RELAYRATE_PEER_LISTEN"]), peer);
+
+    let policy = only(&objects, "NetworkPolicy");
+    assert!(selects(
+        &policy["spec"]["podSelector"]["matchLabels"],
+        pod_labels
+    ));
+    assert!(list(policy, "/spec/policyTypes").contains(&Value::from("Ingress")));
+    let rules = list(policy, "/spec/ingress");
+    // Every rule that opens the peer port opens it to relayrate pods only,
+    // and one does (else the pods could not reach each other).
+    let to_peers: Vec<&Value> = rules.iter().filter(|r| covers(r, peer, "peer")).collect();
+    assert!(
+        !to_peers.is_empty(),
+        "no rule lets the pods reach port {peer}"
+    );
+    for rule in to_peers {
+        assert!(
+            only_relayrate_pods(rule, pod_labels),
+            "port {peer} open to more: {rule}"
+        );
+    }
+    // The client port: the pods' scripts ask each other there.
+    assert!(rules
+        .iter()
+        .any(|r| covers(r, client_port(relayrate), "grpc")
+            && r.get("from").is_some_and(|f| f.as_array().is_some_and(|f| f
+                .iter()
+                .any(|p| selects(&p["podSelector"]["matchLabels"], pod_labels))))));
+    // SMTP stays open to the web servers.
+    assert!(rules
+        .iter()
+        .any(|r| covers(r, 25, "smtp") && r.get("from").is_none()));
+
+    // And the check can fail: a rule open to every source, or to another
+    // namespace's pods, is caught.
+    let open = serde_json::json!({"ports": [{"port": peer}]});
+    assert!(covers(&open, peer, "peer") && !only_relayrate_pods(&open, pod_labels));
+    let other_ns = serde_json::json!({"from": [{"namespaceSelector": {}, "podSelector": {"matchLabels": pod_labels}}]});
+    assert!(!only_relayrate_pods(&other_ns, pod_labels));
+}
+
+#[test]
+fn the_cluster_secret_is_mounted_where_the_entrypoint_reads_it() {
+    let objects = objects();
+    let sts = statefulset(&objects);
+    let relayrate = container(sts, "relayrate");
+    let flags = entrypoint_argv(sts, "relayrate-1", "relayrate");
+    let file = Path::new(&flags["--cluster-secret-file"]);
+    // A read-only mount of a Secret volume...
+    let mount = list(relayrate, "/volumeMounts")
+        .iter()
+        .find(|m| file.parent() == Some(Path::new(text(m, "/mountPath"))))
+        .expect("--cluster-secret-file is in a mounted directory");
+    assert_eq!(mount["readOnly"], true);
+    let volume = list(sts, "/spec/template/spec/volumes")
+        .iter()
+        .find(|v| v["name"] == mount["name"])
+        .unwrap();
+    let secret_name = text(volume, "/secret/secretName");
+    // ...readable by the container's user (the files belong to root), and
+    // by no other container.
+    let mode = number(volume, "/secret/defaultMode");
+    assert_eq!(mode & 0o004, 0o004, "mode {mode:o}");
+    for c in list(sts, "/spec/template/spec/containers") {
+        if c["name"] != "relayrate" {
+            let mounts = c["volumeMounts"].as_array().cloned().unwrap_or_default();
+            assert!(
+                mounts.iter().all(|m| m["name"] != mount["name"]),
+                "{}",
+                c["name"]
+            );
+        }
+    }
+    // The example Secret is that one, in the namespace, with that key.
+    let example = example_secret();
+    let ns = text(only(&objects, "Namespace"), "/metadata/name");
+    assert_eq!(example["kind"], "Secret");
+    assert_eq!(example["metadata"]["name"], secret_name);
+    assert_eq!(example["metadata"]["namespace"], ns);
+    let key = file.file_name().unwrap().to_str().unwrap();
+    let placeholder = text(&example, &format!("/stringData/{key}"));
+    // `kubectl apply -f deploy/kubernetes/` must not overwrite the real
+    // Secret with the example.
+    assert!(
+        objects.iter().all(|o| o["kind"] != "Secret"),
+        "a Secret among the applied manifests"
+    );
+    // The placeholder is refused: a cluster cannot run on a published secret.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(key);
+    std::fs::write(&path, placeholder).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_relayrate"))
+        .args([
+            "run",
+            "--listen",
+            "127.0.0.1:0",
+            "--milter-listen",
+            "inet:127.0.0.1:0",
+        ])
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .arg("--cluster-secret-file")
+        .arg(&path)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{said}");
+    assert!(said.contains("at least 16"), "{said}");
+    // The command the example and the README give makes one that is not.
+    let readme = read("deploy/README.md");
+    let example_text = read(EXAMPLE_SECRET);
+    let make = "head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'";
+    assert!(example_text.contains(make) && readme.contains(make));
+    let made = Command::new("sh").arg("-c").arg(make).output().unwrap();
+    assert_eq!(String::from_utf8(made.stdout).unwrap().len(), 64);
 }
 
 #[test]
@@ -603,12 +803,24 @@ fn entrypoint_argv(sts: &Value, pod: &str, namespace: &str) -> BTreeMap<String, 
         .as_array()
         .map(|a| a.iter().map(|x| x.as_str().unwrap().to_string()).collect())
         .unwrap_or_default();
+    // The files the environment names (the cluster secret: a Secret's
+    // mount), under a stand-in root; the flags are given back without it.
+    let root = dir.path().join("root");
+    let mut env = pod_env(relayrate, pod, namespace);
+    for (name, value) in env.iter_mut() {
+        if name.ends_with("_FILE") {
+            let file = root.join(value.trim_start_matches('/'));
+            std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+            std::fs::write(&file, "0123456789abcdef0123456789abcdef").unwrap();
+            *value = file.display().to_string();
+        }
+    }
     let out = Command::new("sh")
         .arg(repo().join("deploy/kubernetes/entrypoint.sh"))
         .args(&args)
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap())
-        .envs(pod_env(relayrate, pod, namespace))
+        .envs(env)
         .env("RELAYRATE_BIN", &stub)
         .env("RELAYRATECTL", dir.path().join("no-relayratectl"))
         .output()
@@ -618,10 +830,11 @@ fn entrypoint_argv(sts: &Value, pod: &str, namespace: &str) -> BTreeMap<String, 
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    let root = root.display().to_string();
     let argv: Vec<String> = String::from_utf8(out.stdout)
         .unwrap()
         .lines()
-        .map(String::from)
+        .map(|a| a.strip_prefix(&root).unwrap_or(a).to_string())
         .collect();
     assert_eq!(argv[0], "run");
     let mut flags = BTreeMap::new();
@@ -650,13 +863,23 @@ fn the_entrypoint_builds_the_command_line_the_manifests_expect() {
     let ns = text(sts, "/metadata/namespace");
     let name = text(sts, "/metadata/name");
     let relayrate = container(sts, "relayrate");
-    let grpc = resolve_port(relayrate, &Value::from("grpc")).unwrap();
-    let peer = |ordinal: u64| {
+    let grpc = client_port(relayrate);
+    let peer_port = peer_port(relayrate);
+    // The pod's name in the headless Service, and a port of it.
+    let host = |ordinal: u64, port: u64| {
         format!(
-            "{name}-{ordinal}.{}.{ns}.svc.cluster.local:{grpc}",
+            "{name}-{ordinal}.{}.{ns}.svc.cluster.local:{port}",
             text(sts, "/spec/serviceName")
         )
     };
+    // Peers advertise, and join through, their peer listeners.
+    let peer = |ordinal: u64| host(ordinal, peer_port);
+    // relayratectl in the scripts asks the other pods' client ports.
+    let env = pod_env(relayrate, &format!("{name}-2"), ns);
+    assert_eq!(
+        env["RELAYRATE_CLIENT"].replace("{ordinal}", "0"),
+        host(0, grpc)
+    );
 
     let first = entrypoint_argv(sts, &format!("{name}-0"), ns);
     assert_eq!(first["--id"], "1");
@@ -669,6 +892,12 @@ fn the_entrypoint_builds_the_command_line_the_manifests_expect() {
 
     for flags in [&first, &third] {
         assert_eq!(port_of(&flags["--listen"]), grpc);
+        assert_eq!(port_of(&flags["--peer-listen"]), peer_port);
+        // Every pod the same secret file (the mounted Secret).
+        assert_eq!(
+            flags["--cluster-secret-file"],
+            env_value(relayrate, "RELAYRATE_CLUSTER_SECRET_FILE")
+        );
         // --data-dir is the claim's mount (volumes_are_claimed_and_mounted).
         assert_eq!(
             flags["--data-dir"],
@@ -901,6 +1130,16 @@ fn the_systemd_units_are_hardened_and_stop_in_time() {
         );
         assert_eq!(u["ExecReload"], "/bin/kill -HUP $MAINPID", "{path}");
         assert!(stop >= DRAIN_SECS + HAND_OVER_SECS + 5, "{path}: {stop} s");
+        // The cluster secret: root's file, handed to the dynamic user as a
+        // credential (%d is the credentials directory).
+        assert_eq!(
+            u["LoadCredential"], "cluster-secret:/etc/relayrate/cluster-secret",
+            "{path}"
+        );
+        assert!(
+            u["ExecStart"].contains(" --cluster-secret-file %d/cluster-secret "),
+            "{path}"
+        );
     }
 
     if !have("/usr/bin/systemd-analyze", "systemd-analyze verify") {
@@ -924,4 +1163,58 @@ fn the_systemd_units_are_hardened_and_stop_in_time() {
             "{path}: {said}"
         );
     }
+}
+
+#[test]
+fn the_default_file_joins_through_peer_listeners() {
+    // Every RELAYRATE_RUN_ARGS / RELAYRATE_NODE_ARGS line, example or not:
+    // (subcommand, its arguments).
+    let mut lines: Vec<(&str, Vec<String>)> = Vec::new();
+    for line in read("deploy/systemd/relayrate.default").lines() {
+        let line = line.trim_start_matches('#');
+        for (var, sub) in [
+            ("RELAYRATE_RUN_ARGS=", "run"),
+            ("RELAYRATE_NODE_ARGS=", "node"),
+        ] {
+            if let Some(value) = line.strip_prefix(var) {
+                let words = value.trim_matches('"').split_whitespace().map(String::from);
+                lines.push((sub, words.collect()));
+            }
+        }
+    }
+    let flag = |words: &[String], name: &str| {
+        words
+            .iter()
+            .position(|w| w == name)
+            .map(|i| words[i + 1].clone())
+    };
+    let mut joins = 0;
+    for (sub, words) in &lines {
+        // Flags the subcommand knows.
+        let help = Command::new(env!("CARGO_BIN_EXE_relayrate"))
+            .args([sub, &"--help"])
+            .output()
+            .unwrap();
+        let help = String::from_utf8(help.stdout).unwrap();
+        let known: Vec<&str> = help
+            .split(|c: char| c.is_whitespace() || c == ',')
+            .filter(|w| w.starts_with("--"))
+            .collect();
+        for w in words.iter().filter(|w| w.starts_with("--")) {
+            assert!(known.contains(&w.as_str()), "relayrate {sub} has no {w}");
+        }
+        // --join names another example's peer listener, not a client port.
+        if let Some(join) = flag(words, "--join") {
+            joins += 1;
+            assert!(
+                lines
+                    .iter()
+                    .any(|(s, w)| s == sub
+                        && flag(w, "--peer-listen").as_deref() == Some(join.as_str())),
+                "--join {join}: no example listens for peers there"
+            );
+            assert_ne!(Some(join), flag(words, "--peer-listen"));
+        }
+    }
+    assert!(joins >= 2, "an example of joining for run and for node");
 }

@@ -1,9 +1,10 @@
 //! The StatefulSet's scripts, run here as the kubelet runs them in the
 //! pods. `deploy/kubernetes/entrypoint.sh` starts pods 0, 1 and 2 on
 //! loopback with the same environment (only the pod's name differs, and
-//! addresses are 127.0.NET.1{ordinal} instead of the pods' DNS names): they
-//! must form one cluster, and pod 1, killed and started again, must come
-//! back as the same member with its counts. `prestop.sh`'s decision
+//! addresses are 127.0.NET.1{ordinal} instead of the pods' DNS names; a
+//! client port and a peer port, and one cluster secret file for all, as
+//! the mounted Secret): they must form one cluster, and pod 1, killed and
+//! started again, must come back as the same member with its counts. `prestop.sh`'s decision
 //! (leave the cluster on a scale-down, stay on a restart) is checked with
 //! the StatefulSet's Scale given in a file and a stand-in relayratectl.
 
@@ -69,23 +70,33 @@ struct Pods {
     root: TempDir,
     /// Pod `ordinal` listens on 127.0.NET.1{ordinal}: .10, .11, ...
     net: u64,
+    /// The client port (Limiter, Admin, health).
     port: u16,
+    /// The peer port (Raft).
+    peer_port: u16,
     milter_port: u16,
     metrics_port: u16,
     policy: PathBuf,
+    /// The cluster secret every pod is given (the mounted Secret).
+    secret: PathBuf,
 }
 
 /// Each test's pods get a network of their own: 127.0.NET.0/24 (all of
 /// 127/8 is local), so that tests running at once never share an address.
 static NETWORKS: AtomicU64 = AtomicU64::new(101);
 
-/// Three distinct free ports, out of the ephemeral range.
-fn three_ports() -> (u16, u16, u16) {
-    (
-        common::free_port(),
-        common::free_port(),
-        common::free_port(),
-    )
+/// Four distinct free ports, out of the ephemeral range.
+fn four_ports() -> [u16; 4] {
+    std::array::from_fn(|_| common::free_port())
+}
+
+/// A cluster secret as deploy/README.md makes one: 32 random bytes in
+/// hex.
+fn write_secret(path: &Path) {
+    let mut raw = [0u8; 32];
+    getrandom::fill(&mut raw).unwrap();
+    let hex: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+    std::fs::write(path, hex).unwrap();
 }
 
 impl Pods {
@@ -96,14 +107,18 @@ impl Pods {
             .unwrap();
         let policy = root.path().join("ze-policy.txt");
         std::fs::write(&policy, configmap_policy()).unwrap();
-        let (port, milter_port, metrics_port) = three_ports();
+        let secret = root.path().join("cluster-secret");
+        write_secret(&secret);
+        let [port, peer_port, milter_port, metrics_port] = four_ports();
         Pods {
             root,
             net: NETWORKS.fetch_add(1, Ordering::Relaxed),
             port,
+            peer_port,
             milter_port,
             metrics_port,
             policy,
+            secret,
         }
     }
 
@@ -114,11 +129,23 @@ impl Pods {
             ("RELAYRATE_BIN", env!("CARGO_BIN_EXE_relayrate").to_string()),
             (
                 "RELAYRATE_PEER",
+                format!("127.0.{}.1{{ordinal}}:{}", self.net, self.peer_port),
+            ),
+            (
+                "RELAYRATE_CLIENT",
                 format!("127.0.{}.1{{ordinal}}:{}", self.net, self.port),
             ),
             (
                 "RELAYRATE_LISTEN",
                 format!("127.0.{}.1{{ordinal}}:{}", self.net, self.port),
+            ),
+            (
+                "RELAYRATE_PEER_LISTEN",
+                format!("127.0.{}.1{{ordinal}}:{}", self.net, self.peer_port),
+            ),
+            (
+                "RELAYRATE_CLUSTER_SECRET_FILE",
+                self.secret.display().to_string(),
             ),
             (
                 "RELAYRATE_MILTER_LISTEN",
@@ -464,21 +491,29 @@ fn prestop(dir: &Path, ordinal: u32, scale: &str, codes: &[u8]) -> Output {
 
 /// [`prestop`] with a relayratectl that says `said` on each call.
 fn prestop_saying(dir: &Path, ordinal: u32, scale: &str, codes: &[u8], said: &str) -> Output {
+    prestop_command(dir, ordinal, scale, codes, said)
+        .output()
+        .unwrap()
+}
+
+/// The preStop hook's command for [`prestop_saying`]: pod addresses as
+/// the StatefulSet's, but for RELAYRATE_CLIENT, left to its default.
+fn prestop_command(dir: &Path, ordinal: u32, scale: &str, codes: &[u8], said: &str) -> Command {
     let data = dir.join("data");
     std::fs::create_dir_all(&data).unwrap();
     std::fs::write(dir.join("scale.json"), scale).unwrap();
-    Command::new("sh")
-        .arg(script("prestop.sh"))
+    let mut cmd = Command::new("sh");
+    cmd.arg(script("prestop.sh"))
         .env("RELAYRATE_POD_NAME", format!("relayrate-{ordinal}"))
-        .env("RELAYRATE_PEER", "relayrate-{ordinal}.peers:7450")
+        .env("RELAYRATE_PEER", "relayrate-{ordinal}.peers:7460")
+        .env_remove("RELAYRATE_CLIENT")
         .env("RELAYRATE_DATA_DIR", &data)
         .env("RELAYRATE_LISTEN", "0.0.0.0:7450")
         .env("RELAYRATE_SCALE_JSON", dir.join("scale.json"))
         .env("RELAYRATE_REMOVE_TIMEOUT", "2")
         .env("RELAYRATECTL", stand_in(dir, "relayratectl", codes))
-        .env("STAND_IN_SAYS", said)
-        .output()
-        .unwrap()
+        .env("STAND_IN_SAYS", said);
+    cmd
 }
 
 /// The Scale subresource as the API serves it (spec.replicas left out
@@ -565,11 +600,25 @@ fn prestop_tries_again_until_the_node_is_removed_or_the_deadline() {
         "--node http://127.0.0.1:7450 --timeout-secs 5 remove-node 4"
     );
     // Whether it is gone, pod 0 says: it is never removed by a scale-down.
+    // Asked on its client port (RELAYRATE_PEER's host, RELAYRATE_LISTEN's
+    // port): the peer port serves no Admin service.
     assert_eq!(
         made[1],
         "--node http://relayrate-0.peers:7450 --timeout-secs 5 members --json"
     );
     assert!(dir.path().join("data/removed-from-cluster").exists());
+
+    // RELAYRATE_CLIENT, when given, names the client address.
+    let dir = tempfile::tempdir().unwrap();
+    let out = prestop_command(dir.path(), 3, &scale(3), &[1, 0], "")
+        .env("RELAYRATE_CLIENT", "relayrate-{ordinal}.clients:7451")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert_eq!(
+        calls(dir.path(), "relayratectl")[1],
+        "--node http://relayrate-0.clients:7451 --timeout-secs 5 members --json"
+    );
 
     // A removed node refuses everything, even the answer to its own
     // removal: that refusal means done.
@@ -598,22 +647,50 @@ fn prestop_tries_again_until_the_node_is_removed_or_the_deadline() {
 /// Runs entrypoint.sh for `pod` with a stand-in relayrate that prints
 /// its arguments; returns them, or the failed output.
 fn entrypoint(dir: &Path, pod: &str, data: &Path) -> Result<Vec<String>, Output> {
+    entrypoint_with(dir, pod, data, &[])
+}
+
+/// The cluster secret the stand-in pods are given.
+fn stub_secret(dir: &Path) -> PathBuf {
+    let path = dir.join("cluster-secret");
+    if !path.exists() {
+        write_secret(&path);
+    }
+    path
+}
+
+/// [`entrypoint`] with more environment (or, with an empty value, less:
+/// the variable is removed).
+fn entrypoint_with(
+    dir: &Path,
+    pod: &str,
+    data: &Path,
+    env: &[(&str, &str)],
+) -> Result<Vec<String>, Output> {
     let bin = dir.join("relayrate");
     std::fs::write(&bin, "#!/bin/sh\nprintf '%s\\n' \"$@\"\n").unwrap();
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let out = Command::new("sh")
-        .arg(script("entrypoint.sh"))
+    let mut cmd = Command::new("sh");
+    cmd.arg(script("entrypoint.sh"))
         .env("RELAYRATE_POD_NAME", pod)
         .env(
             "RELAYRATE_PEER",
-            "relayrate-{ordinal}.peers.ns.svc.cluster.local:7450",
+            "relayrate-{ordinal}.peers.ns.svc.cluster.local:7460",
         )
+        .env_remove("RELAYRATE_CLIENT")
+        .env_remove("RELAYRATE_ADMIN_TOKEN_FILE")
+        .env("RELAYRATE_CLUSTER_SECRET_FILE", stub_secret(dir))
         .env("RELAYRATE_DATA_DIR", data)
         .env("RELAYRATE_BIN", &bin)
-        .env("RELAYRATECTL", dir.join("no-relayratectl"))
-        .output()
-        .unwrap();
+        .env("RELAYRATECTL", dir.join("no-relayratectl"));
+    for (k, v) in env {
+        match v.is_empty() {
+            true => cmd.env_remove(k),
+            false => cmd.env(k, v),
+        };
+    }
+    let out = cmd.output().unwrap();
     match out.status.success() {
         true => Ok(String::from_utf8(out.stdout)
             .unwrap()
@@ -634,10 +711,10 @@ fn flag<'a>(argv: &'a [String], name: &str) -> Option<&'a str> {
 fn entrypoint_takes_id_and_addresses_from_the_pod_name() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    // Seeds: every lower ordinal, pod 0 first.
+    // Seeds: every lower ordinal's peer address, pod 0 first.
     let seeds = |below: usize| {
         (0..below)
-            .map(|o| format!("relayrate-{o}.peers.ns.svc.cluster.local:7450"))
+            .map(|o| format!("relayrate-{o}.peers.ns.svc.cluster.local:7460"))
             .collect::<Vec<_>>()
             .join(",")
     };
@@ -655,13 +732,98 @@ fn entrypoint_takes_id_and_addresses_from_the_pod_name() {
         let ordinal = pod.rsplit('-').next().unwrap();
         assert_eq!(
             flag(&argv, "--advertise").unwrap(),
-            format!("relayrate-{ordinal}.peers.ns.svc.cluster.local:7450")
+            format!("relayrate-{ordinal}.peers.ns.svc.cluster.local:7460")
         );
+        // Clients on 7450, the other nodes on 7460, signing with the
+        // shared secret.
+        assert_eq!(flag(&argv, "--listen"), Some("0.0.0.0:7450"), "{pod}");
+        assert_eq!(flag(&argv, "--peer-listen"), Some("0.0.0.0:7460"), "{pod}");
+        assert_eq!(
+            flag(&argv, "--cluster-secret-file").map(PathBuf::from),
+            Some(stub_secret(dir.path())),
+            "{pod}"
+        );
+        assert_eq!(flag(&argv, "--admin-token-file"), None, "{pod}");
     }
     for pod in ["relayrate", "relayrate-", "relayrate-x1", ""] {
         let out = entrypoint(dir.path(), pod, &data).unwrap_err();
         assert_eq!(out.status.code(), Some(64), "{pod}");
         assert!(out.stdout.is_empty(), "{pod}: relayrate was started");
+    }
+}
+
+#[test]
+fn entrypoint_needs_the_cluster_secret_and_passes_the_admin_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    // Without the shared secret, `relayrate run` would make up one of its
+    // own and never reach the other pods: the pod fails instead, saying why.
+    let missing = dir.path().join("not-mounted/cluster-secret");
+    let missing = missing.to_str().unwrap();
+    // Named, or by default the Secret's mount (absent here).
+    for (named, looked_at) in [
+        (missing, missing),
+        ("", "/etc/relayrate-secret/cluster-secret"),
+    ] {
+        let env = [("RELAYRATE_CLUSTER_SECRET_FILE", named)];
+        let out = entrypoint_with(dir.path(), "relayrate-1", &data, &env).unwrap_err();
+        assert_eq!(out.status.code(), Some(64), "{named}");
+        assert!(out.stdout.is_empty(), "{named}: relayrate was started");
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(said.contains(looked_at), "{said}");
+        assert!(said.contains("RELAYRATE_CLUSTER_SECRET_FILE"), "{said}");
+    }
+
+    // An admin token, when the environment names one, is passed on; a
+    // named one that is missing stops the pod.
+    let token = dir.path().join("admin-token");
+    std::fs::write(&token, "a token\n").unwrap();
+    let token = token.to_str().unwrap();
+    let argv = entrypoint_with(
+        dir.path(),
+        "relayrate-1",
+        &data,
+        &[("RELAYRATE_ADMIN_TOKEN_FILE", token)],
+    )
+    .unwrap();
+    assert_eq!(flag(&argv, "--admin-token-file"), Some(token));
+    let out = entrypoint_with(
+        dir.path(),
+        "relayrate-1",
+        &data,
+        &[("RELAYRATE_ADMIN_TOKEN_FILE", missing)],
+    )
+    .unwrap_err();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(out.stdout.is_empty());
+}
+
+#[test]
+fn pod_0_asks_pod_1_on_its_client_port() {
+    // Pod 0 with an empty volume asks pod 1 whether a cluster runs; the
+    // Admin service is on the client port, never the peer port.
+    for (client, asked) in [
+        // The default: RELAYRATE_PEER's host, RELAYRATE_LISTEN's port.
+        ("", "relayrate-1.peers.ns.svc.cluster.local:7450"),
+        (
+            "relayrate-{ordinal}.clients:7451",
+            "relayrate-1.clients:7451",
+        ),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let ctl = stand_in(dir.path(), "relayratectl", &[1]);
+        let ctl = ctl.to_str().unwrap();
+        let data = dir.path().join("data");
+        let env = [("RELAYRATECTL", ctl), ("RELAYRATE_CLIENT", client)];
+        let argv = entrypoint_with(dir.path(), "relayrate-0", &data, &env).unwrap();
+        assert_eq!(
+            calls(dir.path(), "relayratectl"),
+            [format!(
+                "--node http://{asked} --timeout-secs 3 status --json"
+            )]
+        );
+        // Pod 1 is in no cluster (the stand-in fails): pod 0 creates one.
+        assert_eq!(flag(&argv, "--join"), None);
     }
 }
 

@@ -5,17 +5,28 @@
 #
 # Environment:
 #   RELAYRATE_POD_NAME     the pod's name, NAME-ORDINAL (default: $HOSTNAME)
-#   RELAYRATE_PEER         where the other nodes reach the pod of ordinal
-#                          {ordinal}, e.g.
-#                          relayrate-{ordinal}.relayrate-peers.NS.svc.cluster.local:7450
-#   RELAYRATE_LISTEN       gRPC address to bind (default 0.0.0.0:7450)
+#   RELAYRATE_PEER         where the other nodes reach the peer listener (the
+#                          Raft service) of the pod of ordinal {ordinal}, e.g.
+#                          relayrate-{ordinal}.relayrate-peers.NS.svc.cluster.local:7460;
+#                          it is this pod's --advertise and the others' --join
+#   RELAYRATE_CLIENT       where the pod of ordinal {ordinal} serves clients
+#                          (Admin, health), which relayratectl asks (default:
+#                          RELAYRATE_PEER's host with RELAYRATE_LISTEN's port)
+#   RELAYRATE_LISTEN       client gRPC address to bind: Limiter, Admin, health
+#                          (default 0.0.0.0:7450)
+#   RELAYRATE_PEER_LISTEN  peer gRPC address to bind (default 0.0.0.0:7460)
+#   RELAYRATE_CLUSTER_SECRET_FILE  the secret every node of the cluster shares
+#                          (default /etc/relayrate-secret/cluster-secret, the
+#                          mounted Secret relayrate-cluster-secret); required
+#   RELAYRATE_ADMIN_TOKEN_FILE  the admin token, if the cluster has one: passed
+#                          as --admin-token-file (relayratectl reads it too)
 #   RELAYRATE_MILTER_LISTEN  milter socket (default inet:127.0.0.1:8894)
 #   RELAYRATE_METRICS_LISTEN Prometheus /metrics (default 0.0.0.0:9450)
 #   RELAYRATE_DATA_DIR     sled data (default /var/lib/relayrate)
 #   RELAYRATE_POLICY       policy file (default /etc/relayrate/ze-policy.txt)
 #   RELAYRATE_BIN, RELAYRATECTL  the binaries (default /usr/local/bin/...)
-# {ordinal} may appear in the other addresses and RELAYRATE_DATA_DIR too,
-# so that several "pods" can run on one host (tests/entrypoint.rs).
+# {ordinal} may appear in the addresses and RELAYRATE_DATA_DIR too, so
+# that several "pods" can run on one host (tests/entrypoint.rs).
 #
 # The node's id is ordinal + 1 (ids start at 1: 0 means "no leader" in
 # the Admin API). With an empty data dir, pod 0 creates the cluster and
@@ -29,9 +40,24 @@ ctl=${RELAYRATECTL:-/usr/local/bin/relayratectl}
 # shellcheck disable=SC3028
 pod=${RELAYRATE_POD_NAME:-${HOSTNAME:-}}
 peer_template=${RELAYRATE_PEER:-}
+listen_template=${RELAYRATE_LISTEN:-0.0.0.0:7450}
+secret=${RELAYRATE_CLUSTER_SECRET_FILE:-/etc/relayrate-secret/cluster-secret}
+token=${RELAYRATE_ADMIN_TOKEN_FILE:-}
 
 if [ -z "$peer_template" ]; then
-    echo "relayrate-entrypoint: RELAYRATE_PEER must say where the pod of ordinal {ordinal} is reached" >&2
+    echo "relayrate-entrypoint: RELAYRATE_PEER must say where the peer listener of the pod of ordinal {ordinal} is reached" >&2
+    exit 64
+fi
+# The same host, the client port: where relayratectl asks another pod.
+client_template=${RELAYRATE_CLIENT:-${peer_template%:*}:${listen_template##*:}}
+# Without the shared secret the node would make up one of its own and no
+# other pod could talk to it.
+if [ ! -r "$secret" ]; then
+    echo "relayrate-entrypoint: no cluster secret at $secret (RELAYRATE_CLUSTER_SECRET_FILE): create the Secret relayrate-cluster-secret (deploy/README.md)" >&2
+    exit 64
+fi
+if [ -n "$token" ] && [ ! -r "$token" ]; then
+    echo "relayrate-entrypoint: no admin token at $token (RELAYRATE_ADMIN_TOKEN_FILE)" >&2
     exit 64
 fi
 ordinal=${pod##*-}
@@ -65,15 +91,16 @@ if [ -e "$data/removed-from-cluster" ]; then
     find "$data" -mindepth 1 -maxdepth 1 ! -name lost+found -exec rm -rf {} +
 fi
 
-# Whether the pod of ordinal $1 is a member of a running cluster.
+# Whether the pod of ordinal $1 is a member of a running cluster (asked
+# on its client port: the peer port serves only the Raft service).
 in_cluster() {
     [ -x "$ctl" ] || return 1
-    "$ctl" --node "http://$(fill "$peer_template" "$1")" --timeout-secs 3 status --json 2>/dev/null |
+    "$ctl" --node "http://$(fill "$client_template" "$1")" --timeout-secs 3 status --json 2>/dev/null |
         grep -q '"voter":true'
 }
 
-# Seeds to join through: every lower ordinal, pod 0 first, so that a new
-# pod joins even while pod 0 is down.
+# Seeds to join through (their peer addresses): every lower ordinal, pod 0
+# first, so that a new pod joins even while pod 0 is down.
 join=
 n=0
 while [ "$n" -lt "$ordinal" ]; do
@@ -89,8 +116,11 @@ fi
 
 set -- run \
     --id "$id" \
-    --listen "$(fill "${RELAYRATE_LISTEN:-0.0.0.0:7450}" "$ordinal")" \
+    --listen "$(fill "$listen_template" "$ordinal")" \
+    --peer-listen "$(fill "${RELAYRATE_PEER_LISTEN:-0.0.0.0:7460}" "$ordinal")" \
     --advertise "$(fill "$peer_template" "$ordinal")" \
+    --cluster-secret-file "$secret" \
+    ${token:+--admin-token-file "$token"} \
     --data-dir "$data" \
     --policy "${RELAYRATE_POLICY:-/etc/relayrate/ze-policy.txt}" \
     --milter-listen "$(fill "${RELAYRATE_MILTER_LISTEN:-inet:127.0.0.1:8894}" "$ordinal")" \

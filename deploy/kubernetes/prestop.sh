@@ -7,7 +7,9 @@
 # the pod comes back with its data.
 #
 # Environment, as for the entrypoint: RELAYRATE_POD_NAME, RELAYRATE_LISTEN,
-# RELAYRATE_DATA_DIR, RELAYRATECTL; and
+# RELAYRATE_CLIENT (or RELAYRATE_PEER, whose host it defaults to),
+# RELAYRATE_DATA_DIR, RELAYRATECTL, RELAYRATE_ADMIN_TOKEN_FILE (read by
+# relayratectl: remove-node is an admin write); and
 #   RELAYRATE_REMOVE_TIMEOUT  seconds to keep trying remove-node (default 20;
 #                             one more try may take 2 x 5 s)
 #   RELAYRATE_SCALE_JSON      a file holding the StatefulSet's Scale, read
@@ -76,13 +78,19 @@ if [ "$ordinal" -lt "$replicas" ]; then
     exit 0
 fi
 
-# Ask the local node; it forwards to the leader.
+# Ask the local node on its client port; it forwards to the leader.
 listen=$(printf '%s' "${RELAYRATE_LISTEN:-0.0.0.0:7450}" | sed "s/{ordinal}/$ordinal/g")
 node="http://$(printf '%s' "$listen" | sed 's/^0\.0\.0\.0:/127.0.0.1:/; s/^\[::\]:/[::1]:/')"
-# Pod 0, never removed by a scale-down, tells whether the removal is done.
+# Pod 0, never removed by a scale-down, tells whether the removal is done:
+# asked on its client port (RELAYRATE_PEER names the peer port, which
+# serves only the Raft service).
 seed=$node
-if [ -n "${RELAYRATE_PEER:-}" ]; then
-    seed="http://$(printf '%s' "$RELAYRATE_PEER" | sed "s/{ordinal}/0/g")"
+client=${RELAYRATE_CLIENT:-}
+if [ -z "$client" ] && [ -n "${RELAYRATE_PEER:-}" ]; then
+    client=${RELAYRATE_PEER%:*}:${listen##*:}
+fi
+if [ -n "$client" ]; then
+    seed="http://$(printf '%s' "$client" | sed "s/{ordinal}/0/g")"
 fi
 say "replicas=$replicas, ordinal $ordinal: scaled down, removing node $id"
 end=$(($(date +%s) + timeout))
