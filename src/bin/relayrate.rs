@@ -123,6 +123,8 @@ struct RunArgs {
     #[arg(long)]
     dry_run: bool,
     #[command(flatten)]
+    milter_limits: milter::LimitArgs,
+    #[command(flatten)]
     server: ServerOptions,
 }
 
@@ -151,6 +153,8 @@ struct MilterArgs {
     metrics_listen: Option<SocketAddr>,
     #[command(flatten)]
     tls: MilterTls,
+    #[command(flatten)]
+    limits: milter::LimitArgs,
 }
 
 #[derive(Args)]
@@ -242,6 +246,7 @@ fn main() -> ExitCode {
             }
             let mut milter = MilterConfig::new(format!("http://{}", local_address(args.listen)));
             milter.dry_run = args.dry_run;
+            milter.limits = args.milter_limits.limits();
             // The milter beside the node presents the node's own certificate.
             milter.tls = config.tls.clone();
             let metrics = args.server.metrics_listen.or(Some(DEFAULT_METRICS));
@@ -258,6 +263,7 @@ fn main() -> ExitCode {
             milter.fail_mode = args.fail_mode;
             milter.relays = args.relays;
             milter.dry_run = args.dry_run;
+            milter.limits = args.limits.limits();
             if let Some(ca) = &args.tls.tls_ca {
                 let identity = args
                     .tls
