@@ -11,8 +11,11 @@
 //!   limit (the engine counts; [`watch_node`] copies);
 //! - `relayrate_abandoned_events_total`: events a node dropped because
 //!   every caller of their batch had given up (the batcher);
-//! - `relayrate_milter_fallbacks_total{mode}` and
-//!   `relayrate_milter_refusals_total{check,stage,dry_run}`: the milter;
+//! - `relayrate_milter_fallbacks_total{mode}`,
+//!   `relayrate_milter_refusals_total{check,stage,dry_run}`,
+//!   `relayrate_milter_connections`,
+//!   `relayrate_milter_connections_cut_total{reason}` and
+//!   `relayrate_milter_accept_errors_total`: the milter;
 //! - `relayrate_raft_*`: term, leader, log, commit and apply indexes, apply
 //!   lag, members ([`watch_node`]);
 //! - where a write's time goes: `relayrate_raft_write_seconds{command}` (a
@@ -114,6 +117,18 @@ fn describe() {
     describe_counter!(
         "relayrate_milter_refusals_total",
         "Refusals the milter gave (or, in a dry run, would have given)"
+    );
+    describe_gauge!(
+        "relayrate_milter_connections",
+        "MTA connections open to the milter"
+    );
+    describe_counter!(
+        "relayrate_milter_connections_cut_total",
+        "MTA connections the milter closed, by reason: a deadline missed, a packet too large, room made at the cap"
+    );
+    describe_counter!(
+        "relayrate_milter_accept_errors_total",
+        "Failed accepts on the milter's socket (retried)"
     );
     describe_histogram!(
         "relayrate_raft_write_seconds",
@@ -225,6 +240,18 @@ pub fn record_abandoned(events: usize) {
 
 pub fn record_fallback(mode: &'static str) {
     counter!("relayrate_milter_fallbacks_total", "mode" => mode).increment(1);
+}
+
+pub fn set_milter_connections(open: usize) {
+    gauge!("relayrate_milter_connections").set(open as f64);
+}
+
+pub fn record_milter_cut(reason: &'static str) {
+    counter!("relayrate_milter_connections_cut_total", "reason" => reason).increment(1);
+}
+
+pub fn record_milter_accept_error() {
+    counter!("relayrate_milter_accept_errors_total").increment(1);
 }
 
 pub fn record_milter_refusal(check: Check, stage: &'static str, dry_run: bool) {

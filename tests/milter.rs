@@ -90,12 +90,8 @@ async fn start_milter(config: MilterConfig) -> (SocketAddr, Arc<Decider>, onesho
     let addr = listener.local_addr().unwrap();
     let decider = Arc::new(Decider::new(&config).unwrap());
     let (stop, stopped) = oneshot::channel::<()>();
-    tokio::spawn(milter::serve(
-        listener,
-        decider.clone(),
-        config.dry_run,
-        stopped,
-    ));
+    let serving = decider.clone();
+    tokio::spawn(async move { milter::serve(listener, serving, &config, stopped).await });
     (addr, decider, stop)
 }
 

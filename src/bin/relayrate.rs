@@ -135,6 +135,8 @@ struct RunArgs {
     #[arg(long)]
     dry_run: bool,
     #[command(flatten)]
+    milter_limits: milter::LimitArgs,
+    #[command(flatten)]
     server: ServerOptions,
 }
 
@@ -163,6 +165,8 @@ struct MilterArgs {
     metrics_listen: Option<SocketAddr>,
     #[command(flatten)]
     tls: MilterTls,
+    #[command(flatten)]
+    limits: milter::LimitArgs,
 }
 
 #[derive(Args)]
@@ -271,6 +275,7 @@ fn main() -> ExitCode {
             }
             let mut milter = MilterConfig::new(format!("http://{}", local_address(args.listen)));
             milter.dry_run = args.dry_run;
+            milter.limits = args.milter_limits.limits();
             // The milter beside the node presents the node's own certificate.
             milter.tls = config.tls.clone();
             let metrics = args.server.metrics_listen.or(Some(DEFAULT_METRICS));
@@ -287,6 +292,7 @@ fn main() -> ExitCode {
             milter.fail_mode = args.fail_mode;
             milter.relays = args.relays;
             milter.dry_run = args.dry_run;
+            milter.limits = args.limits.limits();
             if let Some(ca) = &args.tls.tls_ca {
                 let identity = args
                     .tls

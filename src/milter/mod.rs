@@ -3,9 +3,16 @@
 //! node's verdicts into SMTP replies (`docs/policy.md` §1).
 //!
 //! - `decider`: the node's client, the timeout and the fail modes;
-//! - `session`: what one SMTP connection has said so far, and its counts.
+//! - `session`: what one SMTP connection has said so far, and its counts;
+//! - `limits`: how long an MTA connection may idle, how many may be open;
+//! - `listener`, `guard`, `frame`: those limits kept around indymilter,
+//!   on each accept and on each read of a connection's packets.
 
 pub mod decider;
+mod frame;
+mod guard;
+mod limits;
+mod listener;
 mod session;
 
 use std::collections::HashMap;
@@ -15,15 +22,16 @@ use std::io;
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::Arc;
-use std::task::Poll;
 use std::time::Duration;
 
-use indymilter::{
-    Callbacks, Config, Context, Listener, MacroStage, SetErrorReply, SocketInfo, Status,
-};
-use tokio::net::{TcpListener, TcpStream, UnixListener};
+use indymilter::{Callbacks, Config, Context, MacroStage, SetErrorReply, SocketInfo, Status};
+use tokio::net::{TcpListener, UnixListener};
 
 pub use decider::{Decider, Decision, FailMode};
+pub use frame::MAX_PACKET;
+pub use limits::{ConnLimits, LimitArgs};
+use listener::GuardedListener;
+pub use listener::NoDelay;
 use session::Session;
 
 use crate::engine::{Event, Refusal, Verdict};
@@ -62,6 +70,8 @@ pub struct MilterConfig {
     pub dry_run: bool,
     /// TLS to the node, when it requires it.
     pub tls: Option<crate::tls::Tls>,
+    /// Deadlines and the connection cap on MTA connections.
+    pub limits: ConnLimits,
 }
 
 impl MilterConfig {
@@ -73,6 +83,7 @@ impl MilterConfig {
             relays: 1,
             dry_run: false,
             tls: None,
+            limits: ConnLimits::default(),
         }
     }
 }
@@ -81,21 +92,6 @@ impl MilterConfig {
 struct Shared {
     decider: Arc<Decider>,
     dry_run: bool,
-}
-
-/// indymilter does not set TCP_NODELAY; without it a reply written in
-/// several pieces stalls 40 ms on Nagle's algorithm and delayed ACKs.
-pub struct NoDelay(pub TcpListener);
-
-impl Listener for NoDelay {
-    type Io = TcpStream;
-
-    fn poll_accept(&mut self, cx: &mut std::task::Context<'_>) -> Poll<io::Result<TcpStream>> {
-        self.0.poll_accept(cx).map_ok(|(s, _)| {
-            let _ = s.set_nodelay(true);
-            s
-        })
-    }
 }
 
 /// A bound milter listener, so the address is known before serving.
@@ -128,6 +124,10 @@ impl MilterListener {
 }
 
 /// Serves milter connections until `shutdown` completes.
+///
+/// # Errors
+/// A node URL that cannot be used. A failed accept is not one: it is
+/// logged and retried (`listener.rs`), so serving ends only at `shutdown`.
 pub async fn run(
     listener: MilterListener,
     config: MilterConfig,
@@ -135,27 +135,37 @@ pub async fn run(
 ) -> io::Result<()> {
     let decider = Decider::new(&config)
         .map_err(|e| io::Error::other(format!("bad node URL {}: {e}", config.node)))?;
-    serve(listener, Arc::new(decider), config.dry_run, shutdown).await
+    serve(listener, Arc::new(decider), &config, shutdown).await
 }
 
-/// Serves with a decider the caller keeps (to watch its fallbacks).
+/// Serves with a decider the caller keeps (to watch its fallbacks);
+/// `config` gives the dry run and the connection limits.
 pub async fn serve(
     listener: MilterListener,
     decider: Arc<Decider>,
-    dry_run: bool,
+    config: &MilterConfig,
     shutdown: impl Future,
 ) -> io::Result<()> {
-    let shared = Arc::new(Shared { decider, dry_run });
+    let shared = Arc::new(Shared {
+        decider,
+        dry_run: config.dry_run,
+    });
     let refresher = tokio::spawn(refresh_policy(shared.clone()));
+    let limits = config.limits;
+    // The guarded listener and streams enforce the cap and the deadlines
+    // (listener.rs); indymilter's own are set beyond them, as backstops.
     let milter_config = Config {
-        max_connections: 1000,
+        max_connections: tokio::sync::Semaphore::MAX_PERMITS,
+        connection_timeout: limits.longest_wait() + Duration::from_secs(5),
         ..Default::default()
     };
     let result = match listener {
         MilterListener::Tcp(l) => {
-            indymilter::run(NoDelay(l), callbacks(shared), milter_config, shutdown).await
+            let l = GuardedListener::new(NoDelay(l), limits);
+            indymilter::run(l, callbacks(shared), milter_config, shutdown).await
         }
         MilterListener::Unix(l, path) => {
+            let l = GuardedListener::new(l, limits);
             let r = indymilter::run(l, callbacks(shared), milter_config, shutdown).await;
             let _ = std::fs::remove_file(path);
             r

@@ -675,3 +675,58 @@ pub async fn peer_call(
     };
     reply.map(|r| r.into_inner())
 }
+
+impl MilterProc {
+    /// As `start`, run under `wrap` (a command that execs the rest, such
+    /// as `prlimit --nofile=64:64 --`), with `extra` arguments for
+    /// `relayrate milter`.
+    pub fn start_with(
+        root: &Path,
+        name: &str,
+        node: SocketAddr,
+        wrap: &[&str],
+        extra: &[&str],
+    ) -> MilterProc {
+        let dir = root.join(format!("milter-{name}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let port = free_port();
+        let bin = env!("CARGO_BIN_EXE_relayrate");
+        let mut cmd = match wrap.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(bin);
+                c
+            }
+            None => Command::new(bin),
+        };
+        cmd.arg("milter")
+            .arg("--listen")
+            .arg(format!("inet:127.0.0.1:{port}"))
+            .arg("--node")
+            .arg(format!("http://{node}"))
+            .args(extra);
+        let child = spawn_logged(&mut cmd, &dir, "info");
+        MilterProc { port, dir, child }
+    }
+
+    /// The process id (that of relayrate itself when `wrap` execs it).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The exit status, once the process has ended.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().unwrap()
+    }
+
+    /// Resident memory, in bytes (VmRSS of /proc/PID/status).
+    pub fn rss_bytes(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        let kb: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS in /proc/PID/status");
+        kb * 1024
+    }
+}
