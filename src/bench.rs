@@ -23,6 +23,7 @@ use tonic::transport::Endpoint;
 use crate::engine::{ConnId, Event};
 use crate::limiter_client::BatchingClient;
 use crate::policy::Client;
+use crate::terminal::{print_err, print_out, Escaped};
 
 /// A call not answered in this time counts as an error for its events.
 const CALL_DEADLINE: Duration = Duration::from_secs(5);
@@ -94,10 +95,11 @@ pub async fn run(args: BenchArgs) -> ExitCode {
     match measure(&args).await {
         Ok(report) => {
             if args.json {
-                println!("{}", serde_json::to_string(&report).expect("plain data"));
+                let json = serde_json::to_string(&report).expect("plain data");
+                print_out(&format!("{json}\n"));
             } else {
-                println!(
-                    "decisions {}  allowed {}  denied {}  errors {}  {:.0}/s  p50 {} us  p99 {} us",
+                print_out(&format!(
+                    "decisions {}  allowed {}  denied {}  errors {}  {:.0}/s  p50 {} us  p99 {} us\n",
                     report.decisions,
                     report.allowed,
                     report.denied,
@@ -105,12 +107,12 @@ pub async fn run(args: BenchArgs) -> ExitCode {
                     report.per_second,
                     report.p50_us,
                     report.p99_us
-                );
+                ));
             }
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("relayrate bench: {e}");
+            print_err(&format!("relayrate bench: {}\n", Escaped(e)));
             ExitCode::from(1)
         }
     }

@@ -14,6 +14,8 @@
 //! - [`limiter_client`]: a node client that sends concurrent callers' events
 //!   in one call.
 //! - [`proto`]: the gRPC messages of `proto/relayrate/v1/`.
+//! - [`terminal`] and [`logs`]: what the processes print and log, with
+//!   values from outside escaped.
 //!
 //! Data flows one way: the MTA's milter turns an SMTP session into
 //! [`engine::Event`]s, the engine (on a node, replicated through Raft, or
@@ -27,11 +29,13 @@ pub mod convert;
 pub mod engine;
 pub mod inspect;
 pub mod limiter_client;
+pub mod logs;
 pub mod metrics;
 pub mod milter;
 pub mod node;
 pub mod policy;
 pub mod proto;
 pub mod raft;
+pub mod terminal;
 pub mod tls;
 pub mod window;

@@ -12,8 +12,9 @@ use relayrate::node::{self, NodeConfig, NodeHandle, Start};
 use relayrate::policy::report::{explain, explain_check, summary};
 use relayrate::policy::{Client, Policy, PolicyError, PolicyFile};
 use relayrate::raft::peer_auth::ClusterSecret;
+use relayrate::terminal::{escape_json, print_err, print_out, Escaped};
 use relayrate::tls::Tls;
-use tokio::signal::unix::{signal, SignalKind};
+use tokio::signal::unix::{signal, Signal, SignalKind};
 
 /// The seed's policy, used by `relayrate run` when no --policy is given.
 const DEFAULT_POLICY: &str = include_str!("../../examples/ze-policy.txt");
@@ -263,13 +264,13 @@ fn main() -> ExitCode {
             config.advertise = args.advertise;
             config.policy = policy;
             if let Err(e) = secure(&mut config, &args.server) {
-                eprintln!("relayrate: {e}");
+                print_err(&format!("relayrate: {}\n", Escaped(e)));
                 return ExitCode::from(EXIT_CONFIG);
             }
             match ClusterSecret::read_or_create(&secret_file) {
                 Ok(secret) => config.cluster_secret = Some(secret),
                 Err(e) => {
-                    eprintln!("relayrate: {e}");
+                    print_err(&format!("relayrate: {}\n", Escaped(e)));
                     return ExitCode::from(EXIT_CONFIG);
                 }
             }
@@ -302,7 +303,7 @@ fn main() -> ExitCode {
                 match Tls::client(ca, identity) {
                     Ok(tls) => milter.tls = Some(tls),
                     Err(e) => {
-                        eprintln!("relayrate: {e}");
+                        print_err(&format!("relayrate: {}\n", Escaped(e)));
                         return ExitCode::from(EXIT_CONFIG);
                     }
                 }
@@ -328,14 +329,14 @@ fn main() -> ExitCode {
                 }
             }
             if let Err(e) = secure(&mut config, &args.server) {
-                eprintln!("relayrate: {e}");
+                print_err(&format!("relayrate: {}\n", Escaped(e)));
                 return ExitCode::from(EXIT_CONFIG);
             }
             if let Some(path) = &args.cluster_secret_file {
                 match ClusterSecret::read(path) {
                     Ok(secret) => config.cluster_secret = Some(secret),
                     Err(e) => {
-                        eprintln!("relayrate: {e}");
+                        print_err(&format!("relayrate: {}\n", Escaped(e)));
                         return ExitCode::from(EXIT_CONFIG);
                     }
                 }
@@ -347,12 +348,12 @@ fn main() -> ExitCode {
             };
             serve(config, None, serving)
         }
-        Command::Bench(args) => runtime(threads.or(Some(1))).block_on(relayrate::bench::run(args)),
+        Command::Bench(args) => block_on(threads.or(Some(1)), relayrate::bench::run(args)),
         Command::Policy(PolicyCommand::Check { files }) => {
             let Some(policy) = load_policy(&files) else {
                 return ExitCode::FAILURE;
             };
-            println!("{}", summary(&policy));
+            print_out(&format!("{}\n", Escaped(summary(&policy))));
             ExitCode::SUCCESS
         }
         Command::Policy(PolicyCommand::Explain {
@@ -379,7 +380,7 @@ fn main() -> ExitCode {
             if json {
                 let out = serde_json::to_string_pretty(&explain(&policy, &client))
                     .expect("explanation is plain data");
-                print_out(&format!("{out}\n"));
+                print_out(&format!("{}\n", escape_json(&out)));
             } else {
                 print_explanation(&policy, &client);
             }
@@ -416,17 +417,17 @@ fn runtime(threads: Option<u16>) -> tokio::runtime::Runtime {
     builder.enable_all().build().expect("tokio runtime")
 }
 
+/// Runs `work` to its end on a [`runtime`]; then leaves at once, even if
+/// a blocking task (a name lookup, a file) still runs.
+fn block_on(threads: Option<u16>, work: impl std::future::Future<Output = ExitCode>) -> ExitCode {
+    let rt = runtime(threads);
+    let code = rt.block_on(work);
+    rt.shutdown_timeout(Duration::from_millis(500));
+    code
+}
+
 fn init_logs(format: LogFormat) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("RELAYRATE_LOG")
-        .unwrap_or_else(|_| EnvFilter::new("info,openraft=warn"));
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Human => logs.init(),
-        LogFormat::Json => logs.json().flatten_event(true).init(),
-    }
+    relayrate::logs::init(matches!(format, LogFormat::Json));
 }
 
 /// Reads the TLS files and the admin token named on the command line.
@@ -465,7 +466,7 @@ async fn start_metrics(listen: Option<SocketAddr>) -> bool {
     };
     match relayrate::metrics::serve(listen).await {
         Ok(addr) => {
-            println!("relayrate metrics on http://{addr}/metrics");
+            print_out(&format!("relayrate metrics on http://{addr}/metrics\n"));
             true
         }
         Err(e) => {
@@ -495,21 +496,38 @@ fn serve(
             tracing::warn!("admin writes need no token (see --admin-token-file)");
         }
     }
-    runtime(serving.threads).block_on(async move {
+    block_on(serving.threads, async move {
+        // First of all: from here on a stop signal is heard, even while
+        // the node starts, joins or waits for its policy.
+        let listened = Stop::listen().and_then(|s| Ok((s, signal(SignalKind::hangup())?)));
+        let (mut stop, mut hangup) = match listened {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!("cannot listen for signals: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
         if !start_metrics(serving.metrics).await {
             return ExitCode::from(EXIT_CONFIG);
         }
-        let handle: NodeHandle = match node::start(config).await {
+        let started = tokio::select! {
+            started = node::start(config) => started,
+            () = stop.recv() => {
+                tracing::info!("stopped while starting");
+                return ExitCode::SUCCESS;
+            }
+        };
+        let handle: NodeHandle = match started {
             Ok(h) => h,
             Err(e) => {
                 tracing::error!("{e}");
                 return ExitCode::from(EXIT_CONFIG);
             }
         };
-        println!(
-            "relayrate node {} listening on {} (peers on {})",
+        print_out(&format!(
+            "relayrate node {} listening on {} (peers on {})\n",
             handle.node.id, handle.addr, handle.peer_addr
-        );
+        ));
         let gauges = tokio::spawn(relayrate::metrics::watch_node(
             handle.node.clone(),
             Duration::from_secs(1),
@@ -524,34 +542,44 @@ fn serve(
                     return ExitCode::from(EXIT_CONFIG);
                 }
             };
-            println!("relayrate milter listening on {listen:?}");
+            print_out(&format!("relayrate milter listening on {listen:?}\n"));
             let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
             let task = tokio::spawn(milter::run(listener, config, stopped));
             milter_task = Some((stop, task));
         }
-        let mut hangups = signal(SignalKind::hangup()).expect("SIGHUP handler");
         loop {
             tokio::select! {
-                _ = wait_for_signal() => break,
-                _ = hangups.recv() => reload(&handle.node, &serving.policy_paths).await,
+                () = stop.recv() => break,
+                Some(()) = hangup.recv() => tokio::select! {
+                    () = reload(&handle.node, &serving.policy_paths) => {}
+                    () = stop.recv() => break,
+                },
             }
         }
-        if let Some((stop, task)) = milter_task {
-            let _ = stop.send(());
-            let _ = task.await;
+        let drain = async {
+            if let Some((stop, task)) = milter_task {
+                let _ = stop.send(());
+                let _ = task.await;
+            }
+            gauges.abort();
+            tracing::info!("stopping: draining requests");
+            let raft = handle.node.raft.clone();
+            handle.shutdown().await;
+            let m = raft.metrics().borrow().clone();
+            tracing::info!(
+                term = m.current_term,
+                last_log_index = ?m.last_log_index,
+                last_applied = ?m.last_applied.map(|l| l.index),
+                "stopped"
+            );
+        };
+        tokio::select! {
+            () = drain => ExitCode::SUCCESS,
+            () = stop.recv() => {
+                tracing::warn!("stopped at once: a second signal cut the drain short");
+                ExitCode::FAILURE
+            }
         }
-        gauges.abort();
-        tracing::info!("stopping: draining requests");
-        let raft = handle.node.raft.clone();
-        handle.shutdown().await;
-        let m = raft.metrics().borrow().clone();
-        tracing::info!(
-            term = m.current_term,
-            last_log_index = ?m.last_log_index,
-            last_applied = ?m.last_applied.map(|l| l.index),
-            "stopped"
-        );
-        ExitCode::SUCCESS
     })
 }
 
@@ -585,7 +613,14 @@ fn serve_milter(
     metrics: Option<SocketAddr>,
     threads: Option<u16>,
 ) -> ExitCode {
-    runtime(threads).block_on(async move {
+    block_on(threads, async move {
+        let mut stop = match Stop::listen() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!("cannot listen for signals: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
         if !start_metrics(metrics).await {
             return ExitCode::from(EXIT_CONFIG);
         }
@@ -596,8 +631,8 @@ fn serve_milter(
                 return ExitCode::from(EXIT_CONFIG);
             }
         };
-        println!("relayrate milter listening on {listen:?}");
-        match milter::run(listener, config, wait_for_signal()).await {
+        print_out(&format!("relayrate milter listening on {listen:?}\n"));
+        match milter::run(listener, config, async move { stop.recv().await }).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 tracing::error!("milter: {e}");
@@ -607,11 +642,27 @@ fn serve_milter(
     })
 }
 
-async fn wait_for_signal() {
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
+/// SIGTERM and SIGINT (Ctrl-C), listened to from the start of a serving
+/// process: one that comes before anyone waits for it is kept, not lost.
+struct Stop {
+    terminate: Signal,
+    interrupt: Signal,
+}
+
+impl Stop {
+    fn listen() -> std::io::Result<Stop> {
+        Ok(Stop {
+            terminate: signal(SignalKind::terminate())?,
+            interrupt: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    /// Waits for the next SIGTERM or SIGINT.
+    async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.terminate.recv() => {}
+            _ = self.interrupt.recv() => {}
+        }
     }
 }
 
@@ -620,18 +671,19 @@ fn load_policy(files: &[PathBuf]) -> Option<Policy> {
     match Policy::from_paths(files) {
         Ok(policy) => {
             for w in policy.warnings() {
-                eprintln!("{}:{}:{}: warning: {}", w.file, w.line, w.column, w.message);
+                let warning =
+                    format_args!("{}:{}:{}: warning: {}", w.file, w.line, w.column, w.message);
+                print_err(&format!("{}\n", Escaped(warning)));
             }
             Some(policy)
         }
         Err(PolicyError::Invalid(errors)) => {
-            for e in errors {
-                println!("{e}");
-            }
+            let lines: String = errors.iter().map(|e| format!("{}\n", Escaped(e))).collect();
+            print_out(&lines);
             None
         }
         Err(e) => {
-            println!("{e}");
+            print_out(&format!("{}\n", Escaped(e)));
             None
         }
     }
@@ -639,14 +691,17 @@ fn load_policy(files: &[PathBuf]) -> Option<Policy> {
 
 fn print_explanation(policy: &Policy, client: &Client) {
     use std::fmt::Write as _;
-    let dash = |s: &Option<String>| s.clone().unwrap_or_else(|| "-".to_string());
+    let dash = |s: &Option<String>| {
+        s.as_ref()
+            .map_or("-".to_string(), |v| Escaped(v).to_string())
+    };
     let mut out = format!(
         "client {} host {} sender {} auth {} class {}\n",
         client.ip.map_or("-".to_string(), |ip| ip.to_string()),
         dash(&client.host),
         dash(&client.sender),
         dash(&client.auth),
-        policy.class_of(client).unwrap_or("-"),
+        Escaped(policy.class_of(client).unwrap_or("-")),
     );
     let _ = writeln!(
         out,
@@ -661,15 +716,11 @@ fn print_explanation(policy: &Policy, client: &Client) {
             check.name(),
             if e.enabled { "yes" } else { "no" },
             e.limit.map_or("no limit".to_string(), |l| l.to_string()),
-            e.matched,
-            e.source.as_deref().unwrap_or("-"),
+            Escaped(&e.matched).to_string(),
+            e.source
+                .as_ref()
+                .map_or("-".to_string(), |s| Escaped(s).to_string()),
         );
     }
     print_out(&out);
-}
-
-/// Writes to stdout; a reader that went away (`| head`) is not an error.
-fn print_out(text: &str) {
-    use std::io::Write as _;
-    let _ = std::io::stdout().lock().write_all(text.as_bytes());
 }

@@ -14,6 +14,7 @@ use tokio::task::JoinHandle;
 
 use super::config::{default_peer_listen, raft_config, NodeConfig, Start};
 use super::leader::{forward, Proposal, ProposalReply};
+use super::retry::{Backoff, Reasons};
 use super::{admin, batcher, services, Node, NodeError};
 use crate::policy::PolicyFile;
 use crate::proto::v1::admin_server::AdminServer;
@@ -195,7 +196,7 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, NodeError> {
         batches: batch_tx,
         in_flight: batcher::InFlight::default(),
         draining: AtomicBool::new(false),
-        removed: AtomicBool::new(removed),
+        removed: tokio::sync::watch::Sender::new(removed),
         abandoned: AtomicU64::new(0),
         meta,
         ready: AtomicBool::new(config.policy.is_empty()),
@@ -348,10 +349,12 @@ fn incarnation(id: NodeId) -> u64 {
 
 /// Asks the seeds in turn (`seeds`: one address or several, separated by
 /// commas; then the leader they point to) to add this node, until this
-/// node sees itself a voter.
+/// node sees itself a voter. Waits longer after each refusal (up to
+/// [`MAX_RETRY_WAIT`]); logs a refusal when its reason is new.
 async fn join(node: Arc<Node>, seeds: String, advertise: String) {
     let seeds: Vec<String> = seeds.split(',').map(|s| s.trim().to_string()).collect();
-    let mut wait = Duration::from_millis(100);
+    let mut backoff = Backoff::new(Duration::from_millis(100), MAX_RETRY_WAIT);
+    let mut reasons = Reasons::default();
     for attempt in 0.. {
         let voter = {
             let metrics = node.raft.metrics();
@@ -389,12 +392,21 @@ async fn join(node: Arc<Node>, seeds: String, advertise: String) {
                 tracing::info!(%target, "joined the cluster");
                 return;
             }
-            other => tracing::info!(%target, reply = ?other, "join: not yet"),
+            other => {
+                let reply = format!("{other:?}");
+                if reasons.is_new(&reply) {
+                    tracing::info!(%target, %reply, "join: not yet");
+                } else {
+                    tracing::debug!(%target, %reply, "join: not yet");
+                }
+            }
         }
-        tokio::time::sleep(wait).await;
-        wait = (wait * 2).min(Duration::from_secs(2));
+        backoff.wait().await;
     }
 }
+
+/// The longest wait between two attempts of a retry loop.
+const MAX_RETRY_WAIT: Duration = Duration::from_secs(5);
 
 /// Keeps the gRPC health service true: "liveness" serves while the
 /// process does; "" (the whole server) and the Limiter serve once the node
@@ -435,9 +447,12 @@ async fn report_health(node: Arc<Node>, health: tonic_health::server::HealthRepo
 }
 
 /// Tells the cluster this node is alive, every third of its lease TTL.
+/// A removed node waits, silent, to be added back.
 async fn heartbeat(node: Arc<Node>) {
-    let every = node.lease_ttl / 3;
+    let every = (node.lease_ttl / 3).max(Duration::from_millis(100));
+    let mut reasons = Reasons::default();
     loop {
+        node.wait_member().await;
         let member = node
             .raft
             .metrics()
@@ -451,18 +466,34 @@ async fn heartbeat(node: Arc<Node>) {
                 origin: node.incarnation,
                 ttl_ms: node.lease_ttl.as_millis() as u64,
             };
-            if let Err(e) = node.propose(hb).await {
-                tracing::warn!(error = %e, "heartbeat not written");
+            match node.propose(hb).await {
+                Ok(_) => reasons = Reasons::default(),
+                // Removed meanwhile: the loop's start waits.
+                Err(NodeError::Removed) => continue,
+                Err(e) => {
+                    let why = e.to_string();
+                    if reasons.is_new(&why) {
+                        tracing::warn!(error = %why, "heartbeat not written");
+                    }
+                }
             }
         }
         tokio::time::sleep(every).await;
     }
 }
 
-/// Puts this node's `--policy` in force if the cluster's differs.
+/// Puts this node's `--policy` in force if the cluster's differs. Asks
+/// again, waiting longer each time, while no leader takes it; a removed
+/// node (which no leader answers) waits, silent, to be added back.
 async fn sync_policy(node: Arc<Node>, files: Vec<PolicyFile>) {
     let hash = policy_hash(&files);
+    let mut backoff = Backoff::new(Duration::from_millis(200), MAX_RETRY_WAIT);
+    let mut reasons = Reasons::default();
     loop {
+        if node.is_removed() {
+            node.wait_member().await;
+            backoff.reset();
+        }
         match node.at_leader(Proposal::EnsurePolicy(files.clone())).await {
             Ok(ProposalReply::Response(Response::Done) | ProposalReply::Unchanged) => {
                 tracing::info!(%hash, "policy in force");
@@ -476,7 +507,17 @@ async fn sync_policy(node: Arc<Node>, files: Vec<PolicyFile>) {
                 node.ready.store(true, Ordering::Relaxed);
                 return;
             }
-            Err(e) => tracing::warn!(error = %e, "policy not in force yet"),
+            // Removed meanwhile: the loop's start waits.
+            Err(NodeError::Removed) => {}
+            Err(e) => {
+                let why = e.to_string();
+                if reasons.is_new(&why) {
+                    tracing::warn!(error = %why, "policy not in force yet: asking again");
+                } else {
+                    tracing::debug!(error = %why, "policy not in force yet: asking again");
+                }
+                backoff.wait().await;
+            }
         }
     }
 }

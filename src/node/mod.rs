@@ -17,6 +17,7 @@ pub mod batcher;
 mod config;
 mod leader;
 mod lifecycle;
+mod retry;
 mod services;
 
 use std::collections::HashMap;
@@ -26,7 +27,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tonic::transport::Channel;
 
 pub use config::{default_peer_listen, NodeConfig, RaftTuning, Start, PEER_PORT_OFFSET};
@@ -101,8 +102,9 @@ pub struct Node {
     draining: AtomicBool,
     /// Told by the leader that it was removed: it neither decides nor
     /// campaigns until it is added back. Kept in `meta`, so that a restart
-    /// does not forget it.
-    removed: AtomicBool,
+    /// does not forget it. A watch, so that waiting tasks hear when it
+    /// is added back.
+    removed: watch::Sender<bool>,
     /// Events dropped because every caller of their batch gave up.
     abandoned: AtomicU64,
     /// This node's own facts on sled (tree `node_meta`), outside the log.
@@ -148,12 +150,20 @@ impl Node {
     }
 
     pub fn is_removed(&self) -> bool {
-        self.removed.load(Ordering::Relaxed)
+        *self.removed.borrow()
+    }
+
+    /// Returns once this node is a member, not removed: at once, or when
+    /// the leader adds it back.
+    async fn wait_member(&self) {
+        let mut removed = self.removed.subscribe();
+        // Never fails: the sender lives as long as `self`.
+        let _ = removed.wait_for(|r| !r).await;
     }
 
     /// The leader's word on whether this node is a member.
     fn set_member(&self, member: bool) {
-        let was_removed = self.removed.swap(!member, Ordering::Relaxed);
+        let was_removed = self.removed.send_replace(!member);
         if was_removed == member {
             if member {
                 tracing::info!("added back to the cluster");

@@ -20,6 +20,7 @@ use clap::{Args, Parser, Subcommand};
 use relayrate::check::Check;
 use relayrate::policy::{Policy, PolicyError};
 use relayrate::proto::v1 as pb;
+use relayrate::terminal::{escape_json, print_err, print_out, Escaped};
 use serde::Serialize;
 
 use client::{Admin, Conn, Failure, Guard, Target, TlsFiles, EX_REFUSED, EX_USAGE};
@@ -150,14 +151,15 @@ fn main() -> ExitCode {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("relayratectl: cannot start: {e}");
+            print_err(&format!("relayratectl: cannot start: {e}\n"));
             return ExitCode::from(EX_REFUSED);
         }
     };
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) => {
-            eprintln!("relayratectl: {}", f.message);
+            // The message may quote the node's, which may quote a request.
+            print_err(&format!("relayratectl: {}\n", Escaped(&f.message)));
             ExitCode::from(f.code)
         }
     }
@@ -257,22 +259,17 @@ fn check_pb(check: Option<Check>) -> i32 {
     check.map_or(pb::Check::Unspecified, pb::Check::from) as i32
 }
 
-/// Prints the answer: one JSON object, or the view's text.
+/// Prints the answer: one JSON object, or the view's text (which escapes
+/// its values).
 fn emit<V: Serialize>(json: bool, view: &V, text: impl Fn(&V) -> String) {
     let out = if json {
-        let mut s = serde_json::to_string(view).expect("views are plain data");
+        let mut s = escape_json(&serde_json::to_string(view).expect("views are plain data"));
         s.push('\n');
         s
     } else {
         text(view)
     };
     print_out(&out);
-}
-
-/// Writes to stdout; a reader that went away (`| head`) is not an error.
-fn print_out(text: &str) {
-    use std::io::Write as _;
-    let _ = std::io::stdout().lock().write_all(text.as_bytes());
 }
 
 /// Who asked for a reset, for the node's log: `$USER@hostname`.
@@ -300,7 +297,7 @@ fn check_locally(files: &[PathBuf]) -> Result<Policy, Failure> {
         Ok(p) => Ok(p),
         Err(PolicyError::Invalid(errors)) => {
             for e in &errors {
-                eprintln!("{e}");
+                print_err(&format!("{}\n", Escaped(e)));
             }
             Err(Failure::refused(format!(
                 "policy not applied: {} error{} (nothing was sent)",
@@ -329,7 +326,7 @@ async fn apply_policy(
         // version?): its message holds one FILE:LINE:COL line per error.
         Err(status) if status.code() == tonic::Code::InvalidArgument => {
             for line in status.message().lines() {
-                eprintln!("{line}");
+                print_err(&format!("{}\n", Escaped(line)));
             }
             return Err(Failure::refused(format!(
                 "policy not applied: {} refused it",
@@ -345,7 +342,7 @@ async fn apply_policy(
     };
     if !json {
         for w in &view.warnings {
-            eprintln!("{w}");
+            print_err(&format!("{}\n", Escaped(w)));
         }
     }
     emit(json, &view, AppliedView::text);

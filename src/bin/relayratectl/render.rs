@@ -1,11 +1,14 @@
 //! What relayratectl prints: the answers of the Admin service as plain
 //! views (serialised as one JSON object with `--json`) and as aligned
 //! tables for a person. Everything here is pure, so it is unit-tested.
+//! Every value in the text is escaped ([`Escaped`]): keys, addresses and
+//! policy files come from outside, and must not drive the terminal.
 
 use std::fmt::Write as _;
 
 use relayrate::check::Check;
 use relayrate::proto::v1 as pb;
+use relayrate::terminal::{Escaped, EscapedText};
 use serde::Serialize;
 
 /// How a column's cells line up: numbers read best right-aligned.
@@ -17,16 +20,21 @@ pub enum Align {
 
 /// Columns padded to their widest cell, two spaces apart, a header line
 /// first. Trailing spaces are cut so that lines diff and grep cleanly.
+/// Cells are escaped.
 pub fn table(columns: &[(&str, Align)], rows: &[Vec<String>]) -> String {
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|row| row.iter().map(|c| Escaped(c).to_string()).collect())
+        .collect();
     let mut widths: Vec<usize> = columns.iter().map(|(h, _)| h.chars().count()).collect();
-    for row in rows {
+    for row in &rows {
         for (w, cell) in widths.iter_mut().zip(row) {
             *w = (*w).max(cell.chars().count());
         }
     }
     let header: Vec<String> = columns.iter().map(|(h, _)| h.to_string()).collect();
     let mut out = String::new();
-    for row in std::iter::once(&header).chain(rows) {
+    for row in std::iter::once(&header).chain(&rows) {
         let mut line = String::new();
         for (i, cell) in row.iter().enumerate() {
             if i > 0 {
@@ -257,7 +265,7 @@ impl StatusView {
         ];
         let mut out = String::new();
         for (name, value) in rows {
-            let _ = writeln!(out, "{name:<10}{value}");
+            let _ = writeln!(out, "{name:<10}{}", Escaped(value));
         }
         out.push('\n');
         out.push_str(&members_table(&self.members));
@@ -385,7 +393,7 @@ impl ShowView {
                 ]
             })
             .collect();
-        let mut out = format!("key {}\n", self.key);
+        let mut out = format!("key {}\n", Escaped(&self.key));
         out.push_str(&table(
             &[
                 ("check", Align::Left),
@@ -415,7 +423,7 @@ impl ResetView {
             Some(c) => format!("{c} counters"),
             None => "counters".to_string(),
         };
-        format!("{}: cleared {} {what}\n", self.key, self.cleared)
+        format!("{}: cleared {} {what}\n", Escaped(&self.key), self.cleared)
     }
 }
 
@@ -454,14 +462,19 @@ impl From<&pb::ShowPolicyResponse> for PolicyView {
 impl PolicyView {
     /// A header, then each file as `head` shows several: `==> NAME <==`.
     pub fn text(&self) -> String {
-        let mut out = format!("hash     {}\n", self.hash);
+        let mut out = format!("hash     {}\n", Escaped(&self.hash));
         let _ = writeln!(
             out,
             "applied  {}",
             self.applied.as_deref().unwrap_or("never")
         );
         for f in &self.files {
-            let _ = write!(out, "\n==> {} <==\n{}", f.name, f.text);
+            let _ = write!(
+                out,
+                "\n==> {} <==\n{}",
+                Escaped(&f.name),
+                EscapedText(&f.text)
+            );
             if !f.text.ends_with('\n') {
                 out.push('\n');
             }
@@ -481,9 +494,12 @@ impl AppliedView {
     /// The result line; warnings are printed apart, on stderr.
     pub fn text(&self) -> String {
         if self.changed {
-            format!("policy {} in force\n", self.hash)
+            format!("policy {} in force\n", Escaped(&self.hash))
         } else {
-            format!("policy {} unchanged: already in force\n", self.hash)
+            format!(
+                "policy {} unchanged: already in force\n",
+                Escaped(&self.hash)
+            )
         }
     }
 }
@@ -697,6 +713,51 @@ MsgRate       0      -        -    600s  no
             view.text(),
             "hash     abc\napplied  never\n\n==> a.txt <==\nCHECK_CONN_RATE YES\n\n==> b.txt <==\nConnRate:default 9\n"
         );
+    }
+
+    #[test]
+    fn values_from_outside_are_escaped_in_the_text() {
+        let evil = "10.0.0.1\nConnRate  6.6.6.6\x1b[2J";
+        let escaped = "10.0.0.1\\nConnRate  6.6.6.6\\x1b[2J";
+        let top = TopView::from(&pb::TopResponse {
+            keys: vec![key_count(pb::Check::ConnRate, evil, 1, 2, 600)],
+        })
+        .text();
+        let show = ShowView::new(evil, &pb::ShowResponse { checks: vec![] }).text();
+        let reset = ResetView {
+            key: evil.into(),
+            check: None,
+            cleared: 0,
+        }
+        .text();
+        let mut s = status();
+        s.members[1].addr = evil.into();
+        let status = StatusView::from(&s).text();
+        let policy = PolicyView::from(&pb::ShowPolicyResponse {
+            files: vec![pb::PolicyFile {
+                name: evil.into(),
+                // A line break in a file is one: the text keeps its lines.
+                text: "ConnRate:a\x1b[2J 5\n\tConnOpen:a 1\n".into(),
+            }],
+            hash: "abc".into(),
+            applied_unix_ms: 0,
+        })
+        .text();
+        for (text, lines) in [(top, 2), (show, 2), (reset, 1), (status, 14), (policy, 6)] {
+            assert!(!text.contains('\x1b'), "{text}");
+            assert!(text.contains(escaped), "{text}");
+            assert_eq!(text.lines().count(), lines, "{text}");
+        }
+        // A policy file keeps its lines and tabs.
+        let policy = PolicyView::from(&pb::ShowPolicyResponse {
+            files: vec![pb::PolicyFile {
+                name: "a".into(),
+                text: "X 1\n\tY 2\n".into(),
+            }],
+            hash: "abc".into(),
+            applied_unix_ms: 0,
+        });
+        assert!(policy.text().ends_with("==> a <==\nX 1\n\tY 2\n"));
     }
 
     #[test]
