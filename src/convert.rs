@@ -119,8 +119,9 @@ pub fn event_from_pb(e: pb::Event, owner: u64) -> Result<Event, Status> {
             client: r.client.try_into()?,
             rcpts_in_msg: r.rcpts_in_msg,
         },
-        Kind::Message(m) => Event::Message {
-            client: m.client.try_into()?,
+        Kind::GiveBack(g) => Event::GiveBack {
+            client: g.client.try_into()?,
+            held_secs: g.held_secs,
         },
         Kind::Close(c) => Event::Close {
             conn: conn_id(c.conn, owner)?,
@@ -160,8 +161,9 @@ pub fn event_to_pb(e: &Event) -> pb::Event {
             rcpts_in_msg: *rcpts_in_msg,
             rcpt: String::new(),
         }),
-        Event::Message { client } => Kind::Message(pb::Message {
+        Event::GiveBack { client, held_secs } => Kind::GiveBack(pb::GiveBack {
             client: Some(client.into()),
+            held_secs: *held_secs,
         }),
         Event::Close { conn: c } => Kind::Close(pb::Close { conn: conn(c) }),
     };

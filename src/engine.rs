@@ -29,18 +29,24 @@ pub struct ConnId {
 /// One step of an SMTP session, as the milter reports it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Event {
-    /// Counts ConnRate, takes a ConnOpen lease; decides both.
+    /// Counts ConnRate; decides it and ConnOpen, and takes a ConnOpen
+    /// lease only if the connection is admitted.
     Connect { conn: ConnId, client: Client },
     /// At HELO: ConnRate and ConnOpen again, counting nothing.
     Recheck { client: Client },
-    /// At MAIL FROM: MaxMsgs and the message rates, counting nothing.
-    /// `msgs_in_conn` counts this MAIL.
+    /// At MAIL FROM: decides MaxMsgs and the message rates (MsgRate,
+    /// MsgRateFrom, MsgRateAuth) and, if allowed, reserves the message's
+    /// slot in each: decided and counted at once, so that N messages pass
+    /// whatever the concurrency. `msgs_in_conn` counts this MAIL.
     Mail { client: Client, msgs_in_conn: u32 },
     /// At RCPT TO: counts the recipient rates; decides them, MaxRcpt and
     /// the connection checks. `rcpts_in_msg` counts this RCPT.
     Rcpt { client: Client, rcpts_in_msg: u32 },
-    /// At end of message: counts the message rates.
-    Message { client: Client },
+    /// A message that reserved its slots at MAIL FROM `held_secs` ago and
+    /// did not reach end of message (RSET, abort, no recipient accepted,
+    /// the connection lost): gives them back. The time is the milter's own
+    /// measure of the wait, so no two clocks are compared.
+    GiveBack { client: Client, held_secs: u64 },
     /// The connection ended: releases its lease.
     Close { conn: ConnId },
 }
@@ -49,9 +55,12 @@ impl Event {
     /// Whether applying the event changes the state (a write that must go
     /// through the log) or only reads it.
     pub fn is_write(&self) -> bool {
-        !matches!(self, Event::Recheck { .. } | Event::Mail { .. })
+        !matches!(self, Event::Recheck { .. })
     }
 }
+
+/// The checks a message reserves at MAIL FROM.
+const MESSAGE_RATES: [Check; 3] = [Check::MsgRate, Check::MsgRateFrom, Check::MsgRateAuth];
 
 /// Why an event was refused.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -223,12 +232,30 @@ impl Engine {
         match event {
             Event::Connect { conn, client } => {
                 self.count(&[Check::ConnRate], client, now);
-                if let Some(ip) = client.ip {
+                // A refused connection takes no slot: it must not lock out
+                // the ones admitted before it.
+                let verdict = self
+                    .over(Check::ConnRate, client, now, 0)
+                    .or_else(|| self.over_open(*conn, client, now))
+                    .map_or(Verdict::Allow, Verdict::Refuse);
+                if let (Verdict::Allow, Some(ip)) = (&verdict, client.ip) {
                     self.acquire(*conn, ip);
                 }
-                self.connection_verdict(client, now)
+                verdict
             }
-            Event::Recheck { .. } | Event::Mail { .. } => self.read(event, now),
+            Event::Recheck { .. } => self.read(event, now),
+            Event::Mail { client, .. } => {
+                let verdict = self.read(event, now);
+                if verdict.is_allowed() {
+                    self.count(&MESSAGE_RATES, client, now);
+                }
+                verdict
+            }
+            Event::GiveBack { client, held_secs } => {
+                let at = now.saturating_sub(*held_secs);
+                self.take_back(&MESSAGE_RATES, client, at, now);
+                Verdict::Allow
+            }
             Event::Rcpt {
                 client,
                 rcpts_in_msg,
@@ -245,14 +272,6 @@ impl Engine {
                     refused => refused,
                 }
             }
-            Event::Message { client } => {
-                self.count(
-                    &[Check::MsgRate, Check::MsgRateFrom, Check::MsgRateAuth],
-                    client,
-                    now,
-                );
-                Verdict::Allow
-            }
             Event::Close { conn } => {
                 self.release(*conn);
                 Verdict::Allow
@@ -260,8 +279,8 @@ impl Engine {
         }
     }
 
-    /// Decides a read-only event (Recheck, Mail) without changing anything.
-    /// A write event is answered as if it were allowed.
+    /// Decides a Recheck, or what a Mail would be answered, without
+    /// changing anything. Other events are answered as if allowed.
     pub fn read(&self, event: &Event, now: Time) -> Verdict {
         match event {
             Event::Recheck { client } => self.connection_verdict(client, now),
@@ -374,6 +393,22 @@ impl Engine {
         }
     }
 
+    /// Takes back one event of each enabled windowed check of `checks`
+    /// that was counted at `at`.
+    fn take_back(&mut self, checks: &[Check], client: &Client, at: Time, now: Time) {
+        for &check in checks {
+            if !self.policy.is_enabled(check) {
+                continue;
+            }
+            let Some(key) = counter_key(check, client) else {
+                continue;
+            };
+            if let Some(w) = self.counters.get_mut(&CounterIdRef { check, key }) {
+                w.take_back(self.window, at, now);
+            }
+        }
+    }
+
     /// How often a count climbed to 80% of its limit, per check (in
     /// [`Check::ALL`] order), since this engine was made.
     pub fn near_limit_crossings(&self) -> [u64; Check::ALL.len()] {
@@ -422,7 +457,21 @@ impl Engine {
         }
     }
 
-    /// ConnRate then ConnOpen, as at connect, helo and every rcpt.
+    /// ConnOpen at connect: refused when this connection would be one too
+    /// many. A retried Connect that already holds its slot is counted in.
+    fn over_open(&self, conn: ConnId, client: &Client, now: Time) -> Option<Refusal> {
+        let pending = u64::from(!self.leases.contains_key(&conn));
+        // The reply names the connection that would be one too many: (6/5).
+        self.over(Check::ConnOpen, client, now, pending)
+            .map(|r| Refusal {
+                count: r.count + pending,
+                ..r
+            })
+    }
+
+    /// ConnRate then ConnOpen, as at helo and every rcpt: an admitted
+    /// connection is counted among the open ones, so it is refused only if
+    /// the limit was lowered below what is open.
     fn connection_verdict(&self, client: &Client, now: Time) -> Verdict {
         self.over(Check::ConnRate, client, now, 0)
             .or_else(|| self.over(Check::ConnOpen, client, now, 0))
@@ -432,7 +481,7 @@ impl Engine {
     /// MsgRate, MsgRateFrom, MsgRateAuth at MAIL FROM: the message about to
     /// be sent must fit, so N messages pass and the (N+1)-th is refused.
     fn message_rates(&self, client: &Client, now: Time) -> Option<Refusal> {
-        [Check::MsgRate, Check::MsgRateFrom, Check::MsgRateAuth]
+        MESSAGE_RATES
             .into_iter()
             .find_map(|c| self.over(c, client, now, 1))
     }

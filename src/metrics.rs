@@ -182,7 +182,7 @@ pub fn event_name(e: &Event) -> &'static str {
         Event::Recheck { .. } => "recheck",
         Event::Mail { .. } => "mail",
         Event::Rcpt { .. } => "rcpt",
-        Event::Message { .. } => "message",
+        Event::GiveBack { .. } => "give_back",
         Event::Close { .. } => "close",
     }
 }

@@ -135,6 +135,30 @@ impl Window {
         self.total
     }
 
+    /// Takes back one event counted at `at` (a reservation given back),
+    /// if it still counts at `now`: from `at`'s bucket, or, if that one is
+    /// empty (the event was counted in the newest bucket because the clock
+    /// had stepped back), from the next newer one that holds an event.
+    /// Returns whether an event was taken back.
+    pub fn take_back(&mut self, config: WindowConfig, at: u64, now: u64) -> bool {
+        self.advance(config, now);
+        let len = self.counts.len() as u64;
+        let oldest = (self.newest + 1).saturating_sub(len);
+        let from = config.bucket_of(at).clamp(oldest, self.newest);
+        if config.bucket_of(at) < oldest {
+            return false;
+        }
+        for b in from..=self.newest {
+            let slot = self.slot(b);
+            if self.counts[slot] > 0 {
+                self.counts[slot] -= 1;
+                self.total -= 1;
+                return true;
+            }
+        }
+        false
+    }
+
     /// The events in the window at `now`, without changing anything.
     pub fn count(&self, config: WindowConfig, now: u64) -> u32 {
         let bucket = config.bucket_of(now);
@@ -255,6 +279,25 @@ mod tests {
         // Events from buckets starting at 300 and 570 are within 300 s of 590.
         assert_eq!(moved.count(to, 590), 5);
         assert_eq!(w.rebucket(C, C).count(C, 590), 6);
+    }
+
+    #[test]
+    fn take_back_removes_one_event_of_its_bucket_while_it_counts() {
+        let c = WindowConfig::default();
+        let mut w = Window::new(c);
+        w.add(c, 1000, 1);
+        w.add(c, 1100, 2);
+        assert!(w.take_back(c, 1000, 1200));
+        assert_eq!(w.count(c, 1200), 2);
+        // Bucket of 1000 is empty now: the next newer event goes.
+        assert!(w.take_back(c, 1000, 1200));
+        assert_eq!(w.count(c, 1200), 1);
+        // An event whose bucket left the window is not taken back twice.
+        assert!(!w.take_back(c, 1000, 1620));
+        assert_eq!(w.count(c, 1620), 1);
+        assert!(w.take_back(c, 1100, 1620));
+        assert!(!w.take_back(c, 1100, 1620));
+        assert_eq!(w.count(c, 1620), 0);
     }
 
     #[test]

@@ -436,16 +436,10 @@ async fn a_client_alternating_between_nodes_gets_exactly_its_message_limit() {
         client: who.clone(),
         msgs_in_conn: 1,
     };
-    let message = Event::Message { client: who };
     let mut sent = 0;
     for i in 0..9 {
-        // MAIL FROM asked at one node, end of message counted at the next:
-        // a read that missed the count just acknowledged would let a 4th through.
+        // Each MAIL FROM reserves its slot, at whichever node it reaches.
         if decide(&mut clients[i % 3], &mail).await.expect("a verdict") {
-            assert_eq!(
-                decide(&mut clients[(i + 1) % 3], &message).await,
-                Some(true)
-            );
             sent += 1;
         }
     }

@@ -201,9 +201,13 @@ async fn connect(c: &mut LimiterClient<Channel>, ip: &str) -> bool {
     v.allowed
 }
 
-/// One end of message from `ip` (counts MsgRate).
+/// One message from `ip` (its MAIL FROM reserves a MsgRate slot).
 async fn message(c: &mut LimiterClient<Channel>, ip: &str) {
-    let v = decide(c, &Event::Message { client: client(ip) })
+    let mail = Event::Mail {
+        client: client(ip),
+        msgs_in_conn: 1,
+    };
+    let v = decide(c, &mail)
         .await
         .unwrap_or_else(|e| panic!("Message {ip}: {e}"));
     assert!(v.allowed, "message from {ip} refused: {v:?}");

@@ -16,6 +16,8 @@ use tempfile::TempDir;
 use tokio::sync::oneshot;
 
 mod common;
+
+const DEADLINE: Duration = Duration::from_secs(10);
 use common::{eventually, free_port};
 
 struct Relay {
@@ -238,22 +240,61 @@ async fn max_rcpt_refuses_recipients_over_the_limit_and_resets_per_message() {
     );
 }
 
+/// A message takes its MsgRate slot at MAIL FROM: a second session's MAIL
+/// is refused while the first message is still in flight, and nothing is
+/// asked at end of message.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn msg_rate_counts_at_eom_and_refuses_at_mail() {
+async fn msg_rate_reserves_at_mail_so_parallel_sessions_get_exactly_n() {
     let r = Relay::start("CHECK_MSG_RATE YES\nMsgRate:10.9.0.7 2\n", |_| {}).await;
-    let mut c = r.conn().await;
-    c.connect("h", ip("10.9.0.7")).await.unwrap();
-    for _ in 0..2 {
-        assert_eq!(c.mail(["<a@example.org>"]).await.unwrap(), Status::Continue);
+    let mut sessions = Vec::new();
+    for _ in 0..3 {
+        let mut c = r.conn().await;
+        c.connect("h", ip("10.9.0.7")).await.unwrap();
+        sessions.push(c);
+    }
+    // All three reach MAIL FROM before any message ends.
+    let mut answers = Vec::new();
+    for c in &mut sessions {
+        answers.push(c.mail(["<a@example.org>"]).await.unwrap());
+    }
+    assert_eq!(answers[..2], [Status::Continue, Status::Continue]);
+    assert_eq!(
+        answers[2],
+        tempfail("451 4.3.2 Message rate too high (2/2 in 600s) - try again later")
+    );
+    for c in &mut sessions[..2] {
         c.rcpt(["<r@example.com>"]).await.unwrap();
         let (_, status) = c.eom().await.unwrap();
         assert_eq!(status, Status::Continue);
     }
     assert_eq!(r.count(Check::MsgRate, "10.9.0.7"), 2);
-    assert_eq!(
-        c.mail(["<a@example.org>"]).await.unwrap(),
-        tempfail("451 4.3.2 Message rate too high (2/2 in 600s) - try again later")
-    );
+}
+
+/// A message given up (abort: RSET, or the connection lost) returns its
+/// slot, so another message may go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_aborted_or_dropped_message_gives_its_slot_back() {
+    let r = Relay::start("CHECK_MSG_RATE YES\nMsgRate:10.9.0.8 1\n", |_| {}).await;
+    let mut c = r.conn().await;
+    c.connect("h", ip("10.9.0.8")).await.unwrap();
+    assert_eq!(c.mail(["<a@example.org>"]).await.unwrap(), Status::Continue);
+    c.rcpt(["<r@example.com>"]).await.unwrap();
+    c.abort().await.unwrap();
+    eventually("the slot given back after abort", DEADLINE, || {
+        r.count(Check::MsgRate, "10.9.0.8") == 0
+    })
+    .await;
+    assert_eq!(c.mail(["<a@example.org>"]).await.unwrap(), Status::Continue);
+    // The connection goes before end of message: given back too.
+    c.close().await.unwrap();
+    eventually("the slot given back at close", DEADLINE, || {
+        r.count(Check::MsgRate, "10.9.0.8") == 0
+    })
+    .await;
+    let mut again = r.conn().await;
+    again.connect("h", ip("10.9.0.8")).await.unwrap();
+    assert_eq!(send(&mut again, "<a@example.org>").await, Status::Continue);
+    assert_eq!(r.count(Check::MsgRate, "10.9.0.8"), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -32,7 +32,7 @@ pub use frame::MAX_PACKET;
 pub use limits::{ConnLimits, LimitArgs};
 use listener::GuardedListener;
 pub use listener::NoDelay;
-use session::Session;
+use session::{Reserved, Session};
 
 use crate::engine::{Event, Refusal, Verdict};
 
@@ -204,7 +204,8 @@ pub fn ask_for_macros(requested: &mut HashMap<MacroStage, CString>) {
 }
 
 fn callbacks(shared: Arc<Shared>) -> Callbacks<Session> {
-    let (s1, s2, s3, s4, s5, s6) = (
+    let (s1, s2, s3, s4, s5, s5b, s6) = (
+        shared.clone(),
         shared.clone(),
         shared.clone(),
         shared.clone(),
@@ -249,7 +250,15 @@ fn callbacks(shared: Arc<Shared>) -> Callbacks<Session> {
                     client: s.client.clone(),
                     msgs_in_conn: s.msgs_in_conn,
                 };
-                answer(&shared, cx, &event, "mail").await
+                let (status, verdict) = answer_with(&shared, cx, &event, "mail").await;
+                // An allowed MAIL took its slot in the message rates: it
+                // is given back unless the message reaches its end.
+                if let (Some(s), Some(Verdict::Allow)) = (cx.data.as_mut(), verdict) {
+                    if let Some(earlier) = s.reserve() {
+                        give_back(&shared, earlier);
+                    }
+                }
+                status
             })
         })
         .on_rcpt(move |cx, _| {
@@ -283,12 +292,9 @@ fn callbacks(shared: Arc<Shared>) -> Callbacks<Session> {
                 if queue_id.is_some() {
                     s.queue_id = queue_id;
                 }
-                let event = Event::Message {
-                    client: s.client.clone(),
-                };
+                // The message is in: its reservation stands, nothing to ask.
                 s.end_message();
-                // Counting only: the message is in, whatever comes back.
-                let _ = shared.decider.decide(&event).await;
+                let _ = &shared;
                 Status::Continue
             })
         })
@@ -296,10 +302,13 @@ fn callbacks(shared: Arc<Shared>) -> Callbacks<Session> {
         // negotiated away, Postfix still sends its macros, unanswered, and
         // the end of message then waits on Nagle and a delayed ACK (40 ms).
         .on_data(|_| Box::pin(async { Status::Continue }))
-        .on_abort(|cx| {
+        .on_abort(move |cx| {
+            let shared = s5b.clone();
             Box::pin(async move {
                 if let Some(s) = cx.data.as_mut() {
-                    s.end_message();
+                    if let Some(reserved) = s.abort_message() {
+                        give_back(&shared, reserved);
+                    }
                 }
                 Status::Continue
             })
@@ -307,8 +316,15 @@ fn callbacks(shared: Arc<Shared>) -> Callbacks<Session> {
         .on_close(move |cx| {
             let shared = s6.clone();
             Box::pin(async move {
-                if let Some(s) = cx.data.take() {
-                    let _ = shared.decider.decide(&Event::Close { conn: s.conn }).await;
+                if let Some(mut s) = cx.data.take() {
+                    if let Some(reserved) = s.abort_message() {
+                        give_back(&shared, reserved);
+                    }
+                    // The MTA has nothing to wait for: the lease is
+                    // released in the background.
+                    tokio::spawn(async move {
+                        let _ = shared.decider.decide(&Event::Close { conn: s.conn }).await;
+                    });
                 }
                 Status::Continue
             })
@@ -343,6 +359,20 @@ async fn handle_connect(
     answer(shared, cx, &event, "connect").await
 }
 
+/// Gives a message's reserved slots back, in the background: the MTA
+/// has nothing to wait for. If the cluster does not take it, the slots
+/// stay counted, which errs on the side of the limit.
+fn give_back(shared: &Arc<Shared>, reserved: Reserved) {
+    let shared = shared.clone();
+    tokio::spawn(async move {
+        let event = Event::GiveBack {
+            client: reserved.client,
+            held_secs: reserved.at.elapsed().as_secs(),
+        };
+        let _ = shared.decider.decide(&event).await;
+    });
+}
+
 /// Asks for the verdict of `event` and turns it into the milter's answer,
 /// with the reply of `policy.md` §1 and one log line per refusal.
 async fn answer(
@@ -351,6 +381,17 @@ async fn answer(
     event: &Event,
     stage: &'static str,
 ) -> Status {
+    answer_with(shared, cx, event, stage).await.0
+}
+
+/// As [`answer`], with the verdict the cluster (or the fallback) gave;
+/// `None` when nobody could decide.
+async fn answer_with(
+    shared: &Shared,
+    cx: &mut Context<Session>,
+    event: &Event,
+    stage: &'static str,
+) -> (Status, Option<Verdict>) {
     let verdict = match shared.decider.decide(event).await {
         Decision::Node(v) | Decision::Fallback(_, v) => v,
         Decision::Unavailable => {
@@ -359,18 +400,20 @@ async fn answer(
                 Some("4.3.0"),
                 ["Rate limiter unavailable - try again later"],
             );
-            return Status::Tempfail;
+            return (Status::Tempfail, None);
         }
     };
-    let Verdict::Refuse(refusal) = verdict else {
-        return Status::Continue;
+    let Verdict::Refuse(refusal) = &verdict else {
+        return (Status::Continue, Some(verdict));
     };
+    let refusal = refusal.clone();
+    let verdict = Some(verdict);
     let dry_run = shared.dry_run || shared.decider.policy_dry_run();
     if let Some(s) = cx.data.as_ref() {
         log_refusal(s, &refusal, stage, dry_run);
     }
     if dry_run {
-        return Status::Continue;
+        return (Status::Continue, verdict);
     }
     let reply = refusal.reply();
     let code = reply.code.to_string();
@@ -378,10 +421,10 @@ async fn answer(
         .reply
         .set_error_reply(&code, Some(reply.enhanced), [reply.text.as_str()])
     {
-        Ok(()) => Status::Tempfail,
+        Ok(()) => (Status::Tempfail, verdict),
         Err(e) => {
             tracing::error!(error = %e, "reply not accepted by the milter library");
-            Status::Tempfail
+            (Status::Tempfail, verdict)
         }
     }
 }

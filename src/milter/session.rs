@@ -3,7 +3,7 @@
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use crate::engine::ConnId;
 use crate::policy::Client;
@@ -35,6 +35,17 @@ pub struct Session {
     pub rcpts_in_msg: u32,
     /// The MTA's queue id of the current message, for the log.
     pub queue_id: Option<String>,
+    /// The current message's slots in the message rates, taken at MAIL
+    /// FROM, until it reaches its end or is given up.
+    pub reserved: Option<Reserved>,
+}
+
+/// A message's slots in the message rates: who took them, and when.
+#[derive(Debug)]
+pub struct Reserved {
+    /// The client as it was at MAIL FROM (sender and AUTH user included).
+    pub client: Client,
+    pub at: Instant,
 }
 
 impl Session {
@@ -54,7 +65,26 @@ impl Session {
             msgs_in_conn: 0,
             rcpts_in_msg: 0,
             queue_id: None,
+            reserved: None,
         }
+    }
+
+    /// The current message took its slots (its MAIL was allowed); returns
+    /// an earlier message's reservation that was never settled, to give
+    /// back.
+    pub fn reserve(&mut self) -> Option<Reserved> {
+        self.reserved.replace(Reserved {
+            client: self.client.clone(),
+            at: Instant::now(),
+        })
+    }
+
+    /// RSET, abort or a lost connection: the message counts start again,
+    /// and a reservation not settled by an end of message is returned, to
+    /// give back.
+    pub fn abort_message(&mut self) -> Option<Reserved> {
+        self.rcpts_in_msg = 0;
+        self.reserved.take()
     }
 
     /// MAIL FROM: a new message, from `sender`, by AUTH user `auth`.
@@ -77,9 +107,11 @@ impl Session {
         self.queue_id = queue_id;
     }
 
-    /// End of message or abort: the message counts start again.
+    /// End of message: the message counts start again, and its
+    /// reservation stands.
     pub fn end_message(&mut self) {
         self.rcpts_in_msg = 0;
+        self.reserved = None;
     }
 }
 

@@ -98,8 +98,9 @@ pub async fn run(node: Arc<Node>, mut rx: mpsc::Receiver<Pending>) {
     }
 }
 
-/// Decides a batch: one log entry if it counts anything, else a
-/// linearizable read at the leader; then hands each caller its verdicts.
+/// Decides a batch: one log entry if it counts anything, else (rechecks
+/// only) a read of this node's applied state; then hands each caller its
+/// verdicts.
 async fn decide_batch(node: &Node, batch: Vec<Pending>) {
     let mut senders: Vec<Sender> = Vec::new();
     for p in &batch {
@@ -123,8 +124,7 @@ async fn decide_batch(node: &Node, batch: Vec<Pending>) {
             Err(e) => Err(e),
         }
     } else {
-        node.read(events.into_iter().map(|(_, e)| e).collect())
-            .await
+        Ok(node.read_local(events.iter().map(|(_, e)| e)))
     };
     match result {
         Ok(verdicts) => {

@@ -269,6 +269,15 @@ impl Node {
         self.enqueue(self.sender(), events).await
     }
 
+    /// Decides read-only events (rechecks) from this node's applied state,
+    /// with no round to the leader: every limit that spans sessions is
+    /// decided by a write, so a recheck may see a state a round behind.
+    pub fn read_local<'a>(&self, events: impl Iterator<Item = &'a Event>) -> Vec<Verdict> {
+        let state = self.state.read().expect("state lock");
+        let now = now_ms().max(state.now_ms()) / 1000;
+        events.map(|e| state.engine().read(e, now)).collect()
+    }
+
     /// This node as the sender of events.
     fn sender(&self) -> Sender {
         Sender {
