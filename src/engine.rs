@@ -60,7 +60,39 @@ impl Event {
 }
 
 /// The checks a message reserves at MAIL FROM.
-const MESSAGE_RATES: [Check; 3] = [Check::MsgRate, Check::MsgRateFrom, Check::MsgRateAuth];
+pub const MESSAGE_RATES: [Check; 3] = [Check::MsgRate, Check::MsgRateFrom, Check::MsgRateAuth];
+/// The checks a recipient counts at RCPT TO.
+pub const RECIPIENT_RATES: [Check; 3] = [Check::RcptRate, Check::RcptRateFrom, Check::RcptRateAuth];
+
+/// Whether any of the windowed `checks` counts `client` under `policy`:
+/// switched on, with a limit for it, and a key to count it by. When none
+/// does, the event that would count them need not be written.
+pub fn counts_any(policy: &Policy, checks: &[Check], client: &Client) -> bool {
+    checks.iter().any(|&check| {
+        policy.is_enabled(check)
+            && counter_key(check, client).is_some()
+            && policy.limit(check, client).is_some()
+    })
+}
+
+/// A per-connection check (MaxMsgs, MaxRcpt, MaxRcptFrom) for the
+/// `count`-th MAIL or RCPT: what the milter decides on its own counts.
+pub fn per_connection(
+    policy: &Policy,
+    check: Check,
+    client: &Client,
+    count: u32,
+) -> Option<Refusal> {
+    let limit = policy.limit(check, client)?;
+    let count = u64::from(count);
+    (count > limit).then_some(Refusal {
+        check,
+        count,
+        limit,
+        window_secs: None,
+        retry_after: 0,
+    })
+}
 
 /// Why an event was refused.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -260,8 +292,7 @@ impl Engine {
                 client,
                 rcpts_in_msg,
             } => {
-                const RATES: [Check; 3] =
-                    [Check::RcptRate, Check::RcptRateFrom, Check::RcptRateAuth];
+                const RATES: [Check; 3] = RECIPIENT_RATES;
                 self.count(&RATES, client, now);
                 match self.connection_verdict(client, now) {
                     Verdict::Allow => [Check::MaxRcpt, Check::MaxRcptFrom]
@@ -515,15 +546,7 @@ impl Engine {
 
     /// MaxMsgs, MaxRcpt, MaxRcptFrom: counts the milter keeps per connection.
     fn per_connection(&self, check: Check, client: &Client, count: u32) -> Option<Refusal> {
-        let limit = self.policy.limit(check, client)?;
-        let count = u64::from(count);
-        (count > limit).then_some(Refusal {
-            check,
-            count,
-            limit,
-            window_secs: None,
-            retry_after: 0,
-        })
+        per_connection(&self.policy, check, client, count)
     }
 
     /// Forgets counters with nothing left in their window, once per bucket,

@@ -11,7 +11,7 @@
 //! its own verdict.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot, Semaphore};
@@ -40,6 +40,8 @@ pub struct BatchingClient {
     tx: mpsc::UnboundedSender<Waiting>,
     client: LimiterClient<Channel>,
     calls: Arc<AtomicU64>,
+    /// The policy hash of the node's last answer ("" before the first).
+    policy_hash: Arc<Mutex<String>>,
 }
 
 impl BatchingClient {
@@ -51,8 +53,27 @@ impl BatchingClient {
         let client = LimiterClient::new(channel);
         let (tx, rx) = mpsc::unbounded_channel();
         let calls = Arc::new(AtomicU64::new(0));
-        tokio::spawn(gather(client.clone(), rx, deadline, calls.clone()));
-        BatchingClient { tx, client, calls }
+        let policy_hash = Arc::new(Mutex::new(String::new()));
+        tokio::spawn(gather(
+            client.clone(),
+            rx,
+            deadline,
+            calls.clone(),
+            policy_hash.clone(),
+        ));
+        BatchingClient {
+            tx,
+            client,
+            calls,
+            policy_hash,
+        }
+    }
+
+    /// Whether the node's last answer was decided with policy `hash`
+    /// (true before any answer: nothing says otherwise).
+    pub fn policy_is(&self, hash: &str) -> bool {
+        let last = self.policy_hash.lock().expect("policy hash lock");
+        last.is_empty() || *last == hash
     }
 
     /// `Decide` calls made so far.
@@ -87,6 +108,7 @@ async fn gather(
     mut rx: mpsc::UnboundedReceiver<Waiting>,
     deadline: Duration,
     calls: Arc<AtomicU64>,
+    policy_hash: Arc<Mutex<String>>,
 ) {
     let in_flight = Arc::new(Semaphore::new(CALLS_IN_FLIGHT));
     while let Some(first) = rx.recv().await {
@@ -111,12 +133,20 @@ async fn gather(
         }
         calls.fetch_add(1, Ordering::Relaxed);
         let mut client = client.clone();
+        let policy_hash = policy_hash.clone();
         tokio::spawn(async move {
             let (events, replies): (Vec<_>, Vec<_>) =
                 batch.into_iter().map(|w| (w.event, w.reply)).unzip();
             let call = client.decide(DecideRequest { events });
             let answered = match tokio::time::timeout(deadline, call).await {
-                Ok(answered) => answered.map(|r| r.into_inner().verdicts),
+                Ok(answered) => answered.map(|r| {
+                    let r = r.into_inner();
+                    let mut last = policy_hash.lock().expect("policy hash lock");
+                    if *last != r.policy_hash {
+                        *last = r.policy_hash;
+                    }
+                    r.verdicts
+                }),
                 Err(_) => Err(Status::deadline_exceeded(format!(
                     "no answer within {} ms",
                     deadline.as_millis()

@@ -78,6 +78,8 @@ pub struct Decider {
     policy_hash: Mutex<String>,
     dry_run_policy: std::sync::atomic::AtomicBool,
     fallbacks: AtomicU64,
+    /// Woken when the node decided with a policy other than the one held.
+    stale: tokio::sync::Notify,
 }
 
 fn now_secs() -> u64 {
@@ -102,6 +104,7 @@ impl Decider {
             policy_hash: Mutex::new(String::new()),
             dry_run_policy: std::sync::atomic::AtomicBool::new(false),
             fallbacks: AtomicU64::new(0),
+            stale: tokio::sync::Notify::new(),
         })
     }
 
@@ -115,6 +118,34 @@ impl Decider {
         self.local.lock().expect("local engine lock").is_some()
     }
 
+    /// The policy last fetched from the node (each cluster-wide limit
+    /// divided by the relays; per-connection limits as they are), or
+    /// `None` before the first: what the milter decides the per-connection
+    /// checks with, and whether an event needs the cluster at all.
+    pub fn policy(&self) -> Option<Arc<Policy>> {
+        if !self.policy_current() {
+            return None;
+        }
+        let local = self.local.lock().expect("local engine lock");
+        local.as_ref().map(|engine| engine.policy().clone())
+    }
+
+    /// Whether the policy held is the one the node last decided with; if
+    /// not, the refresher is woken.
+    fn policy_current(&self) -> bool {
+        let held = self.policy_hash.lock().expect("hash lock");
+        let current = self.client.policy_is(&held);
+        if !current {
+            self.stale.notify_one();
+        }
+        current
+    }
+
+    /// Waits until the node is seen deciding with another policy.
+    pub async fn policy_changed(&self) {
+        self.stale.notified().await
+    }
+
     /// Whether the policy last seen says `DryRun YES`.
     pub fn policy_dry_run(&self) -> bool {
         self.dry_run_policy.load(Ordering::Relaxed)
@@ -125,7 +156,10 @@ impl Decider {
     pub async fn decide(&self, event: &Event) -> Decision {
         let asked = tokio::time::timeout(self.timeout, self.client.decide(event)).await;
         let why = match asked {
-            Ok(Ok(verdict)) => return Decision::Node(verdict),
+            Ok(Ok(verdict)) => {
+                self.policy_current();
+                return Decision::Node(verdict);
+            }
             Ok(Err(status)) => format!("{}: {}", status.code(), status.message()),
             Err(_) => format!("no answer within {} ms", self.timeout.as_millis()),
         };

@@ -34,7 +34,8 @@ use listener::GuardedListener;
 pub use listener::NoDelay;
 use session::{Reserved, Session};
 
-use crate::engine::{Event, Refusal, Verdict};
+use crate::check::Check;
+use crate::engine::{self, Event, Refusal, Verdict};
 
 /// Where the milter listens: `inet:HOST:PORT` or `unix:PATH`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -175,7 +176,9 @@ pub async fn serve(
     result
 }
 
-/// Keeps the fallback's policy current: soon after start, then every 30 s.
+/// Keeps the milter's policy current: at start (retried from 200 ms up
+/// to 30 s while the node does not answer), every 30 s, and at once when
+/// the node is seen deciding with another.
 async fn refresh_policy(shared: Arc<Shared>) {
     let mut wait = Duration::from_millis(200);
     loop {
@@ -184,7 +187,14 @@ async fn refresh_policy(shared: Arc<Shared>) {
         } else {
             wait = (wait * 2).min(Duration::from_secs(30));
         }
-        tokio::time::sleep(wait).await;
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            () = shared.decider.policy_changed() => {
+                // A burst of stale answers wakes this once; don't hammer
+                // a node that has just changed its policy.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
     }
 }
 
@@ -246,9 +256,26 @@ fn callbacks(shared: Arc<Shared>) -> Callbacks<Session> {
                 };
                 let sender = args.first().map(|a| a.to_string_lossy().into_owned());
                 s.begin_message(sender.as_deref(), auth.as_deref(), queue_id);
+                let (client, count) = (s.client.clone(), s.msgs_in_conn);
+                // MaxMsgs is this connection's own count; the cluster is
+                // asked only when a message rate counts this message.
+                let policy = shared.decider.policy();
+                if let Some(policy) = &policy {
+                    let refusal = engine::per_connection(policy, Check::MaxMsgs, &client, count);
+                    if let Some(r) = refusal {
+                        let (status, _) = respond(&shared, cx, Verdict::Refuse(r), "mail");
+                        if status != Status::Continue {
+                            return status;
+                        }
+                    }
+                    if !engine::counts_any(policy, &engine::MESSAGE_RATES, &client) {
+                        return Status::Continue;
+                    }
+                }
                 let event = Event::Mail {
-                    client: s.client.clone(),
-                    msgs_in_conn: s.msgs_in_conn,
+                    client,
+                    // 0: decided here, the node need not.
+                    msgs_in_conn: if policy.is_some() { 0 } else { count },
                 };
                 let (status, verdict) = answer_with(&shared, cx, &event, "mail").await;
                 // An allowed MAIL took its slot in the message rates: it
@@ -272,9 +299,33 @@ fn callbacks(shared: Arc<Shared>) -> Callbacks<Session> {
                 if queue_id.is_some() {
                     s.queue_id = queue_id;
                 }
-                let event = Event::Rcpt {
-                    client: s.client.clone(),
-                    rcpts_in_msg: s.rcpts_in_msg,
+                let (client, count) = (s.client.clone(), s.rcpts_in_msg);
+                // MaxRcpt(From) on this message's own count; with no
+                // recipient rate counting it, only the connection checks
+                // are read again (no write).
+                let Some(policy) = shared.decider.policy() else {
+                    let event = Event::Rcpt {
+                        client,
+                        rcpts_in_msg: count,
+                    };
+                    return answer(&shared, cx, &event, "rcpt").await;
+                };
+                let refusal = [Check::MaxRcpt, Check::MaxRcptFrom]
+                    .into_iter()
+                    .find_map(|c| engine::per_connection(&policy, c, &client, count));
+                if let Some(r) = refusal {
+                    let (status, _) = respond(&shared, cx, Verdict::Refuse(r), "rcpt");
+                    if status != Status::Continue {
+                        return status;
+                    }
+                }
+                let event = match engine::counts_any(&policy, &engine::RECIPIENT_RATES, &client) {
+                    // 0: decided here, the node need not.
+                    true => Event::Rcpt {
+                        client,
+                        rcpts_in_msg: 0,
+                    },
+                    false => Event::Recheck { client },
                 };
                 answer(&shared, cx, &event, "rcpt").await
             })
@@ -392,41 +443,47 @@ async fn answer_with(
     event: &Event,
     stage: &'static str,
 ) -> (Status, Option<Verdict>) {
-    let verdict = match shared.decider.decide(event).await {
-        Decision::Node(v) | Decision::Fallback(_, v) => v,
+    match shared.decider.decide(event).await {
+        Decision::Node(v) | Decision::Fallback(_, v) => respond(shared, cx, v, stage),
         Decision::Unavailable => {
             let _ = cx.reply.set_error_reply(
                 "451",
                 Some("4.3.0"),
                 ["Rate limiter unavailable - try again later"],
             );
-            return (Status::Tempfail, None);
+            (Status::Tempfail, None)
         }
-    };
+    }
+}
+
+/// Turns a verdict (the cluster's, the fallback's or the milter's own)
+/// into the milter's answer: a refusal is logged and replied, unless in
+/// dry run. Gives the verdict back.
+fn respond(
+    shared: &Shared,
+    cx: &mut Context<Session>,
+    verdict: Verdict,
+    stage: &'static str,
+) -> (Status, Option<Verdict>) {
     let Verdict::Refuse(refusal) = &verdict else {
         return (Status::Continue, Some(verdict));
     };
-    let refusal = refusal.clone();
-    let verdict = Some(verdict);
     let dry_run = shared.dry_run || shared.decider.policy_dry_run();
     if let Some(s) = cx.data.as_ref() {
-        log_refusal(s, &refusal, stage, dry_run);
+        log_refusal(s, refusal, stage, dry_run);
     }
     if dry_run {
-        return (Status::Continue, verdict);
+        return (Status::Continue, Some(verdict));
     }
     let reply = refusal.reply();
     let code = reply.code.to_string();
-    match cx
+    if let Err(e) = cx
         .reply
         .set_error_reply(&code, Some(reply.enhanced), [reply.text.as_str()])
     {
-        Ok(()) => (Status::Tempfail, verdict),
-        Err(e) => {
-            tracing::error!(error = %e, "reply not accepted by the milter library");
-            (Status::Tempfail, verdict)
-        }
+        tracing::error!(error = %e, "reply not accepted by the milter library");
     }
+    (Status::Tempfail, Some(verdict))
 }
 
 /// One line an operator can grep: who, which check, the figures, where.

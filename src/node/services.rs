@@ -60,15 +60,28 @@ impl pb::limiter_server::Limiter for LimiterService {
         let kinds: Vec<&'static str> = events.iter().map(metrics::event_name).collect();
         let verdicts = self.node.decide(events).await.map_err(status)?;
         metrics::record_decisions(&kinds, &verdicts, started.elapsed());
+        let policy_hash = self
+            .node
+            .state()
+            .read()
+            .expect("state lock")
+            .policy_hash()
+            .to_string();
         Ok(Response::new(pb::DecideResponse {
             verdicts: verdicts.iter().map(pb::Verdict::from).collect(),
+            policy_hash,
         }))
     }
 
+    /// The policy in force; refused (UNAVAILABLE) until this node's own
+    /// `--policy` is, so that a milter never takes an interim one.
     async fn get_policy(
         &self,
         _request: Request<pb::GetPolicyRequest>,
     ) -> Result<Response<pb::GetPolicyResponse>, Status> {
+        if !self.node.is_ready() {
+            return Err(status(NodeError::NotReady));
+        }
         let state = self.node.state().read().expect("state lock");
         let files = state
             .policy()
