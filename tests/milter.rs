@@ -557,3 +557,46 @@ async fn connect_until_the_node_counts(r: &Relay, ip_text: &str) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// `relayrate node --milter-listen`: the node serves the milter itself and
+/// the milter asks it in-process; the limits hold as over gRPC.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_serves_its_own_milter_in_process() {
+    let root = common::temp_root();
+    let port = free_port();
+    let listen = format!("inet:127.0.0.1:{port}");
+    let node = common::NodeProc::start_with_args(
+        root.path(),
+        1,
+        Some("CHECK_CONN_RATE YES\nCHECK_MSG_RATE YES\nConnRate:10.9.9.1 2\nMsgRate:10.9.9.1 1\n"),
+        None,
+        &["--milter-listen".as_ref(), listen.as_ref()],
+    );
+    node.wait_deciding().await;
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut c = TestConnection::open(addr).await.unwrap();
+    assert_eq!(
+        c.connect("h", ip("10.9.9.1")).await.unwrap(),
+        Status::Continue
+    );
+    assert_eq!(c.mail(["<a@example.org>"]).await.unwrap(), Status::Continue);
+    assert_eq!(
+        c.mail(["<b@example.org>"]).await.unwrap(),
+        tempfail("451 4.3.2 Message rate too high (1/1 in 600s) - try again later")
+    );
+    let mut second = TestConnection::open(addr).await.unwrap();
+    assert_eq!(
+        second.connect("h", ip("10.9.9.1")).await.unwrap(),
+        Status::Continue
+    );
+    let mut third = TestConnection::open(addr).await.unwrap();
+    assert_eq!(
+        third.connect("h", ip("10.9.9.1")).await.unwrap(),
+        tempfail("421 4.5.1 Connection rate too high (3/2 in 600s) - try again later")
+    );
+    assert!(
+        !node.log().contains("node unavailable"),
+        "no fallback:\n{}",
+        node.log()
+    );
+}

@@ -141,6 +141,43 @@ struct RunArgs {
     server: ServerOptions,
 }
 
+/// The milter a `relayrate node` may serve beside itself, asking the node
+/// in-process.
+#[derive(Args)]
+struct NodeMilter {
+    /// Also serve the milter for the MTA on this socket (inet:HOST:PORT
+    /// or unix:PATH); it asks this node in-process, with no gRPC hop.
+    #[arg(long)]
+    milter_listen: Option<ListenAddr>,
+    /// Longest wait for a verdict before the fail mode decides.
+    #[arg(long, default_value = "250", requires = "milter_listen")]
+    milter_timeout_ms: u64,
+    /// When the node does not answer in time: local, open or tempfail.
+    #[arg(long, default_value = "local", requires = "milter_listen")]
+    milter_fail_mode: FailMode,
+    /// Relays sharing the limits (the local fail mode divides by this).
+    #[arg(long, default_value = "1", requires = "milter_listen")]
+    relays: u64,
+    /// Log and count refusals, refuse nothing.
+    #[arg(long, requires = "milter_listen")]
+    dry_run: bool,
+    #[command(flatten)]
+    milter_limits: milter::LimitArgs,
+}
+
+impl NodeMilter {
+    fn config(&self) -> Option<(ListenAddr, MilterConfig)> {
+        let listen = self.milter_listen.clone()?;
+        let mut milter = MilterConfig::new("in-process");
+        milter.timeout = Duration::from_millis(self.milter_timeout_ms);
+        milter.fail_mode = self.milter_fail_mode;
+        milter.relays = self.relays;
+        milter.dry_run = self.dry_run;
+        milter.limits = self.milter_limits.limits();
+        Some((listen, milter))
+    }
+}
+
 #[derive(Args)]
 struct MilterArgs {
     /// Socket for the MTA: inet:HOST:PORT or unix:PATH.
@@ -206,6 +243,8 @@ struct NodeArgs {
     /// Take a snapshot (and purge the log behind it) every N log entries.
     #[arg(long, default_value = "5000")]
     snapshot_every: u64,
+    #[command(flatten)]
+    milter: NodeMilter,
     #[command(flatten)]
     server: ServerOptions,
 }
@@ -346,7 +385,7 @@ fn main() -> ExitCode {
                 metrics: args.server.metrics_listen,
                 threads,
             };
-            serve(config, None, serving)
+            serve(config, args.milter.config(), serving)
         }
         Command::Bench(args) => block_on(threads.or(Some(1)), relayrate::bench::run(args)),
         Command::Policy(PolicyCommand::Check { files }) => {
@@ -533,7 +572,9 @@ fn serve(
             Duration::from_secs(1),
         ));
         let mut milter_task = None;
-        if let Some((listen, config)) = milter {
+        if let Some((listen, mut config)) = milter {
+            // The milter beside the node asks it in-process.
+            config.in_process = Some(handle.node.clone());
             let listener = match MilterListener::bind(&listen).await {
                 Ok(l) => l,
                 Err(e) => {

@@ -1,7 +1,8 @@
-//! Where the milter's verdicts come from: the local node over gRPC, within
-//! a bounded time; when it cannot answer in time, the fail mode decides
-//! (an in-process engine with the last policy seen, accept, or tempfail).
-//! The MTA never waits longer than the timeout.
+//! Where the milter's verdicts come from: the local node, in this process
+//! (`relayrate run`, `relayrate node --milter-listen`) or over gRPC
+//! (`relayrate milter`), within a bounded time; when it cannot answer in
+//! time, the fail mode decides (an in-process engine with the last policy
+//! seen, accept, or tempfail). The MTA never waits longer than the timeout.
 
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -9,12 +10,31 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::MilterConfig;
-use crate::engine::{Engine, Event, Verdict};
+use crate::engine::{ConnId, Engine, Event, Verdict};
 use crate::limiter_client::BatchingClient;
+use crate::node::Node;
 use crate::policy::{Policy, PolicyFile};
-use crate::proto::v1::GetPolicyRequest;
+use crate::proto::v1::{GetPolicyRequest, GetPolicyResponse};
 use crate::raft::state::policy_hash;
 use crate::tls::endpoint;
+use tonic::Status;
+
+/// An event as the node of this process takes it: leases are owned by the
+/// node (over gRPC the node's service does the same).
+fn owned_by(event: &Event, owner: u64) -> Event {
+    let owned = |conn: &ConnId| ConnId {
+        owner,
+        conn: conn.conn,
+    };
+    match event {
+        Event::Connect { conn, client } => Event::Connect {
+            conn: owned(conn),
+            client: client.clone(),
+        },
+        Event::Close { conn } => Event::Close { conn: owned(conn) },
+        other => other.clone(),
+    }
+}
 
 /// What to do when the node does not answer in time.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -64,10 +84,18 @@ pub enum Decision {
     Unavailable,
 }
 
-/// The milter's client of its node, with the fallback. The events of all
-/// the milter's sessions share its calls to the node.
+/// How the milter reaches its node.
+enum Link {
+    /// Over gRPC: the events of all the milter's sessions share its calls.
+    Grpc(BatchingClient),
+    /// The node of this process: no hop, no encoding; its batcher gathers
+    /// the events of all sessions into one log entry all the same.
+    InProcess(Arc<Node>),
+}
+
+/// The milter's client of its node, with the fallback.
 pub struct Decider {
-    client: BatchingClient,
+    link: Link,
     timeout: Duration,
     fail_mode: FailMode,
     relays: u64,
@@ -91,12 +119,18 @@ fn now_secs() -> u64 {
 impl Decider {
     /// A decider asking the node of `config` (over TLS if configured).
     pub fn new(config: &MilterConfig) -> Result<Decider, tonic::transport::Error> {
-        let channel = endpoint(&config.node, config.tls.as_ref())?
-            .tcp_nodelay(true)
-            .connect_timeout(config.timeout)
-            .connect_lazy();
+        let link = match &config.in_process {
+            Some(node) => Link::InProcess(node.clone()),
+            None => {
+                let channel = endpoint(&config.node, config.tls.as_ref())?
+                    .tcp_nodelay(true)
+                    .connect_timeout(config.timeout)
+                    .connect_lazy();
+                Link::Grpc(BatchingClient::new(channel, config.timeout))
+            }
+        };
         Ok(Decider {
-            client: BatchingClient::new(channel, config.timeout),
+            link,
             timeout: config.timeout,
             fail_mode: config.fail_mode,
             relays: config.relays.max(1),
@@ -134,7 +168,12 @@ impl Decider {
     /// not, the refresher is woken.
     fn policy_current(&self) -> bool {
         let held = self.policy_hash.lock().expect("hash lock");
-        let current = self.client.policy_is(&held);
+        let current = match &self.link {
+            Link::Grpc(client) => client.policy_is(&held),
+            Link::InProcess(node) => {
+                node.state().read().expect("state lock").policy_hash() == *held
+            }
+        };
         if !current {
             self.stale.notify_one();
         }
@@ -154,7 +193,7 @@ impl Decider {
     /// Decides one event: at the node if it answers within the timeout,
     /// else by the fail mode.
     pub async fn decide(&self, event: &Event) -> Decision {
-        let asked = tokio::time::timeout(self.timeout, self.client.decide(event)).await;
+        let asked = tokio::time::timeout(self.timeout, self.ask(event)).await;
         let why = match asked {
             Ok(Ok(verdict)) => {
                 self.policy_current();
@@ -164,6 +203,22 @@ impl Decider {
             Err(_) => format!("no answer within {} ms", self.timeout.as_millis()),
         };
         self.fallback(event, &why)
+    }
+
+    async fn ask(&self, event: &Event) -> Result<Verdict, Status> {
+        match &self.link {
+            Link::Grpc(client) => client.decide(event).await,
+            Link::InProcess(node) => {
+                let event = owned_by(event, node.incarnation);
+                let mut verdicts = node
+                    .decide(vec![event])
+                    .await
+                    .map_err(|e| Status::unavailable(e.to_string()))?;
+                verdicts
+                    .pop()
+                    .ok_or_else(|| Status::internal("no verdict for the event"))
+            }
+        }
     }
 
     fn fallback(&self, event: &Event, why: &str) -> Decision {
@@ -190,13 +245,24 @@ impl Decider {
     /// Fetches the node's policy, and puts it in the fallback engine when
     /// it changed. Returns whether the node answered.
     pub async fn refresh_policy(&self) -> bool {
-        let mut client = self.client.inner();
-        let asked =
-            tokio::time::timeout(self.timeout * 4, client.get_policy(GetPolicyRequest {})).await;
-        let Ok(Ok(reply)) = asked else {
-            return false;
+        let reply = match &self.link {
+            Link::Grpc(client) => {
+                let mut client = client.inner();
+                let get = client.get_policy(GetPolicyRequest {});
+                let Ok(Ok(reply)) = tokio::time::timeout(self.timeout * 4, get).await else {
+                    return false;
+                };
+                reply.into_inner()
+            }
+            Link::InProcess(node) if !node.is_ready() => return false,
+            Link::InProcess(node) => {
+                let state = node.state().read().expect("state lock");
+                GetPolicyResponse {
+                    files: state.policy().files().iter().map(Into::into).collect(),
+                    hash: state.policy_hash().to_string(),
+                }
+            }
         };
-        let reply = reply.into_inner();
         if *self.policy_hash.lock().expect("hash lock") == reply.hash {
             return true;
         }

@@ -73,6 +73,8 @@ pub struct MilterConfig {
     pub tls: Option<crate::tls::Tls>,
     /// Deadlines and the connection cap on MTA connections.
     pub limits: ConnLimits,
+    /// The node of this process, asked directly instead of `node`.
+    pub in_process: Option<std::sync::Arc<crate::node::Node>>,
 }
 
 impl MilterConfig {
@@ -85,6 +87,7 @@ impl MilterConfig {
             dry_run: false,
             tls: None,
             limits: ConnLimits::default(),
+            in_process: None,
         }
     }
 }

@@ -137,6 +137,15 @@ pub(crate) enum MemberAddr {
     Joining(Vec<String>),
 }
 
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node")
+            .field("id", &self.id)
+            .field("incarnation", &self.incarnation)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Node {
     /// Whether the node decides events: its policy is in force.
     pub fn is_ready(&self) -> bool {
