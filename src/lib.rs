@@ -14,6 +14,8 @@
 //! - [`limiter_client`]: a node client that sends concurrent callers' events
 //!   in one call.
 //! - [`proto`]: the gRPC messages of `proto/relayrate/v1/`.
+//! - [`bounds`]: how much input is taken from outside, and how much of it
+//!   an error message shows.
 //!
 //! Data flows one way: the MTA's milter turns an SMTP session into
 //! [`engine::Event`]s, the engine (on a node, replicated through Raft, or
@@ -22,6 +24,7 @@
 #![forbid(unsafe_code)]
 
 pub mod bench;
+pub mod bounds;
 pub mod check;
 pub mod convert;
 pub mod engine;

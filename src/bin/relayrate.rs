@@ -10,7 +10,7 @@ use relayrate::check::Check;
 use relayrate::milter::{self, FailMode, ListenAddr, MilterConfig, MilterListener};
 use relayrate::node::{self, NodeConfig, NodeHandle, Start};
 use relayrate::policy::report::{explain, explain_check, summary};
-use relayrate::policy::{Client, Policy, PolicyError, PolicyFile};
+use relayrate::policy::{Client, Policy, PolicyFile};
 use relayrate::tls::Tls;
 use tokio::signal::unix::{signal, SignalKind};
 
@@ -574,17 +574,12 @@ async fn wait_for_signal() {
 fn load_policy(files: &[PathBuf]) -> Option<Policy> {
     match Policy::from_paths(files) {
         Ok(policy) => {
-            for w in policy.warnings() {
-                eprintln!("{}:{}:{}: warning: {}", w.file, w.line, w.column, w.message);
+            for w in policy.warning_lines() {
+                eprintln!("{w}");
             }
             Some(policy)
         }
-        Err(PolicyError::Invalid(errors)) => {
-            for e in errors {
-                println!("{e}");
-            }
-            None
-        }
+        // One FILE:LINE:COL line per error, the first ones of many.
         Err(e) => {
             println!("{e}");
             None

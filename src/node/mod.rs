@@ -32,6 +32,7 @@ use tonic::transport::Channel;
 pub use config::{NodeConfig, RaftTuning, Start};
 pub use leader::{Proposal, ProposalReply};
 pub use lifecycle::{start, NodeHandle};
+pub use services::validate_proposal;
 
 use crate::engine::{Event, Verdict};
 use crate::raft::network;

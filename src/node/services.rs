@@ -5,11 +5,14 @@ use std::time::Instant;
 
 use tonic::{Request, Response, Status};
 
+use super::leader::Inspect;
 use super::{Node, NodeError, Proposal};
-use crate::convert::event_from_pb;
+use crate::bounds::{count, Invalid, MAX_TOP};
+use crate::convert::decide_events;
 use crate::metrics;
 use crate::proto::v1 as pb;
 use crate::raft::network;
+use crate::raft::validate::{self, SnapshotChunks};
 
 pub struct LimiterService {
     node: Arc<Node>,
@@ -40,12 +43,7 @@ impl pb::limiter_server::Limiter for LimiterService {
         &self,
         request: Request<pb::DecideRequest>,
     ) -> Result<Response<pb::DecideResponse>, Status> {
-        let events = request
-            .into_inner()
-            .events
-            .into_iter()
-            .map(|e| event_from_pb(e, self.node.incarnation))
-            .collect::<Result<Vec<_>, _>>()?;
+        let events = decide_events(request.into_inner(), self.node.incarnation)?;
         if events.is_empty() {
             return Ok(Response::new(pb::DecideResponse::default()));
         }
@@ -78,11 +76,33 @@ impl pb::limiter_server::Limiter for LimiterService {
 
 pub struct RaftService {
     node: Arc<Node>,
+    snapshot: SnapshotChunks,
 }
 
 impl RaftService {
     pub fn new(node: Arc<Node>) -> RaftService {
-        RaftService { node }
+        RaftService {
+            node,
+            snapshot: SnapshotChunks::default(),
+        }
+    }
+}
+
+/// What a peer may ask the leader: within the bounds of a log entry (see
+/// `raft::validate`), so that a bad forwarded batch is refused before it
+/// joins the leader's batch.
+pub fn validate_proposal(p: &Proposal) -> Result<(), Invalid> {
+    match p {
+        Proposal::Command(c) => validate::command(c),
+        Proposal::Read(events) => validate::events(events.iter()),
+        Proposal::Join { addr, .. } => validate::node_addr(addr),
+        Proposal::EnsurePolicy(files) => validate::policy_files(files),
+        Proposal::Inspect(Inspect::Top { n, .. }) => count("keys asked of top", *n, MAX_TOP),
+        Proposal::Inspect(Inspect::Show { key }) => validate::counter_key(key),
+        Proposal::Remove { .. }
+        | Proposal::Membership { .. }
+        | Proposal::Policy
+        | Proposal::Members => Ok(()),
     }
 }
 
@@ -103,13 +123,14 @@ impl pb::raft_server::Raft for RaftService {
     }
 
     async fn install_snapshot(&self, request: Request<pb::RaftPayload>) -> Reply {
-        network::serve_install_snapshot(&self.node.raft, request.get_ref())
+        network::serve_install_snapshot(&self.node.raft, &self.snapshot, request.get_ref())
             .await
             .map(Response::new)
     }
 
     async fn propose(&self, request: Request<pb::RaftPayload>) -> Reply {
         let proposal: Proposal = network::decode(request.get_ref())?;
+        validate_proposal(&proposal)?;
         let reply = self.node.serve_forwarded(proposal).await;
         Ok(Response::new(network::encode(&reply)))
     }

@@ -4,17 +4,20 @@
 //! a remote Raft error reaches openraft as a remote error.
 
 use openraft::error::{
-    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, SnapshotMismatch,
+    Unreachable,
 };
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
 };
+use openraft::SnapshotSegmentId;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tonic::transport::Channel;
 
+use super::validate::{self, ChunkRefused, SnapshotChunks};
 use super::{Node, NodeId, Raft, TypeConfig};
 use crate::proto::v1::raft_client::RaftClient;
 use crate::proto::v1::RaftPayload;
@@ -29,8 +32,9 @@ pub fn encode<T: Serialize>(value: &T) -> RaftPayload {
     }
 }
 
+/// Decodes a payload, bounded by its length (see [`super::decode_bounded`]).
 pub fn decode<T: DeserializeOwned>(payload: &RaftPayload) -> Result<T, tonic::Status> {
-    bincode::deserialize(&payload.data)
+    super::decode_bounded(&payload.data)
         .map_err(|e| tonic::Status::invalid_argument(format!("bad payload: {e}")))
 }
 
@@ -161,6 +165,7 @@ impl RaftNetwork<TypeConfig> for Peer {
 /// Hands openraft's RPCs to the local Raft; replies carry its result.
 pub async fn serve_append(raft: &Raft, p: &RaftPayload) -> Result<RaftPayload, tonic::Status> {
     let req: AppendEntriesRequest<TypeConfig> = decode(p)?;
+    validate::append_entries(&req)?;
     Ok(encode(&raft.append_entries(req).await))
 }
 
@@ -169,10 +174,31 @@ pub async fn serve_vote(raft: &Raft, p: &RaftPayload) -> Result<RaftPayload, ton
     Ok(encode(&raft.vote(req).await))
 }
 
+/// `chunks`: the snapshot being received, which each chunk must continue.
 pub async fn serve_install_snapshot(
     raft: &Raft,
+    chunks: &SnapshotChunks,
     p: &RaftPayload,
 ) -> Result<RaftPayload, tonic::Status> {
     let req: InstallSnapshotRequest<TypeConfig> = decode(p)?;
-    Ok(encode(&raft.install_snapshot(req).await))
+    match chunks.receive(&req) {
+        Ok(()) => Ok(encode(&raft.install_snapshot(req).await)),
+        Err(ChunkRefused::Invalid(e)) => Err(e.into()),
+        Err(ChunkRefused::Mismatch) => {
+            let mismatch = SnapshotMismatch {
+                expect: SnapshotSegmentId {
+                    id: req.meta.snapshot_id.clone(),
+                    offset: 0,
+                },
+                got: SnapshotSegmentId {
+                    id: req.meta.snapshot_id.clone(),
+                    offset: req.offset,
+                },
+            };
+            let refused: Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, _>> = Err(
+                RaftError::APIError(InstallSnapshotError::SnapshotMismatch(mismatch)),
+            );
+            Ok(encode(&refused))
+        }
+    }
 }
