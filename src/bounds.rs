@@ -41,6 +41,10 @@ pub const MAX_MEMBERS: usize = 1024;
 pub const MAX_SNAPSHOT_BYTES: u64 = 1 << 30;
 /// Errors (and warnings) of a policy kept and shown; the rest are counted.
 pub const MAX_DIAGNOSTICS: usize = 50;
+/// Bytes of diagnostics one message shows (past the first, which is always
+/// shown): 50 diagnostics of long file names would be too long for a gRPC
+/// status.
+pub const MAX_MESSAGE_BYTES: usize = 32 * 1024;
 /// Bytes of an outside value an error message shows.
 pub const SHOWN_BYTES: usize = 200;
 

@@ -10,6 +10,7 @@ use tonic::{Request, Response, Status};
 
 use super::leader::{Inspect, MemberInfo};
 use super::{Node, NodeError, Proposal, ProposalReply};
+use crate::bounds::cut;
 use crate::convert;
 use crate::inspect::KeyCount;
 use crate::policy::Policy;
@@ -85,7 +86,10 @@ fn same_secret(a: &[u8], b: &[u8]) -> bool {
 }
 
 fn unexpected(reply: ProposalReply) -> Status {
-    Status::internal(format!("unexpected reply from the leader: {reply:?}"))
+    Status::internal(format!(
+        "unexpected reply from the leader: {}",
+        cut(&format!("{reply:?}"))
+    ))
 }
 
 fn role(state: ServerState) -> &'static str {

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
 use super::{Node, NodeError};
-use crate::bounds::{MAX_ENTRY_BYTES, MAX_ENTRY_EVENTS};
+use crate::bounds::{cut, MAX_ENTRY_BYTES, MAX_ENTRY_EVENTS};
 use crate::engine::{Event, Verdict};
 use crate::raft::validate::event_bytes;
 use crate::raft::{Command, RequestId, Response, Sender};
@@ -160,7 +160,10 @@ async fn decide_batch(node: &Node, batch: Vec<Pending>) {
             .await
         {
             Ok(Response::Verdicts(v)) => Ok(v),
-            Ok(other) => Err(NodeError::Raft(format!("unexpected response {other:?}"))),
+            Ok(other) => Err(NodeError::Raft(format!(
+                "unexpected response {}",
+                cut(&format!("{other:?}"))
+            ))),
             Err(e) => Err(e),
         }
     } else {

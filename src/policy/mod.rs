@@ -66,7 +66,7 @@ pub enum PolicyError {
     /// One or more lines are wrong; each diagnostic names its place. The
     /// first [`MAX_DIAGNOSTICS`](crate::bounds::MAX_DIAGNOSTICS) errors are kept, in file and line order;
     /// `more` counts the others.
-    #[error("{}", lines(.errors, *.more, "errors").join("\n"))]
+    #[error("{}", lines(&.errors.iter().map(|d| d.to_string()).collect::<Vec<_>>(), *.more, "errors").join("\n"))]
     Invalid {
         errors: Vec<Diagnostic>,
         more: usize,
@@ -83,9 +83,20 @@ impl PolicyError {
     }
 }
 
-/// Diagnostics one a line, then `... and N more WHAT` if some were not kept.
-fn lines(kept: &[Diagnostic], more: usize, what: &str) -> Vec<String> {
-    let mut lines: Vec<String> = kept.iter().map(|d| d.to_string()).collect();
+/// Diagnostics one a line, as many as fit in
+/// [`MAX_MESSAGE_BYTES`](crate::bounds::MAX_MESSAGE_BYTES) (the first
+/// always), then `... and N more WHAT` for those not kept or not shown.
+fn lines(kept: &[String], more: usize, what: &str) -> Vec<String> {
+    let mut lines = Vec::new();
+    let mut bytes = 0;
+    for line in kept {
+        bytes += line.len() + 1;
+        if !lines.is_empty() && bytes > crate::bounds::MAX_MESSAGE_BYTES {
+            break;
+        }
+        lines.push(line.clone());
+    }
+    let more = more + kept.len() - lines.len();
     if more > 0 {
         lines.push(format!("... and {more} more {what}"));
     }
@@ -251,17 +262,14 @@ impl Policy {
     }
 
     /// The warnings as `FILE:LINE:COL: warning: message` lines, then
-    /// `... and N more warnings` if some were not kept.
+    /// `... and N more warnings` for those not kept or not shown.
     pub fn warning_lines(&self) -> Vec<String> {
-        let mut lines: Vec<String> = self
+        let kept: Vec<String> = self
             .warnings
             .iter()
             .map(|w| format!("{}:{}:{}: warning: {}", w.file, w.line, w.column, w.message))
             .collect();
-        if self.more_warnings > 0 {
-            lines.push(format!("... and {} more warnings", self.more_warnings));
-        }
-        lines
+        lines(&kept, self.more_warnings, "warnings")
     }
 
     pub fn entries(&self, check: Check) -> &Table<Option<u64>> {

@@ -19,6 +19,7 @@ use tonic::transport::Channel;
 
 use super::validate::{self, ChunkRefused, SnapshotChunks};
 use super::{Node, NodeId, Raft, TypeConfig};
+use crate::bounds::cut;
 use crate::proto::v1::raft_client::RaftClient;
 use crate::proto::v1::RaftPayload;
 use crate::tls::{endpoint, Tls};
@@ -89,7 +90,7 @@ impl Peer {
         E: std::error::Error + DeserializeOwned,
     {
         let Some(client) = self.client.clone() else {
-            let e = std::io::Error::other(format!("bad address {}", self.addr));
+            let e = std::io::Error::other(format!("bad address {}", cut(&self.addr)));
             return Err(RPCError::Unreachable(Unreachable::new(&e)));
         };
         let mut request = tonic::Request::new(encode(req));
