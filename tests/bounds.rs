@@ -360,3 +360,158 @@ fn a_latin_1_comment_is_read_and_a_latin_1_key_is_placed() {
         String::from_utf8_lossy(&o.stderr)
     );
 }
+
+fn assert_refused<T: std::fmt::Debug>(what: &str, reply: Result<T, tonic::Status>) {
+    let status = reply.expect_err(what);
+    assert_eq!(status.code(), Code::InvalidArgument, "{what}: {status:?}");
+    assert!(
+        status.message().len() < 1024,
+        "{what}: {} bytes of message",
+        status.message().len()
+    );
+}
+
+#[tokio::test]
+async fn admin_requests_out_of_bounds_are_refused_with_a_short_message() {
+    let root = temp_root();
+    let node = node(root.path()).await;
+    let mut admin = AdminClient::new(channel(node.addr).await);
+    let huge = "k".repeat(3 << 20);
+    let reset = pb::ResetRequest {
+        key: huge.clone(),
+        ..Default::default()
+    };
+    assert_refused("reset of a 3 MB key", admin.reset(reset).await);
+    let reset = pb::ResetRequest {
+        key: "192.0.2.1".into(),
+        requested_by: huge.clone(),
+        ..Default::default()
+    };
+    assert_refused("reset by a 3 MB name", admin.reset(reset).await);
+    let show = pb::ShowRequest { key: huge.clone() };
+    assert_refused("show of a 3 MB key", admin.show(show).await);
+    let top = pb::TopRequest {
+        limit: u32::MAX,
+        ..Default::default()
+    };
+    assert_refused("top of 4 billion keys", admin.top(top).await);
+    let add = pb::AddNodeRequest { id: 2, addr: huge };
+    assert_refused("a node at a 3 MB address", admin.add_node(add).await);
+    let files = (0..300)
+        .map(|i| pb::PolicyFile {
+            name: format!("f{i}"),
+            text: String::new(),
+        })
+        .collect();
+    let apply = pb::ApplyPolicyRequest { files };
+    assert_refused("a policy of 300 files", admin.apply_policy(apply).await);
+    assert_answers(&node, "after the refusals").await;
+}
+
+/// What a peer sends, forged: a batch whose events are not its own, a
+/// read that writes, a 3 MB address, an entry of a 3 MB sender, a length
+/// prefix of 2^60, and a snapshot chunk 16 TiB past the first.
+#[tokio::test]
+async fn peer_payloads_out_of_bounds_are_refused() {
+    use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest};
+    use openraft::{CommittedLeaderId, EntryPayload, LogId, SnapshotMeta, Vote};
+    use relayrate::raft::{Entry, Request, TypeConfig};
+
+    let root = temp_root();
+    let node = node(root.path()).await;
+    let connect = |origin: u64, sender: &str| Event::Connect {
+        conn: ConnId {
+            owner: origin,
+            conn: 1,
+        },
+        client: Client::from_ip("192.0.2.5".parse().unwrap()).with_sender(sender),
+    };
+    let not_its_own = Proposal::Command(Command::Decide {
+        senders: vec![Sender {
+            origin: 1,
+            ttl_ms: 1_000,
+        }],
+        events: vec![(RequestId { origin: 2, seq: 1 }, connect(2, "a@b"))],
+    });
+    assert_refused(
+        "events of another node",
+        propose(node.addr, &not_its_own).await,
+    );
+    let writing_read = Proposal::Read(vec![connect(1, "a@b")]);
+    assert_refused(
+        "a read that writes",
+        propose(node.addr, &writing_read).await,
+    );
+    let join = Proposal::Join {
+        id: 9,
+        addr: "a".repeat(3 << 20),
+        fresh: true,
+    };
+    assert_refused(
+        "a join from a 3 MB address",
+        propose(node.addr, &join).await,
+    );
+
+    let mut raft = RaftClient::new(channel(node.addr).await)
+        .max_encoding_message_size(network::MAX_MESSAGE_BYTES);
+    let Proposal::Command(command) = forwarded_connect(3, 1) else {
+        unreachable!()
+    };
+    let mut command = command;
+    if let Command::Decide { events, .. } = &mut command {
+        events[0].1 = connect(3, &"s".repeat(3 << 20));
+    }
+    let append = AppendEntriesRequest::<TypeConfig> {
+        vote: Vote::new_committed(1, 1),
+        prev_log_id: None,
+        entries: vec![Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), 1_000),
+            payload: EntryPayload::Normal(Request {
+                stamp_ms: 1_000,
+                command,
+            }),
+        }],
+        leader_commit: None,
+    };
+    assert_refused(
+        "an entry of a 3 MB sender",
+        raft.append_entries(network::encode(&append)).await,
+    );
+    // A Join (variant 2) from node 9 whose address claims 2^60 bytes.
+    let mut forged = 2u32.to_le_bytes().to_vec();
+    forged.extend(9u64.to_le_bytes());
+    forged.extend((1u64 << 60).to_le_bytes());
+    let payload = pb::RaftPayload { data: forged };
+    assert_refused("a length of 2^60", raft.propose(payload).await);
+
+    // A snapshot's first chunk, then one 16 TiB further.
+    let status = AdminClient::new(channel(node.addr).await)
+        .status(pb::StatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let chunk = |offset: u64| InstallSnapshotRequest::<TypeConfig> {
+        vote: Vote::new_committed(status.term + 1, 99),
+        meta: SnapshotMeta {
+            last_log_id: None,
+            last_membership: Default::default(),
+            snapshot_id: "forged".into(),
+        },
+        offset,
+        data: vec![1],
+        done: false,
+    };
+    for offset in [0, 1 << 44] {
+        let reply = tokio::time::timeout(
+            PROMPT,
+            raft.install_snapshot(network::encode(&chunk(offset))),
+        )
+        .await;
+        assert!(
+            matches!(&reply, Ok(Ok(_))),
+            "chunk at {offset}: {reply:?}\n{}",
+            node.log()
+        );
+    }
+    assert_answers(&node, "after the forged payloads").await;
+}

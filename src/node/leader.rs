@@ -411,7 +411,7 @@ impl Node {
     /// Appends a command stamped with this leader's clock; one out of
     /// bounds is refused here, never proposed.
     async fn write(&self, command: Command) -> ProposalReply {
-        if let Err(e) = crate::raft::validate::command(&command) {
+        if let Err(e) = crate::raft::validate::proposable(&command) {
             return ProposalReply::Refused(e.to_string());
         }
         let name = command.name();

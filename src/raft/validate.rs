@@ -1,5 +1,5 @@
 //! What a log entry and the Raft payloads may hold. The leader checks a
-//! command before it proposes it, a node checks the entries and proposals
+//! command before it proposes it ([`proposable`]), a node checks the entries and proposals
 //! a peer sends, and [`LimiterState::apply`](super::state::LimiterState::apply)
 //! checks again: an entry out of bounds (forged, or written by an older
 //! version) changes nothing. The bounds are those of [`crate::bounds`].
@@ -18,7 +18,7 @@ use crate::bounds::{
     MAX_STAMP_MS,
 };
 use crate::engine::{CounterKey, Event};
-use crate::policy::{Client, PolicyFile};
+use crate::policy::{Client, Policy, PolicyFile};
 
 /// A request as an entry holds it: the leader's stamp and the command.
 pub fn request(r: &Request) -> Result<(), Invalid> {
@@ -31,7 +31,17 @@ pub fn request(r: &Request) -> Result<(), Invalid> {
     command(&r.command)
 }
 
-/// A command, before the leader proposes it and before it is applied.
+/// A command the leader may propose: within bounds, and a policy that
+/// parses (one that does not would be refused by every node anyway).
+pub fn proposable(c: &Command) -> Result<(), Invalid> {
+    command(c)?;
+    if let Command::SetPolicy { files } = c {
+        Policy::parse(files.clone()).map_err(|e| Invalid(e.to_string()))?;
+    }
+    Ok(())
+}
+
+/// A command, as the leader proposes it and before it is applied.
 pub fn command(c: &Command) -> Result<(), Invalid> {
     match c {
         Command::Decide { senders, events } => {
