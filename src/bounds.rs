@@ -28,8 +28,10 @@ pub const MAX_FIELD_BYTES: usize = 4096;
 pub const MAX_STAMP_MS: u64 = 253_402_300_799_999;
 /// Files in one policy.
 pub const MAX_POLICY_FILES: usize = 256;
-/// Bytes of a policy file's name (a path: Linux's PATH_MAX).
-pub const MAX_POLICY_NAME_BYTES: usize = 4096;
+/// Bytes of a policy file's name (a path, as given to `--policy` or
+/// `relayratectl policy apply`): it starts every diagnostic, which must
+/// fit in a gRPC status.
+pub const MAX_POLICY_NAME_BYTES: usize = 1024;
 /// Bytes of all the files of a policy together: what one Admin call
 /// carries (tonic's 4 MiB).
 pub const MAX_POLICY_BYTES: usize = 4 * 1024 * 1024;
@@ -41,10 +43,11 @@ pub const MAX_MEMBERS: usize = 1024;
 pub const MAX_SNAPSHOT_BYTES: u64 = 1 << 30;
 /// Errors (and warnings) of a policy kept and shown; the rest are counted.
 pub const MAX_DIAGNOSTICS: usize = 50;
-/// Bytes of diagnostics one message shows (past the first, which is always
-/// shown): 50 diagnostics of long file names would be too long for a gRPC
-/// status.
-pub const MAX_MESSAGE_BYTES: usize = 32 * 1024;
+/// Bytes of diagnostics one message shows past the first (always shown),
+/// as [`status_len`] counts them. A gRPC status message travels in an
+/// HTTP/2 header, and clients take 16 KiB of headers (hyper's default):
+/// past that the client sees a protocol error and no message at all.
+pub const MAX_STATUS_BYTES: usize = 12 * 1024;
 /// Bytes of an outside value an error message shows.
 pub const SHOWN_BYTES: usize = 200;
 
@@ -71,6 +74,18 @@ impl fmt::Display for Cut<'_> {
         }
         write!(f, "`{}…` ({} bytes)", &v[..end], v.len())
     }
+}
+
+/// The length of `text` as a gRPC status message on the wire: tonic
+/// percent-encodes control characters, bytes past ASCII and
+/// `` "#%<>`?{}`` and space, three bytes each.
+pub fn status_len(text: &str) -> usize {
+    text.bytes()
+        .map(|b| match b {
+            0x21..=0x7e if !b"\"#%<>`?{}".contains(&b) => 1,
+            _ => 3,
+        })
+        .sum()
 }
 
 /// Input refused: the message says what and why. Served as
@@ -123,6 +138,19 @@ mod tests {
         assert_eq!(shown, format!("`a{}…` (2001 bytes)", "é".repeat(99)));
         let huge = "9".repeat(3 << 20);
         assert!(cut(&huge).to_string().len() < SHOWN_BYTES + 32);
+    }
+
+    #[test]
+    fn status_length_counts_what_is_percent_encoded() {
+        assert_eq!(status_len("a:1:2"), 5);
+        assert_eq!(status_len("a b"), 5);
+        assert_eq!(status_len("`é`\n"), 15);
+        // What tonic sends for the same text.
+        let text = "f.txt:1:1: unknown check `x é` {#}\n?";
+        let status = tonic::Status::invalid_argument(text);
+        let mut header = tonic::metadata::MetadataMap::new().into_headers();
+        status.add_header(&mut header).unwrap();
+        assert_eq!(header["grpc-message"].len(), status_len(text));
     }
 
     #[test]

@@ -291,6 +291,22 @@ async fn a_policy_of_100000_errors_is_refused_with_its_first_errors_and_a_count(
     );
     assert!(message.contains("big.txt:50:1: "), "{message}");
     assert!(message.ends_with("... and 99950 more errors"), "{message}");
+
+    // Under a 1 KB file name, fewer lines fit: the first always does.
+    let name = format!("{}.txt", "n".repeat(1000));
+    let files = vec![pb::PolicyFile {
+        name: name.clone(),
+        text: "ConnRate:x é\n".repeat(100),
+    }];
+    let status = admin
+        .apply_policy(pb::ApplyPolicyRequest { files })
+        .await
+        .expect_err("a policy of errors");
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    let message = status.message();
+    assert!(message.len() <= 16 * 1024, "{} bytes", message.len());
+    assert!(message.starts_with(&format!("{name}:1:12: ")), "{message}");
+    assert!(message.contains(" more errors"), "{message}");
     assert_answers(&node, "after the refusal").await;
 }
 

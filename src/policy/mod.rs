@@ -83,15 +83,16 @@ impl PolicyError {
     }
 }
 
-/// Diagnostics one a line, as many as fit in
-/// [`MAX_MESSAGE_BYTES`](crate::bounds::MAX_MESSAGE_BYTES) (the first
+/// Diagnostics one a line, as many as fit in a gRPC status
+/// ([`MAX_STATUS_BYTES`](crate::bounds::MAX_STATUS_BYTES); the first
 /// always), then `... and N more WHAT` for those not kept or not shown.
 fn lines(kept: &[String], more: usize, what: &str) -> Vec<String> {
+    use crate::bounds::{status_len, MAX_STATUS_BYTES};
     let mut lines = Vec::new();
     let mut bytes = 0;
     for line in kept {
-        bytes += line.len() + 1;
-        if !lines.is_empty() && bytes > crate::bounds::MAX_MESSAGE_BYTES {
+        bytes += status_len(line) + 3;
+        if !lines.is_empty() && bytes > MAX_STATUS_BYTES {
             break;
         }
         lines.push(line.clone());
