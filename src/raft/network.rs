@@ -4,20 +4,18 @@
 //! a remote Raft error reaches openraft as a remote error.
 
 use openraft::error::{
-    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, SnapshotMismatch,
-    Unreachable,
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
 };
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
 };
-use openraft::SnapshotSegmentId;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tonic::transport::Channel;
 
-use super::validate::{self, ChunkRefused, SnapshotChunks};
+use super::validate::{self, SnapshotChunks};
 use super::{Node, NodeId, Raft, TypeConfig};
 use crate::bounds::cut;
 use crate::proto::v1::raft_client::RaftClient;
@@ -184,22 +182,6 @@ pub async fn serve_install_snapshot(
     let req: InstallSnapshotRequest<TypeConfig> = decode(p)?;
     match chunks.receive(&req) {
         Ok(()) => Ok(encode(&raft.install_snapshot(req).await)),
-        Err(ChunkRefused::Invalid(e)) => Err(e.into()),
-        Err(ChunkRefused::Mismatch) => {
-            let mismatch = SnapshotMismatch {
-                expect: SnapshotSegmentId {
-                    id: req.meta.snapshot_id.clone(),
-                    offset: 0,
-                },
-                got: SnapshotSegmentId {
-                    id: req.meta.snapshot_id.clone(),
-                    offset: req.offset,
-                },
-            };
-            let refused: Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, _>> = Err(
-                RaftError::APIError(InstallSnapshotError::SnapshotMismatch(mismatch)),
-            );
-            Ok(encode(&refused))
-        }
+        Err(refused) => Ok(encode(&refused.answer(&req)?)),
     }
 }

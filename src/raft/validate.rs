@@ -7,8 +7,9 @@
 use std::collections::HashSet;
 use std::sync::Mutex;
 
-use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest};
-use openraft::{EntryPayload, Membership};
+use openraft::error::{InstallSnapshotError, RaftError, SnapshotMismatch};
+use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, InstallSnapshotResponse};
+use openraft::{EntryPayload, Membership, SnapshotSegmentId};
 
 use super::state::{Command, Request};
 use super::{Entry, Node, NodeId, TypeConfig};
@@ -197,6 +198,36 @@ pub enum ChunkRefused {
     Invalid(Invalid),
 }
 
+impl ChunkRefused {
+    /// What the peer hears: a mismatch as openraft would answer it (the
+    /// leader then starts the snapshot over), or INVALID_ARGUMENT.
+    pub fn answer(
+        self,
+        req: &InstallSnapshotRequest<TypeConfig>,
+    ) -> Result<InstallSnapshotResult, Invalid> {
+        match self {
+            ChunkRefused::Invalid(e) => Err(e),
+            ChunkRefused::Mismatch => {
+                let segment = |offset| SnapshotSegmentId {
+                    id: req.meta.snapshot_id.clone(),
+                    offset,
+                };
+                let mismatch = SnapshotMismatch {
+                    expect: segment(0),
+                    got: segment(req.offset),
+                };
+                Ok(Err(RaftError::APIError(
+                    InstallSnapshotError::SnapshotMismatch(mismatch),
+                )))
+            }
+        }
+    }
+}
+
+/// openraft's answer to a snapshot chunk.
+pub type InstallSnapshotResult =
+    Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>;
+
 impl SnapshotChunks {
     /// Checks a chunk and counts it received. The first chunk of a
     /// snapshot is at offset 0; each other one of the same snapshot starts
@@ -223,5 +254,43 @@ impl SnapshotChunks {
         }
         *current = Some((id.clone(), received.max(end)));
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunk(id: &str, offset: u64, len: usize) -> InstallSnapshotRequest<TypeConfig> {
+        InstallSnapshotRequest {
+            vote: openraft::Vote::new_committed(1, 1),
+            meta: openraft::SnapshotMeta {
+                last_log_id: None,
+                last_membership: Default::default(),
+                snapshot_id: id.into(),
+            },
+            offset,
+            data: vec![0; len],
+            done: false,
+        }
+    }
+
+    #[test]
+    fn snapshot_chunks_land_within_what_was_received() {
+        let chunks = SnapshotChunks::default();
+        let receive = |id, offset, len| chunks.receive(&chunk(id, offset, len));
+        assert_eq!(receive("a", 5, 1), Err(ChunkRefused::Mismatch));
+        assert_eq!(receive("a", 0, 10), Ok(()));
+        assert_eq!(receive("a", 10, 10), Ok(()));
+        // A chunk sent again, and one past a gap.
+        assert_eq!(receive("a", 10, 10), Ok(()));
+        assert_eq!(receive("a", 21, 1), Err(ChunkRefused::Mismatch));
+        assert_eq!(receive("b", 20, 1), Err(ChunkRefused::Mismatch));
+        // Another snapshot starts at 0; the first one's bytes are gone.
+        assert_eq!(receive("b", 0, 1), Ok(()));
+        assert_eq!(receive("a", 10, 1), Err(ChunkRefused::Mismatch));
+        let long_id = "i".repeat(MAX_FIELD_BYTES + 1);
+        let refused = chunks.receive(&chunk(&long_id, 0, 1));
+        assert!(matches!(refused, Err(ChunkRefused::Invalid(_))));
     }
 }
