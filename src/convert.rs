@@ -1,15 +1,19 @@
 //! Conversions between the gRPC messages of `proto/relayrate/v1` and the
-//! engine's types. A message that cannot be converted is refused with
-//! `InvalidArgument`, never panicked on.
+//! engine's types, and the checks of the requests the `Limiter` and
+//! `Admin` services take. A message that cannot be converted, or is out of
+//! [`crate::bounds`], is refused with `InvalidArgument`, never panicked on.
 
 use std::net::IpAddr;
 
 use tonic::Status;
 
+use crate::bounds::{count, cut, text, MAX_DECIDE_EVENTS, MAX_FIELD_BYTES, MAX_TOP};
 use crate::check::Check;
-use crate::engine::{ConnId, Event, Refusal, Verdict};
+use crate::engine::{ConnId, CounterKey, Event, Refusal, Verdict};
+use crate::inspect::parse_key;
 use crate::policy::{Client, PolicyFile};
 use crate::proto::v1 as pb;
+use crate::raft::validate;
 
 impl From<Check> for pb::Check {
     fn from(c: Check) -> pb::Check {
@@ -66,13 +70,21 @@ impl TryFrom<Option<pb::Client>> for Client {
 
     fn try_from(c: Option<pb::Client>) -> Result<Client, Status> {
         let c = c.ok_or_else(|| Status::invalid_argument("event without a client"))?;
+        for (what, value) in [
+            ("client ip", &c.ip),
+            ("client host", &c.host),
+            ("client sender", &c.sender),
+            ("client auth", &c.auth),
+        ] {
+            text(what, value, MAX_FIELD_BYTES)?;
+        }
         let mut client = if c.ip.is_empty() {
             Client::default()
         } else {
             let ip: IpAddr = c
                 .ip
                 .parse()
-                .map_err(|_| Status::invalid_argument(format!("bad client address `{}`", c.ip)))?;
+                .map_err(|_| Status::invalid_argument(format!("bad client ip {}", cut(&c.ip))))?;
             Client::from_ip(ip)
         };
         if !c.host.is_empty() {
@@ -115,10 +127,13 @@ pub fn event_from_pb(e: pb::Event, owner: u64) -> Result<Event, Status> {
             client: m.client.try_into()?,
             msgs_in_conn: m.msgs_in_conn,
         },
-        Kind::Rcpt(r) => Event::Rcpt {
-            client: r.client.try_into()?,
-            rcpts_in_msg: r.rcpts_in_msg,
-        },
+        Kind::Rcpt(r) => {
+            text("rcpt", &r.rcpt, MAX_FIELD_BYTES)?;
+            Event::Rcpt {
+                client: r.client.try_into()?,
+                rcpts_in_msg: r.rcpts_in_msg,
+            }
+        }
         Kind::GiveBack(g) => Event::GiveBack {
             client: g.client.try_into()?,
             held_secs: g.held_secs,
@@ -127,6 +142,83 @@ pub fn event_from_pb(e: pb::Event, owner: u64) -> Result<Event, Status> {
             conn: conn_id(c.conn, owner)?,
         },
     })
+}
+
+/// The events of a `Decide` call: at most [`MAX_DECIDE_EVENTS`], each
+/// converted with [`event_from_pb`], and not larger together than a log
+/// entry takes. The ids a caller sets are ignored: the node numbers the
+/// events itself.
+pub fn decide_events(r: pb::DecideRequest, owner: u64) -> Result<Vec<Event>, Status> {
+    count("events in one call", r.events.len(), MAX_DECIDE_EVENTS)?;
+    let events = r
+        .events
+        .into_iter()
+        .enumerate()
+        .map(|(i, e)| {
+            event_from_pb(e, owner)
+                .map_err(|s| Status::invalid_argument(format!("event {i}: {}", s.message())))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    validate::events(events.iter())?;
+    Ok(events)
+}
+
+/// An optional check of an Admin request: `CHECK_UNSPECIFIED` means every
+/// check.
+pub fn check_filter(raw: i32) -> Result<Option<Check>, Status> {
+    match pb::Check::try_from(raw) {
+        Ok(pb::Check::Unspecified) => Ok(None),
+        Ok(c) => Check::try_from(c).map(Some),
+        Err(_) => Err(Status::invalid_argument(format!("unknown check {raw}"))),
+    }
+}
+
+/// A counter key an operator typed (`show`, `reset`).
+pub fn key_from_pb(key: &str, what: &str) -> Result<CounterKey, Status> {
+    text("key", key, MAX_FIELD_BYTES)?;
+    if key.trim().is_empty() {
+        return Err(Status::invalid_argument(format!("{what} needs a key")));
+    }
+    Ok(parse_key(key))
+}
+
+/// `top`: the check (or all) and how many keys, 10 when not said.
+pub fn top_from_pb(r: &pb::TopRequest) -> Result<(Option<Check>, usize), Status> {
+    let check = check_filter(r.check)?;
+    let n = match r.limit {
+        0 => 10,
+        n => n as usize,
+    };
+    count("keys asked of top", n, MAX_TOP)?;
+    Ok((check, n))
+}
+
+/// `reset`: the key, the check (or all), and who asked as they said.
+pub fn reset_from_pb(r: &pb::ResetRequest) -> Result<(CounterKey, Option<Check>), Status> {
+    let key = key_from_pb(&r.key, "reset")?;
+    text("requested_by", &r.requested_by, MAX_FIELD_BYTES)?;
+    Ok((key, check_filter(r.check)?))
+}
+
+/// `add-node`: an id > 0 and the address the other nodes reach it at.
+pub fn add_node_from_pb(r: &pb::AddNodeRequest) -> Result<(), Status> {
+    validate::node_addr(&r.addr)?;
+    if r.id == 0 || r.addr.trim().is_empty() {
+        return Err(Status::invalid_argument(
+            "add-node needs an id > 0 and an address",
+        ));
+    }
+    Ok(())
+}
+
+/// `policy apply`: at least one file, within the bounds of a policy.
+pub fn policy_files_from_pb(r: pb::ApplyPolicyRequest) -> Result<Vec<PolicyFile>, Status> {
+    let files: Vec<PolicyFile> = r.files.into_iter().map(PolicyFile::from).collect();
+    if files.is_empty() {
+        return Err(Status::invalid_argument("no policy file given"));
+    }
+    validate::policy_files(&files)?;
+    Ok(files)
 }
 
 /// An event as a milter sends it (the node fills in the ids).

@@ -16,6 +16,8 @@
 //! - [`proto`]: the gRPC messages of `proto/relayrate/v1/`.
 //! - [`terminal`] and [`logs`]: what the processes print and log, with
 //!   values from outside escaped.
+//! - [`bounds`]: how much input is taken from outside, and how much of it
+//!   an error message shows.
 //!
 //! Data flows one way: the MTA's milter turns an SMTP session into
 //! [`engine::Event`]s, the engine (on a node, replicated through Raft, or
@@ -24,6 +26,7 @@
 #![forbid(unsafe_code)]
 
 pub mod bench;
+pub mod bounds;
 pub mod check;
 pub mod convert;
 pub mod engine;

@@ -18,19 +18,24 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 use tonic::transport::Channel;
 use tonic::Status;
 
+use crate::bounds::MAX_ENTRY_BYTES;
 use crate::convert::event_to_pb;
 use crate::engine::{Event, Verdict};
 use crate::proto::v1::limiter_client::LimiterClient;
 use crate::proto::v1::DecideRequest;
+use crate::raft::validate::{self, event_bytes};
 
 /// Calls out at once on one client. Two: the next batch is on the wire
 /// while the node still decides the one before it.
 const CALLS_IN_FLIGHT: usize = 2;
-/// Events in one call at most.
+/// Events in one call at most; their bytes stay within what the node
+/// takes in one call ([`MAX_ENTRY_BYTES`]).
 const MAX_EVENTS: usize = 1024;
 
 struct Waiting {
     event: crate::proto::v1::Event,
+    /// As the node counts them.
+    bytes: usize,
     reply: oneshot::Sender<Result<Verdict, Status>>,
 }
 
@@ -87,11 +92,15 @@ impl BatchingClient {
     }
 
     /// Decides one event, in a call shared with the events of other
-    /// callers waiting at the same time.
+    /// callers waiting at the same time. An event the node would refuse
+    /// (a text past its bounds) is refused here with INVALID_ARGUMENT,
+    /// so that it never makes the other callers' call fail.
     pub async fn decide(&self, event: &Event) -> Result<Verdict, Status> {
+        validate::event(event)?;
         let (reply, answer) = oneshot::channel();
         let waiting = Waiting {
             event: event_to_pb(event),
+            bytes: event_bytes(event),
             reply,
         };
         if self.tx.send(waiting).is_err() {
@@ -111,16 +120,33 @@ async fn gather(
     policy_hash: Arc<Mutex<String>>,
 ) {
     let in_flight = Arc::new(Semaphore::new(CALLS_IN_FLIGHT));
-    while let Some(first) = rx.recv().await {
+    // An event that did not fit in the last call opens the next.
+    let mut held: Option<Waiting> = None;
+    loop {
+        let first = match held.take() {
+            Some(w) => w,
+            None => match rx.recv().await {
+                Some(w) => w,
+                None => break,
+            },
+        };
         let permit = in_flight
             .clone()
             .acquire_owned()
             .await
             .expect("never closed");
+        let mut bytes = first.bytes;
         let mut batch = vec![first];
         while batch.len() < MAX_EVENTS {
             match rx.try_recv() {
-                Ok(w) => batch.push(w),
+                Ok(w) if bytes + w.bytes > MAX_ENTRY_BYTES => {
+                    held = Some(w);
+                    break;
+                }
+                Ok(w) => {
+                    bytes += w.bytes;
+                    batch.push(w);
+                }
                 Err(_) => break,
             }
         }

@@ -174,6 +174,15 @@ impl Window {
         self.total - leaving
     }
 
+    /// Whether the ring is of `config`'s shape and its total is its
+    /// (saturated) sum, as this code keeps it: a snapshot's windows are
+    /// checked with it.
+    pub fn fits(&self, config: WindowConfig) -> bool {
+        let sum: u64 = self.counts.iter().map(|c| u64::from(*c)).sum();
+        self.counts.len() == config.buckets as usize
+            && sum.min(u64::from(u32::MAX)) == u64::from(self.total)
+    }
+
     /// Nothing left in the window at `now`: the counter can be forgotten.
     pub fn is_idle(&self, config: WindowConfig, now: u64) -> bool {
         self.count(config, now) == 0

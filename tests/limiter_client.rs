@@ -144,3 +144,45 @@ async fn an_event_whose_caller_gave_up_is_not_sent() {
     assert_eq!(status.code(), tonic::Code::DeadlineExceeded);
     assert_eq!(limiter.calls(), 3, "the abandoned event was sent");
 }
+
+/// Events of long senders: those past the node's bounds are refused alone,
+/// and the others leave in calls small enough for the node to take.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_past_the_bounds_fails_alone_and_big_events_are_split_into_calls() {
+    let dir = TempDir::new().unwrap();
+    let config = NodeConfig::new(
+        1,
+        "127.0.0.1:0".parse().unwrap(),
+        dir.path().to_path_buf(),
+        Start::Bootstrap,
+    );
+    let node = node::start(config).await.unwrap();
+    let ready = node.node.clone();
+    eventually("ready", Duration::from_secs(30), || ready.is_ready()).await;
+    let limiter = client(format!("http://{}", node.addr), Duration::from_secs(10));
+    let message = |sender: String| Event::GiveBack {
+        client: Client::from_ip("10.9.7.1".parse::<IpAddr>().unwrap()).with_sender(&sender),
+        held_secs: 0,
+    };
+    // 400 events of 3 KB senders: 1.2 MB, more than one call takes.
+    let mut callers: Vec<_> = (0..400)
+        .map(|n| {
+            let limiter = limiter.clone();
+            let event = message(format!("{n}{}@example.org", "s".repeat(3000)));
+            tokio::spawn(async move { limiter.decide(&event).await })
+        })
+        .collect();
+    let too_long = message(format!("{}@example.org", "s".repeat(5000)));
+    callers.push({
+        let limiter = limiter.clone();
+        tokio::spawn(async move { limiter.decide(&too_long).await })
+    });
+    let too_long = callers.pop().unwrap().await.unwrap();
+    let status = too_long.expect_err("a 5 KB sender");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    for caller in callers {
+        let verdict = caller.await.unwrap();
+        assert!(matches!(verdict, Ok(Verdict::Allow)), "{verdict:?}");
+    }
+    assert!(limiter.calls() >= 3, "{} calls", limiter.calls());
+}

@@ -27,7 +27,7 @@ fn ok(text: &str) -> Policy {
 /// Every diagnostic of a refused policy.
 fn refused(files: Vec<PolicyFile>) -> Vec<Diagnostic> {
     match Policy::parse(files) {
-        Err(PolicyError::Invalid(d)) => d,
+        Err(PolicyError::Invalid { errors, .. }) => errors,
         Err(e) => panic!("expected Invalid, got {e:?}"),
         Ok(_) => panic!("policy accepted"),
     }
@@ -459,7 +459,11 @@ ConnRate:1.1.1.13 70
         "ze-policy.txt:5:12: expected a key after `ConnRate:`"
     );
     // The error's display lists them all, one a line.
-    let all = PolicyError::Invalid(d.clone()).to_string();
+    let all = PolicyError::Invalid {
+        errors: d.clone(),
+        more: 0,
+    }
+    .to_string();
     assert_eq!(all.lines().count(), 6);
     assert!(all
         .lines()
@@ -538,7 +542,7 @@ ConnRate:default 15
         file("bad.txt", "ConnRate:1.1.1.12\n"),
     ]);
     assert!(
-        matches!(&r, Err(PolicyError::Invalid(d)) if d.len() == 1 && &*d[0].file == "bad.txt"),
+        matches!(&r, Err(PolicyError::Invalid { errors: d, .. }) if d.len() == 1 && &*d[0].file == "bad.txt"),
         "{r:?}"
     );
 }
@@ -559,7 +563,7 @@ fn unreadable_file_is_a_read_error_naming_it() {
     let bad = dir.path().join("bad.txt");
     std::fs::write(&bad, "ConnRate:1.1.1.11\n").unwrap();
     let d = match Policy::from_paths(&[&good, &bad]) {
-        Err(PolicyError::Invalid(d)) => d,
+        Err(PolicyError::Invalid { errors, .. }) => errors,
         other => panic!("expected Invalid, got {other:?}"),
     };
     assert_eq!(&*d[0].file, bad.display().to_string());

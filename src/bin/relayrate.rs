@@ -711,15 +711,18 @@ impl Stop {
 fn load_policy(files: &[PathBuf]) -> Option<Policy> {
     match Policy::from_paths(files) {
         Ok(policy) => {
-            for w in policy.warnings() {
-                let warning =
-                    format_args!("{}:{}:{}: warning: {}", w.file, w.line, w.column, w.message);
-                print_err(&format!("{}\n", Escaped(warning)));
+            for w in policy.warning_lines() {
+                print_err(&format!("{}\n", Escaped(w)));
             }
             Some(policy)
         }
-        Err(PolicyError::Invalid(errors)) => {
-            let lines: String = errors.iter().map(|e| format!("{}\n", Escaped(e))).collect();
+        // One FILE:LINE:COL line per error, the first ones of many.
+        Err(e @ PolicyError::Invalid { .. }) => {
+            let lines: String = e
+                .to_string()
+                .lines()
+                .map(|l| format!("{}\n", Escaped(l)))
+                .collect();
             print_out(&lines);
             None
         }

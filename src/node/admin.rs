@@ -10,15 +10,14 @@ use tonic::{Request, Response, Status};
 
 use super::leader::{Inspect, MemberInfo};
 use super::{Node, NodeError, Proposal, ProposalReply};
-use crate::check::Check;
-use crate::inspect::{parse_key, KeyCount};
-use crate::policy::{Policy, PolicyError, PolicyFile};
+use crate::bounds::cut;
+use crate::convert;
+use crate::inspect::KeyCount;
+use crate::policy::Policy;
 use crate::proto::v1 as pb;
 use crate::raft::state::policy_hash;
 use crate::raft::{Command, Response as Applied};
 
-/// `top` without a count asks for this many keys.
-const DEFAULT_TOP: usize = 10;
 /// How long `status` waits for the leader's view of the members.
 const MEMBERS_WAIT: Duration = Duration::from_secs(2);
 
@@ -87,16 +86,10 @@ pub(super) fn same_secret(a: &[u8], b: &[u8]) -> bool {
 }
 
 fn unexpected(reply: ProposalReply) -> Status {
-    Status::internal(format!("unexpected reply from the leader: {reply:?}"))
-}
-
-/// An optional check: `CHECK_UNSPECIFIED` means every check.
-fn check_filter(raw: i32) -> Result<Option<Check>, Status> {
-    match pb::Check::try_from(raw) {
-        Ok(pb::Check::Unspecified) => Ok(None),
-        Ok(c) => Check::try_from(c).map(Some),
-        Err(_) => Err(Status::invalid_argument(format!("unknown check {raw}"))),
-    }
+    Status::internal(format!(
+        "unexpected reply from the leader: {}",
+        cut(&format!("{reply:?}"))
+    ))
 }
 
 fn role(state: ServerState) -> &'static str {
@@ -190,12 +183,8 @@ impl pb::admin_server::Admin for AdminService {
         request: Request<pb::AddNodeRequest>,
     ) -> Result<Response<pb::MembersResponse>, Status> {
         self.authorize(&request)?;
+        convert::add_node_from_pb(request.get_ref())?;
         let pb::AddNodeRequest { id, addr } = request.into_inner();
-        if id == 0 || addr.trim().is_empty() {
-            return Err(Status::invalid_argument(
-                "add-node needs an id > 0 and an address",
-            ));
-        }
         tracing::info!(id, %addr, "admin: add node");
         let join = Proposal::Join {
             id,
@@ -233,12 +222,7 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         request: Request<pb::TopRequest>,
     ) -> Result<Response<pb::TopResponse>, Status> {
-        let r = request.into_inner();
-        let check = check_filter(r.check)?;
-        let n = match r.limit {
-            0 => DEFAULT_TOP,
-            n => n as usize,
-        };
+        let (check, n) = convert::top_from_pb(request.get_ref())?;
         let keys = self.counts(Inspect::Top { check, n }).await?;
         Ok(Response::new(pb::TopResponse { keys }))
     }
@@ -247,15 +231,8 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         request: Request<pb::ShowRequest>,
     ) -> Result<Response<pb::ShowResponse>, Status> {
-        let key = request.into_inner().key;
-        if key.trim().is_empty() {
-            return Err(Status::invalid_argument("show needs a key"));
-        }
-        let checks = self
-            .counts(Inspect::Show {
-                key: parse_key(&key),
-            })
-            .await?;
+        let key = convert::key_from_pb(&request.get_ref().key, "show")?;
+        let checks = self.counts(Inspect::Show { key }).await?;
         Ok(Response::new(pb::ShowResponse { checks }))
     }
 
@@ -266,10 +243,7 @@ impl pb::admin_server::Admin for AdminService {
         self.authorize(&request)?;
         let peer = request.remote_addr();
         let r = request.into_inner();
-        if r.key.trim().is_empty() {
-            return Err(Status::invalid_argument("reset needs a key"));
-        }
-        let check = check_filter(r.check)?;
+        let (key, check) = convert::reset_from_pb(&r)?;
         let requested_by = match (r.requested_by.as_str(), peer) {
             ("", Some(p)) => p.to_string(),
             ("", None) => "unknown".to_string(),
@@ -278,7 +252,7 @@ impl pb::admin_server::Admin for AdminService {
         };
         tracing::info!(key = %r.key, ?check, %requested_by, "admin: reset");
         let command = Command::Reset {
-            key: parse_key(&r.key),
+            key,
             check,
             requested_by,
         };
@@ -315,29 +289,12 @@ impl pb::admin_server::Admin for AdminService {
         request: Request<pb::ApplyPolicyRequest>,
     ) -> Result<Response<pb::ApplyPolicyResponse>, Status> {
         self.authorize(&request)?;
-        let files: Vec<PolicyFile> = request
-            .into_inner()
-            .files
-            .into_iter()
-            .map(PolicyFile::from)
-            .collect();
-        if files.is_empty() {
-            return Err(Status::invalid_argument("no policy file given"));
-        }
-        // Validated here first: a bad file never reaches the log.
-        let policy = match Policy::parse(files.clone()) {
-            Ok(p) => p,
-            Err(PolicyError::Invalid(errors)) => {
-                let lines: Vec<String> = errors.iter().map(|d| d.to_string()).collect();
-                return Err(Status::invalid_argument(lines.join("\n")));
-            }
-            Err(e) => return Err(Status::invalid_argument(e.to_string())),
-        };
-        let warnings = policy
-            .warnings()
-            .iter()
-            .map(|w| format!("{}:{}:{}: warning: {}", w.file, w.line, w.column, w.message))
-            .collect();
+        let files = convert::policy_files_from_pb(request.into_inner())?;
+        // Validated here first: a bad file never reaches the log. The
+        // message holds the first errors, one FILE:LINE:COL line each.
+        let policy =
+            Policy::parse(files.clone()).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let warnings = policy.warning_lines();
         let hash = policy_hash(&files);
         let changed = match self.at_leader(Proposal::EnsurePolicy(files)).await? {
             ProposalReply::Unchanged => false,

@@ -13,7 +13,9 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
 use super::{Node, NodeError};
+use crate::bounds::{cut, MAX_ENTRY_BYTES, MAX_ENTRY_EVENTS};
 use crate::engine::{Event, Verdict};
+use crate::raft::validate::event_bytes;
 use crate::raft::{Command, RequestId, Response, Sender};
 
 /// Batches being written at once at the leader. One: the next batch
@@ -22,7 +24,8 @@ use crate::raft::{Command, RequestId, Response, Sender};
 pub const MAX_WRITES: usize = 1;
 /// Batches a follower has forwarded and not yet had answered, at most.
 pub const MAX_FORWARDS: usize = 16;
-/// Events in one batch at most.
+/// Events after which a batch stops gathering (it may pass this by one
+/// caller's events, within [`MAX_ENTRY_EVENTS`] and [`MAX_ENTRY_BYTES`]).
 pub const MAX_EVENTS: usize = 2048;
 
 /// One caller's events, with their request ids, and where to send their
@@ -69,15 +72,53 @@ impl InFlight {
     }
 }
 
+/// The events of a batch, and their bytes as a log entry bounds them.
+#[derive(Clone, Copy, Default)]
+struct Size {
+    events: usize,
+    bytes: usize,
+}
+
+impl Size {
+    fn of(p: &Pending) -> Size {
+        Size {
+            events: p.events.len(),
+            bytes: p.events.iter().map(|(_, e)| event_bytes(e)).sum(),
+        }
+    }
+
+    /// Whether `more` joins within the bounds of one entry. A caller's
+    /// events were checked against them where they came in, so they
+    /// always fit in a batch of their own.
+    fn fits(self, more: Size) -> bool {
+        self.events + more.events <= MAX_ENTRY_EVENTS && self.bytes + more.bytes <= MAX_ENTRY_BYTES
+    }
+}
+
 pub async fn run(node: Arc<Node>, mut rx: mpsc::Receiver<Pending>) {
-    while let Some(first) = rx.recv().await {
+    // A caller's events that did not fit in the last batch open the next.
+    let mut held: Option<Pending> = None;
+    loop {
+        let first = match held.take() {
+            Some(p) => p,
+            None => match rx.recv().await {
+                Some(p) => p,
+                None => break,
+            },
+        };
         let permit = node.in_flight.acquire(node.is_leader()).await;
-        let mut count = first.events.len();
+        let mut size = Size::of(&first);
         let mut batch = vec![first];
-        while count < MAX_EVENTS {
+        while size.events < MAX_EVENTS {
             match rx.try_recv() {
                 Ok(p) => {
-                    count += p.events.len();
+                    let more = Size::of(&p);
+                    if !size.fits(more) {
+                        held = Some(p);
+                        break;
+                    }
+                    size.events += more.events;
+                    size.bytes += more.bytes;
                     batch.push(p);
                 }
                 Err(_) => break,
@@ -120,7 +161,10 @@ async fn decide_batch(node: &Node, batch: Vec<Pending>) {
             .await
         {
             Ok(Response::Verdicts(v)) => Ok(v),
-            Ok(other) => Err(NodeError::Raft(format!("unexpected response {other:?}"))),
+            Ok(other) => Err(NodeError::Raft(format!(
+                "unexpected response {}",
+                cut(&format!("{other:?}"))
+            ))),
             Err(e) => Err(e),
         }
     } else {

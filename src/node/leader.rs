@@ -9,6 +9,7 @@ use openraft::ChangeMembers;
 use serde::{Deserialize, Serialize};
 
 use super::{now_ms, Node, NodeError};
+use crate::bounds::cut;
 use crate::check::Check;
 use crate::engine::{CounterKey, Event, Verdict};
 use crate::inspect::{self, KeyCount};
@@ -189,7 +190,10 @@ impl Node {
             .await?
         {
             ProposalReply::Response(r) => Ok(r),
-            other => Err(NodeError::Raft(format!("unexpected reply {other:?}"))),
+            other => Err(NodeError::Raft(format!(
+                "unexpected reply {}",
+                cut(&format!("{other:?}"))
+            ))),
         }
     }
 
@@ -200,7 +204,8 @@ impl Node {
             ProposalReply::Unchanged => Ok(false),
             ProposalReply::Response(Response::Done) => Ok(true),
             other => Err(NodeError::Raft(format!(
-                "policy not put in force: {other:?}"
+                "policy not put in force: {}",
+                cut(&format!("{other:?}"))
             ))),
         }
     }
@@ -210,7 +215,10 @@ impl Node {
     pub async fn read(&self, events: Vec<Event>) -> Result<Vec<Verdict>, NodeError> {
         match self.at_leader(Proposal::Read(events)).await? {
             ProposalReply::Verdicts(v) => Ok(v),
-            other => Err(NodeError::Raft(format!("unexpected reply {other:?}"))),
+            other => Err(NodeError::Raft(format!(
+                "unexpected reply {}",
+                cut(&format!("{other:?}"))
+            ))),
         }
     }
 
@@ -460,8 +468,12 @@ impl Node {
         }
     }
 
-    /// Appends a command stamped with this leader's clock.
+    /// Appends a command stamped with this leader's clock; one out of
+    /// bounds is refused here, never proposed.
     async fn write(&self, command: Command) -> ProposalReply {
+        if let Err(e) = crate::raft::validate::proposable(&command) {
+            return ProposalReply::Refused(e.to_string());
+        }
         let name = command.name();
         let request = Request {
             stamp_ms: now_ms(),
@@ -502,7 +514,9 @@ impl Node {
         let (mut voters, known) = self.voters_and_addr(id);
         if let Some(known) = known.filter(|a| *a != addr) {
             return ProposalReply::Refused(format!(
-                "node {id} is a member at {known}: remove it first to move it to {addr}"
+                "node {id} is a member at {}: remove it first to move it to {}",
+                cut(&known),
+                cut(&addr)
             ));
         }
         if fresh && voters.contains(&id) && id != self.id {
@@ -575,7 +589,8 @@ impl Node {
                     tracing::warn!(id, error = %e, "the silent learner was not removed");
                 }
                 Err(ProposalReply::Refused(format!(
-                    "node {id} at {addr} did not answer within {} s: not added",
+                    "node {id} at {} did not answer within {} s: not added",
+                    cut(addr),
                     CATCH_UP.as_secs()
                 )))
             }

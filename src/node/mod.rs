@@ -33,6 +33,7 @@ use tonic::transport::Channel;
 pub use config::{default_peer_listen, NodeConfig, RaftTuning, Start, PEER_PORT_OFFSET};
 pub use leader::{Forwarded, Proposal, ProposalReply};
 pub use lifecycle::{start, NodeHandle};
+pub use services::validate_proposal;
 
 use crate::engine::{Event, Verdict};
 use crate::raft::network;

@@ -9,13 +9,15 @@ use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
 use openraft::{EntryPayload, Membership};
 use tonic::{Request, Response, Status};
 
-use super::leader::Forwarded;
+use super::leader::{Forwarded, Inspect};
 use super::{MemberAddr as Membership_, Node, NodeError, Proposal};
-use crate::convert::event_from_pb;
+use crate::bounds::{count, Invalid, MAX_TOP};
+use crate::convert::decide_events;
 use crate::metrics;
 use crate::proto::v1 as pb;
 use crate::raft::network;
 use crate::raft::peer_auth::{host_of, Caller};
+use crate::raft::validate::{self, SnapshotChunks};
 use crate::raft::{Node as PeerNode, NodeId, TypeConfig};
 
 pub struct LimiterService {
@@ -47,12 +49,7 @@ impl pb::limiter_server::Limiter for LimiterService {
         &self,
         request: Request<pb::DecideRequest>,
     ) -> Result<Response<pb::DecideResponse>, Status> {
-        let events = request
-            .into_inner()
-            .events
-            .into_iter()
-            .map(|e| event_from_pb(e, self.node.incarnation))
-            .collect::<Result<Vec<_>, _>>()?;
+        let events = decide_events(request.into_inner(), self.node.incarnation)?;
         if events.is_empty() {
             return Ok(Response::new(pb::DecideResponse::default()));
         }
@@ -100,6 +97,8 @@ pub struct RaftService {
     node: Arc<Node>,
     /// Refused calls, logged at most once per [`REFUSAL_LOG_EVERY_MS`].
     refusals: RefusalLog,
+    /// The snapshot being received, which each chunk must continue.
+    snapshot: SnapshotChunks,
 }
 
 impl RaftService {
@@ -107,6 +106,7 @@ impl RaftService {
         RaftService {
             node,
             refusals: RefusalLog::default(),
+            snapshot: SnapshotChunks::default(),
         }
     }
 
@@ -206,6 +206,29 @@ impl RefusalLog {
     }
 }
 
+/// What a peer may ask the leader: within the bounds of a log entry (see
+/// `raft::validate`), so that a bad forwarded batch is refused before it
+/// joins the leader's batch.
+pub fn validate_proposal(p: &Proposal) -> Result<(), Invalid> {
+    match p {
+        Proposal::Command(c) => validate::command(c),
+        Proposal::Read(events) => {
+            if events.iter().any(|e| e.is_write()) {
+                return Err(Invalid("a read holds read-only events only".into()));
+            }
+            validate::events(events.iter())
+        }
+        Proposal::Join { addr, .. } => validate::node_addr(addr),
+        Proposal::EnsurePolicy(files) => validate::policy_files(files),
+        Proposal::Inspect(Inspect::Top { n, .. }) => count("keys asked of top", *n, MAX_TOP),
+        Proposal::Inspect(Inspect::Show { key }) => validate::counter_key(key),
+        Proposal::Remove { .. }
+        | Proposal::Membership { .. }
+        | Proposal::Policy
+        | Proposal::Members => Ok(()),
+    }
+}
+
 type Reply = Result<Response<pb::RaftPayload>, Status>;
 
 #[tonic::async_trait]
@@ -223,7 +246,7 @@ impl pb::raft_server::Raft for RaftService {
             carried,
         )?;
         Ok(Response::new(
-            network::serve_append(&self.node.raft, rpc).await,
+            network::serve_append(&self.node.raft, rpc).await?,
         ))
     }
 
@@ -249,9 +272,9 @@ impl pb::raft_server::Raft for RaftService {
             rpc.vote.leader_id().voted_for(),
             carried,
         )?;
-        Ok(Response::new(
-            network::serve_install_snapshot(&self.node.raft, rpc).await,
-        ))
+        network::serve_install_snapshot(&self.node.raft, &self.snapshot, rpc)
+            .await
+            .map(Response::new)
     }
 
     /// A proposal for the leader. Members may forward any (with the admin
@@ -283,6 +306,7 @@ impl pb::raft_server::Raft for RaftService {
         if let Err(why) = allowed {
             return Err(self.refuse("propose", &caller, why));
         }
+        validate_proposal(&forwarded.proposal)?;
         let reply = self.node.serve_forwarded(forwarded, caller.id).await;
         Ok(Response::new(network::encode(&reply)))
     }

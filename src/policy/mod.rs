@@ -2,6 +2,7 @@
 //! and the answer to "which limit applies to this client for this check"
 //! (`docs/policy.md` §3).
 
+mod encoding;
 mod parse;
 pub mod report;
 mod table;
@@ -22,6 +23,15 @@ use crate::window::WindowConfig;
 pub struct PolicyFile {
     pub name: String,
     pub text: String,
+}
+
+impl PolicyFile {
+    /// A file read from disk: its bytes as text, or where the first byte
+    /// that is not UTF-8 outside a comment is.
+    pub fn from_bytes(name: String, bytes: &[u8]) -> Result<PolicyFile, Diagnostic> {
+        let text = encoding::decode(&name, bytes)?;
+        Ok(PolicyFile { name, text })
+    }
 }
 
 /// A message about one place in a policy file.
@@ -53,9 +63,45 @@ pub enum PolicyError {
         path: String,
         source: std::io::Error,
     },
-    /// One or more lines are wrong; each diagnostic names its place.
-    #[error("{}", .0.iter().map(|d| d.to_string()).collect::<Vec<_>>().join("\n"))]
-    Invalid(Vec<Diagnostic>),
+    /// One or more lines are wrong; each diagnostic names its place. The
+    /// first [`MAX_DIAGNOSTICS`](crate::bounds::MAX_DIAGNOSTICS) errors are kept, in file and line order;
+    /// `more` counts the others.
+    #[error("{}", lines(&.errors.iter().map(|d| d.to_string()).collect::<Vec<_>>(), *.more, "errors").join("\n"))]
+    Invalid {
+        errors: Vec<Diagnostic>,
+        more: usize,
+    },
+}
+
+impl PolicyError {
+    /// How many errors there were, those not kept included.
+    pub fn error_count(&self) -> usize {
+        match self {
+            PolicyError::Read { .. } => 1,
+            PolicyError::Invalid { errors, more } => errors.len() + more,
+        }
+    }
+}
+
+/// Diagnostics one a line, as many as fit in a gRPC status
+/// ([`MAX_STATUS_BYTES`](crate::bounds::MAX_STATUS_BYTES); the first
+/// always), then `... and N more WHAT` for those not kept or not shown.
+fn lines(kept: &[String], more: usize, what: &str) -> Vec<String> {
+    use crate::bounds::{status_len, MAX_STATUS_BYTES};
+    let mut lines = Vec::new();
+    let mut bytes = 0;
+    for line in kept {
+        bytes += status_len(line) + 3;
+        if !lines.is_empty() && bytes > MAX_STATUS_BYTES {
+            break;
+        }
+        lines.push(line.clone());
+    }
+    let more = more + kept.len() - lines.len();
+    if more > 0 {
+        lines.push(format!("... and {more} more {what}"));
+    }
+    lines
 }
 
 /// A parsed policy, immutable once built.
@@ -67,7 +113,10 @@ pub struct Policy {
     window: WindowConfig,
     dry_run: bool,
     files: Vec<PolicyFile>,
+    /// The first [`MAX_DIAGNOSTICS`](crate::bounds::MAX_DIAGNOSTICS) warnings; `more_warnings` counts the
+    /// others.
     warnings: Vec<Diagnostic>,
+    more_warnings: usize,
     /// Cluster-wide limits are divided by this (a milter deciding alone
     /// for one of N relays); 1 otherwise.
     divisor: u64,
@@ -150,22 +199,26 @@ pub struct Resolved<'a> {
 
 impl Policy {
     /// Reads and parses files in order (earlier files win duplicates).
+    /// A byte that is not UTF-8 is an error at its place, except in a
+    /// comment line, which is read as Latin-1 (see `encoding`).
     pub fn from_paths<P: AsRef<Path>>(paths: &[P]) -> Result<Policy, PolicyError> {
-        let files = paths
-            .iter()
-            .map(|p| {
-                let p = p.as_ref();
-                std::fs::read_to_string(p)
-                    .map(|text| PolicyFile {
-                        name: p.display().to_string(),
-                        text,
-                    })
-                    .map_err(|source| PolicyError::Read {
-                        path: p.display().to_string(),
-                        source,
-                    })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let mut files = Vec::with_capacity(paths.len());
+        let mut errors = Vec::new();
+        for p in paths {
+            let p = p.as_ref();
+            let name = p.display().to_string();
+            let bytes = std::fs::read(p).map_err(|source| PolicyError::Read {
+                path: name.clone(),
+                source,
+            })?;
+            match PolicyFile::from_bytes(name, &bytes) {
+                Ok(file) => files.push(file),
+                Err(d) => errors.push(d),
+            }
+        }
+        if !errors.is_empty() {
+            return Err(PolicyError::Invalid { errors, more: 0 });
+        }
         Policy::parse(files)
     }
 
@@ -203,9 +256,21 @@ impl Policy {
         &self.files
     }
 
-    /// Duplicates and entries of switched-off checks.
+    /// Duplicates and entries of switched-off checks: the first
+    /// [`MAX_DIAGNOSTICS`](crate::bounds::MAX_DIAGNOSTICS) of them.
     pub fn warnings(&self) -> &[Diagnostic] {
         &self.warnings
+    }
+
+    /// The warnings as `FILE:LINE:COL: warning: message` lines, then
+    /// `... and N more warnings` for those not kept or not shown.
+    pub fn warning_lines(&self) -> Vec<String> {
+        let kept: Vec<String> = self
+            .warnings
+            .iter()
+            .map(|w| format!("{}:{}:{}: warning: {}", w.file, w.line, w.column, w.message))
+            .collect();
+        lines(&kept, self.more_warnings, "warnings")
     }
 
     pub fn entries(&self, check: Check) -> &Table<Option<u64>> {

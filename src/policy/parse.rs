@@ -10,6 +10,7 @@ use ipnet::{IpNet, Ipv4Net};
 
 use super::table::{Entry, Key, Origin, Table};
 use super::{Diagnostic, Policy, PolicyError, PolicyFile};
+use crate::bounds::{cut, MAX_DIAGNOSTICS};
 use crate::check::{Check, KeyKind, Switch};
 use crate::window::WindowConfig;
 
@@ -27,8 +28,37 @@ struct Builder {
     window_secs: Option<Setting<u32>>,
     bucket_secs: Option<Setting<u32>>,
     dry_run: Option<Setting<bool>>,
-    errors: Vec<Diagnostic>,
-    warnings: Vec<Diagnostic>,
+    errors: Kept,
+    warnings: Kept,
+}
+
+/// Diagnostics of one kind: the first [`MAX_DIAGNOSTICS`] in file and line
+/// order, and how many more there were. Lines are read in order, so those
+/// of a line are pushed in order; those found at the end are inserted.
+#[derive(Default)]
+struct Kept {
+    list: Vec<Diagnostic>,
+    more: usize,
+}
+
+impl Kept {
+    fn push(&mut self, d: Diagnostic) {
+        if self.list.len() < MAX_DIAGNOSTICS {
+            self.list.push(d);
+        } else {
+            self.more += 1;
+        }
+    }
+
+    /// Adds a diagnostic of any place, keeping the first ones by `order`.
+    fn insert<K: Ord>(&mut self, d: Diagnostic, order: impl Fn(&Diagnostic) -> K) {
+        self.list.push(d);
+        self.list.sort_by_key(order);
+        if self.list.len() > MAX_DIAGNOSTICS {
+            self.list.truncate(MAX_DIAGNOSTICS);
+            self.more += 1;
+        }
+    }
 }
 
 /// The place of a token in the current line.
@@ -121,8 +151,9 @@ impl Builder {
             self.errors.push(p.diag(
                 extra,
                 format!(
-                    "expected the end of the line after the value, found `{found}` \
-                     (comments go on a line of their own)"
+                    "expected the end of the line after the value, found {} \
+                     (comments go on a line of their own)",
+                    cut(found)
                 ),
             ));
         }
@@ -148,14 +179,15 @@ impl Builder {
                 p.diag(
                     start,
                     format!(
-                        "unknown check `{name}`; expected one of {}, NetClass",
+                        "unknown check {}; expected one of {}, NetClass",
+                        cut(name),
                         names.join(", ")
                     ),
                 )
             })?)
         };
         if key.is_empty() {
-            return Err(p.diag(key_at, format!("expected a key after `{head}`")));
+            return Err(p.diag(key_at, format!("expected a key after {}", cut(head))));
         }
         let kind = check.map_or(KeyKind::Client, Check::key_kind);
         let norm = parse_key(kind, key).map_err(|msg| p.diag(key_at, msg))?;
@@ -166,7 +198,10 @@ impl Builder {
             ));
         }
         let Some((vstart, vend)) = value else {
-            return Err(p.diag(p.line.len(), format!("expected a value after `{head}`")));
+            return Err(p.diag(
+                p.line.len(),
+                format!("expected a value after {}", cut(head)),
+            ));
         };
         let text = &p.line[vstart..vend];
         let origin = p.origin(key);
@@ -203,8 +238,10 @@ impl Builder {
             self.warnings.push(p.diag(
                 start,
                 format!(
-                    "duplicate entry `{what}:{key}`: the first one ({}:{}) wins",
-                    first.file, first.line
+                    "duplicate entry {}: the first one ({}:{}) wins",
+                    cut(&format!("{what}:{key}")),
+                    first.file,
+                    first.line
                 ),
             ));
         }
@@ -238,12 +275,16 @@ impl Builder {
                 start,
                 format!(
                     "expected `Check:Key Value` or a setting such as CHECK_CONN_RATE YES, \
-                     found `{word}`"
+                     found {}",
+                    cut(word)
                 ),
             ));
         };
         let Some((vstart, vend)) = value else {
-            return Err(p.diag(p.line.len(), format!("expected a value after `{word}`")));
+            return Err(p.diag(
+                p.line.len(),
+                format!("expected a value after {}", cut(word)),
+            ));
         };
         let text = &p.line[vstart..vend];
         let at = (p.file.clone(), p.line_no, p.column(start));
@@ -275,7 +316,7 @@ impl Builder {
     }
 
     fn finish(mut self, files: Vec<PolicyFile>) -> Result<Policy, PolicyError> {
-        let window = self.window_config();
+        let window = self.window_config(&files);
         let switches = self
             .switches
             .each_ref()
@@ -284,26 +325,26 @@ impl Builder {
             let table = &self.tables[check.index()];
             if let (false, Some(first)) = (switches[check.switch() as usize], table.first_origin())
             {
-                self.warnings.push(Diagnostic {
-                    file: first.file.clone(),
-                    line: first.line,
-                    column: 1,
-                    message: format!(
-                        "{check} entries present but {} is off: they are ignored",
-                        check.switch().name()
-                    ),
-                });
+                let order = order(&files);
+                self.warnings.insert(
+                    Diagnostic {
+                        file: first.file.clone(),
+                        line: first.line,
+                        column: 1,
+                        message: format!(
+                            "{check} entries present but {} is off: they are ignored",
+                            check.switch().name()
+                        ),
+                    },
+                    order,
+                );
             }
         }
-        // In the order of the files and their lines, as a reader expects.
-        let order = |d: &Diagnostic| {
-            let file = files.iter().position(|f| *f.name == *d.file);
-            (file, d.line, d.column)
-        };
-        self.errors.sort_by_key(order);
-        self.warnings.sort_by_key(order);
-        if !self.errors.is_empty() {
-            return Err(PolicyError::Invalid(self.errors));
+        if !self.errors.list.is_empty() {
+            return Err(PolicyError::Invalid {
+                errors: self.errors.list,
+                more: self.errors.more,
+            });
         }
         Ok(Policy {
             switches,
@@ -312,14 +353,15 @@ impl Builder {
             window,
             dry_run: self.dry_run.is_some_and(|s| s.value),
             files,
-            warnings: self.warnings,
+            warnings: self.warnings.list,
+            more_warnings: self.warnings.more,
             divisor: 1,
         })
     }
 
     /// The window from `RateWindow`/`RateBucket`; an impossible pair is an
     /// error at the line that set the window (or the bucket).
-    fn window_config(&mut self) -> WindowConfig {
+    fn window_config(&mut self, files: &[PolicyFile]) -> WindowConfig {
         let d = WindowConfig::DEFAULT;
         let window = self
             .window_secs
@@ -338,16 +380,26 @@ impl Builder {
                     .or(self.bucket_secs.as_ref())
                     .map(|s| s.at.clone());
                 if let Some((file, line, column)) = at {
-                    self.errors.push(Diagnostic {
+                    let error = Diagnostic {
                         file,
                         line,
                         column,
                         message: e.to_string(),
-                    });
+                    };
+                    self.errors.insert(error, order(files));
                 }
                 d
             }
         }
+    }
+}
+
+/// Diagnostics in the order of the files and their lines, as a reader
+/// expects.
+fn order(files: &[PolicyFile]) -> impl Fn(&Diagnostic) -> (Option<usize>, u32, u32) + '_ {
+    |d: &Diagnostic| {
+        let file = files.iter().position(|f| *f.name == *d.file);
+        (file, d.line, d.column)
     }
 }
 
@@ -372,7 +424,11 @@ fn parse_yes_no(word: &str, text: &str) -> Result<bool, String> {
     } else if text.eq_ignore_ascii_case("no") {
         Ok(false)
     } else {
-        Err(format!("expected YES or NO after `{word}`, found `{text}`"))
+        Err(format!(
+            "expected YES or NO after {}, found {}",
+            cut(word),
+            cut(text)
+        ))
     }
 }
 
@@ -380,7 +436,8 @@ fn parse_seconds(text: &str) -> Result<u32, String> {
     match text.parse::<u32>() {
         Ok(n) if n > 0 => Ok(n),
         _ => Err(format!(
-            "expected a number of seconds greater than 0, found `{text}`"
+            "expected a number of seconds greater than 0, found {}",
+            cut(text)
         )),
     }
 }
@@ -388,8 +445,12 @@ fn parse_seconds(text: &str) -> Result<u32, String> {
 /// A limit: a decimal integer, optionally with `k` (x1000) or `m`
 /// (x1000000). 0 or negative is no limit (`None`).
 pub(crate) fn parse_limit(text: &str) -> Result<Option<u64>, String> {
-    let bad =
-        || format!("expected a limit (a whole number, optionally with k or m), found `{text}`");
+    let bad = || {
+        format!(
+            "expected a limit (a whole number, optionally with k or m), found {}",
+            cut(text)
+        )
+    };
     let (negative, unsigned) = match text.strip_prefix('-') {
         Some(rest) => (true, rest),
         None => (false, text.strip_prefix('+').unwrap_or(text)),
@@ -402,7 +463,7 @@ pub(crate) fn parse_limit(text: &str) -> Result<Option<u64>, String> {
     if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
         return Err(bad());
     }
-    let too_large = || format!("limit `{text}` is too large (at most {})", u32::MAX);
+    let too_large = || format!("limit {} is too large (at most {})", cut(text), u32::MAX);
     let n = digits
         .parse::<u64>()
         .map_err(|_| too_large())?
@@ -421,7 +482,8 @@ fn parse_label(text: &str) -> Result<Box<str>, String> {
         Ok(text.to_ascii_lowercase().into())
     } else {
         Err(format!(
-            "expected a class label (letters, digits, `_` or `-`), found `{text}`"
+            "expected a class label (letters, digits, `_` or `-`), found {}",
+            cut(text)
         ))
     }
 }
@@ -447,7 +509,8 @@ pub(crate) fn parse_key(kind: KeyKind, key: &str) -> Result<Key, String> {
                 Ok(Key::Name(lower.into()))
             } else {
                 Err(format!(
-                    "invalid sender key `{key}`: expected an address, `@domain` or a domain"
+                    "invalid sender key {}: expected an address, `@domain` or a domain",
+                    cut(key)
                 ))
             }
         }
@@ -461,10 +524,11 @@ fn parse_client_key(key: &str, lower: String) -> Result<Key, String> {
     if key.contains('/') {
         let net: IpNet = key
             .parse()
-            .map_err(|_| format!("invalid network `{key}`: expected ADDRESS/LENGTH"))?;
+            .map_err(|_| format!("invalid network {}: expected ADDRESS/LENGTH", cut(key)))?;
         if net.trunc() != net {
             return Err(format!(
-                "invalid network `{key}`: bits are set after the prefix (did you mean {}?)",
+                "invalid network {}: bits are set after the prefix (did you mean {}?)",
+                cut(key),
                 net.trunc()
             ));
         }
@@ -474,13 +538,17 @@ fn parse_client_key(key: &str, lower: String) -> Result<Key, String> {
         return key
             .parse::<IpAddr>()
             .map(|ip| Key::Net(IpNet::from(super::canonical_ip(ip))))
-            .map_err(|_| format!("invalid IPv6 address `{key}`"));
+            .map_err(|_| format!("invalid IPv6 address {}", cut(key)));
     }
     if key.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
         return octet_prefix(key)
             .map(|net| Key::Net(IpNet::V4(net)))
             .ok_or_else(|| {
-                format!("invalid IPv4 address or prefix `{key}`: expected 1 to 4 numbers 0-255 separated by dots")
+                format!(
+                    "invalid IPv4 address or prefix {}: expected 1 to 4 numbers 0-255 \
+                     separated by dots",
+                    cut(key)
+                )
             });
     }
     let name_ok = lower.split('.').all(|l| {
@@ -492,7 +560,9 @@ fn parse_client_key(key: &str, lower: String) -> Result<Key, String> {
         Ok(Key::Name(lower.into()))
     } else {
         Err(format!(
-            "invalid key `{key}`: expected an IP address, prefix or network, a host or domain name, or a class label"
+            "invalid key {}: expected an IP address, prefix or network, a host or domain \
+             name, or a class label",
+            cut(key)
         ))
     }
 }

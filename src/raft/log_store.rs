@@ -122,7 +122,7 @@ fn index_of(key: &[u8]) -> u64 {
 }
 
 fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, bincode::Error> {
-    bincode::deserialize(bytes)
+    super::decode_bounded(bytes)
 }
 
 impl LogStore {

@@ -10,6 +10,7 @@ pub mod network;
 pub mod peer_auth;
 pub mod state;
 pub mod state_machine;
+pub mod validate;
 
 use std::io::Cursor;
 
@@ -34,3 +35,17 @@ openraft::declare_raft_types!(
 
 pub type Entry = openraft::Entry<TypeConfig>;
 pub type Raft = openraft::Raft<TypeConfig>;
+
+/// Decodes bincode that came from a peer or from disk. Nothing it holds
+/// can claim more than its own length: a forged length prefix is an error,
+/// not an allocation.
+pub fn decode_bounded<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> bincode::Result<T> {
+    use bincode::Options;
+    // The encoding of `bincode::serialize`: fixed-size integers, and
+    // trailing bytes allowed.
+    bincode::DefaultOptions::new()
+        .with_fixint_encoding()
+        .allow_trailing_bytes()
+        .with_limit(bytes.len() as u64)
+        .deserialize(bytes)
+}

@@ -16,7 +16,9 @@ use serde::Serialize;
 use tonic::transport::Channel;
 
 use super::peer_auth::PeerAuth;
+use super::validate::{self, SnapshotChunks};
 use super::{Node, NodeId, Raft, TypeConfig};
+use crate::bounds::cut;
 use crate::proto::v1::raft_client::RaftClient;
 use crate::proto::v1::RaftPayload;
 use crate::tls::{endpoint, Tls};
@@ -30,8 +32,9 @@ pub fn encode<T: Serialize>(value: &T) -> RaftPayload {
     }
 }
 
+/// Decodes a payload, bounded by its length (see [`super::decode_bounded`]).
 pub fn decode<T: DeserializeOwned>(payload: &RaftPayload) -> Result<T, tonic::Status> {
-    bincode::deserialize(&payload.data)
+    super::decode_bounded(&payload.data)
         .map_err(|e| tonic::Status::invalid_argument(format!("bad payload: {e}")))
 }
 
@@ -103,7 +106,7 @@ impl Peer {
         E: std::error::Error + DeserializeOwned,
     {
         let Some(client) = self.client.clone() else {
-            let e = std::io::Error::other(format!("bad address {}", self.addr));
+            let e = std::io::Error::other(format!("bad address {}", cut(&self.addr)));
             return Err(RPCError::Unreachable(Unreachable::new(&e)));
         };
         let mut request = signed_request(&self.auth, method, encode(req));
@@ -180,18 +183,28 @@ impl RaftNetwork<TypeConfig> for Peer {
 }
 
 /// Hands openraft's RPCs, decoded and admitted, to the local Raft;
-/// replies carry its result.
-pub async fn serve_append(raft: &Raft, req: AppendEntriesRequest<TypeConfig>) -> RaftPayload {
-    encode(&raft.append_entries(req).await)
+/// replies carry its result. Entries that break the bounds of a log
+/// entry are refused (INVALID_ARGUMENT).
+pub async fn serve_append(
+    raft: &Raft,
+    req: AppendEntriesRequest<TypeConfig>,
+) -> Result<RaftPayload, tonic::Status> {
+    validate::append_entries(&req)?;
+    Ok(encode(&raft.append_entries(req).await))
 }
 
 pub async fn serve_vote(raft: &Raft, req: VoteRequest<NodeId>) -> RaftPayload {
     encode(&raft.vote(req).await)
 }
 
+/// `chunks`: the snapshot being received, which each chunk must continue.
 pub async fn serve_install_snapshot(
     raft: &Raft,
+    chunks: &SnapshotChunks,
     req: InstallSnapshotRequest<TypeConfig>,
-) -> RaftPayload {
-    encode(&raft.install_snapshot(req).await)
+) -> Result<RaftPayload, tonic::Status> {
+    match chunks.receive(&req) {
+        Ok(()) => Ok(encode(&raft.install_snapshot(req).await)),
+        Err(refused) => Ok(encode(&refused.answer(&req)?)),
+    }
 }

@@ -3,7 +3,7 @@
 //! open-connection leases. Every node applies the same commands with the
 //! leader's time stamps and so holds the same state. Pure: no I/O, no clock.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -85,17 +85,23 @@ pub enum Response {
     PolicyRefused(String),
     /// Counters a reset cleared.
     Cleared(u64),
+    /// A command out of bounds (see `validate`), refused whole: nothing
+    /// changed. The leader refuses such a command before proposing it.
+    Invalid(String),
 }
 
 /// Remembers which sequence numbers of one origin were applied, for the
 /// last [`SEEN_SPAN`] numbers, and the refusals among them, so a retry
-/// answers what the first attempt answered.
+/// answers what the first attempt answered. Each event costs O(1)
+/// (amortized) whatever its number: a number past the span moves the span
+/// in one step, and one far past it starts the span anew.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 struct Seen {
     /// Sequence number of bit 0 of `bits[0]`.
     base: u64,
     bits: VecDeque<u64>,
-    refusals: HashMap<u64, Verdict>,
+    /// In order, so that those before `base` go from the front.
+    refusals: BTreeMap<u64, Verdict>,
 }
 
 /// Sequence numbers remembered per origin: 32 KiB of bits.
@@ -125,12 +131,11 @@ impl Seen {
     fn remember(&mut self, seq: u64, verdict: &Verdict) {
         if self.bits.is_empty() {
             self.base = seq - seq % 64;
-        }
-        while seq >= self.base + SEEN_SPAN {
-            self.bits.pop_front();
-            self.base += 64;
-            let base = self.base;
-            self.refusals.retain(|s, _| *s >= base);
+        } else if seq < self.base {
+            // Too old to remember (`recall` lets it pass).
+            return;
+        } else if seq - self.base >= SEEN_SPAN {
+            self.slide(seq);
         }
         let off = seq - self.base;
         let word = (off / 64) as usize;
@@ -141,6 +146,33 @@ impl Seen {
         if !verdict.is_allowed() {
             self.refusals.insert(seq, verdict.clone());
         }
+    }
+
+    /// Moves the span forward just enough to hold `seq`, forgetting the
+    /// words and refusals that fall out; starts it anew at `seq` when
+    /// nothing would be left.
+    fn slide(&mut self, seq: u64) {
+        // Words to drop: seq < base + 64 * words + SEEN_SPAN.
+        let words = (seq - self.base - SEEN_SPAN) / 64 + 1;
+        if words >= self.bits.len() as u64 {
+            self.bits.clear();
+            self.refusals.clear();
+            self.base = seq - seq % 64;
+            return;
+        }
+        self.bits.drain(..words as usize);
+        self.base += 64 * words;
+        while let Some(entry) = self.refusals.first_entry() {
+            if *entry.key() >= self.base {
+                break;
+            }
+            entry.remove();
+        }
+    }
+
+    /// Whether a snapshot's record is one this code could have made.
+    fn is_sound(&self) -> bool {
+        self.bits.len() as u64 <= SEEN_SPAN / 64 && self.base.is_multiple_of(64)
     }
 }
 
@@ -175,13 +207,26 @@ pub struct LimiterSnapshot {
     now_ms: StampMs,
 }
 
-/// SHA-256 over the files' names and contents.
+/// Why a snapshot could not be restored.
+#[derive(Debug, thiserror::Error)]
+pub enum BadSnapshot {
+    #[error("the snapshot's policy does not parse: {0}")]
+    Policy(#[from] crate::policy::PolicyError),
+    #[error("the snapshot's {0} are not of a shape this version makes")]
+    Shape(&'static str),
+}
+
+/// SHA-256 over the files' names and contents, in order, each preceded by
+/// its length: the same text under another name is another policy (its
+/// diagnostics and `explain` name the file).
 pub fn policy_hash(files: &[PolicyFile]) -> String {
     use sha2::{Digest, Sha256};
     let mut h = Sha256::new();
     for f in files {
-        h.update((f.text.len() as u64).to_be_bytes());
-        h.update(f.text.as_bytes());
+        for part in [&f.name, &f.text] {
+            h.update((part.len() as u64).to_be_bytes());
+            h.update(part.as_bytes());
+        }
     }
     h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -225,7 +270,14 @@ impl LimiterState {
         self.owners.iter().map(|(id, o)| (*id, o.deadline_ms))
     }
 
+    /// Applies one entry's request. A request out of bounds changes
+    /// nothing and answers [`Response::Invalid`]; no work here grows with
+    /// a number the request carries.
     pub fn apply(&mut self, request: &Request) -> Response {
+        if let Err(e) = super::validate::request(request) {
+            tracing::warn!(error = %e, "log entry refused");
+            return Response::Invalid(e.to_string());
+        }
         self.now_ms = self.now_ms.max(request.stamp_ms);
         self.expire_silent_owners();
         match &request.command {
@@ -288,7 +340,7 @@ impl LimiterState {
     }
 
     fn heard_from(&mut self, origin: u64, ttl_ms: u64) {
-        let deadline_ms = self.now_ms + ttl_ms;
+        let deadline_ms = self.now_ms.saturating_add(ttl_ms);
         self.owners.insert(origin, Owner { deadline_ms });
     }
 
@@ -325,10 +377,18 @@ impl LimiterState {
         }
     }
 
-    /// Rebuilds the state from a snapshot; fails only if its policy does
-    /// not parse (it was valid when it was put in force).
-    pub fn from_snapshot(s: LimiterSnapshot) -> Result<LimiterState, crate::policy::PolicyError> {
+    /// Rebuilds the state from a snapshot; fails if its policy does not
+    /// parse (it was valid when it was put in force) or its records are
+    /// not of a shape this code makes (a snapshot from a forged peer).
+    pub fn from_snapshot(s: LimiterSnapshot) -> Result<LimiterState, BadSnapshot> {
         let policy = Arc::new(Policy::parse(s.policy.clone())?);
+        if !s.seen.iter().all(|(_, seen)| seen.is_sound()) {
+            return Err(BadSnapshot::Shape("request ids"));
+        }
+        let window = policy.window();
+        if !s.engine.counters.iter().all(|(_, w)| w.fits(window)) {
+            return Err(BadSnapshot::Shape("counters"));
+        }
         Ok(LimiterState {
             policy_hash: policy_hash(&s.policy),
             engine: Engine::from_state(policy, s.engine),
@@ -407,6 +467,146 @@ mod tests {
         seen.remember(5 + SEEN_SPAN + 100, &Verdict::Allow);
         assert!(matches!(seen.recall(5), Recall::Again(Verdict::Allow)));
         assert!(seen.bits.len() as u64 <= SEEN_SPAN / 64 + 1);
+    }
+
+    /// Runs `f` on a thread and fails if it does not return within
+    /// `limit` (the thread is left behind).
+    fn within<T: Send + 'static>(
+        limit: std::time::Duration,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> T {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(f());
+        });
+        rx.recv_timeout(limit).expect("returns in time")
+    }
+
+    #[test]
+    fn request_ids_far_apart_are_remembered_at_once() {
+        let limit = std::time::Duration::from_secs(5);
+        let s = within(limit, || {
+            let mut s = state("CHECK_CONN_RATE YES\nConnRate:default 10\n");
+            for seq in [0, 1 << 62, (1 << 62) + 1, u64::MAX - 1, u64::MAX] {
+                assert!(decide(&mut s, 1_000, vec![connect(7, seq, seq)])[0].is_allowed());
+            }
+            // The same ids again are answered, not counted.
+            decide(&mut s, 1_000, vec![connect(7, u64::MAX, 1)]);
+            s
+        });
+        let c = Client::from_ip("10.0.0.1".parse().unwrap());
+        assert_eq!(s.engine().count_of(crate::check::Check::ConnRate, &c, 1), 5);
+        let seen = &s.seen[&7];
+        assert!(seen.bits.len() as u64 <= SEEN_SPAN / 64);
+    }
+
+    #[test]
+    fn the_span_moves_in_one_step_and_keeps_the_refusals_within_it() {
+        let refused = Verdict::Refuse(crate::engine::Refusal {
+            check: crate::check::Check::ConnRate,
+            count: 2,
+            limit: 1,
+            window_secs: Some(600),
+            retry_after: 30,
+        });
+        let mut seen = Seen::default();
+        seen.remember(10, &refused);
+        seen.remember(SEEN_SPAN / 2, &refused);
+        seen.remember(SEEN_SPAN - 1, &Verdict::Allow);
+        // Half a span further: 10 falls out, SEEN_SPAN / 2 stays.
+        seen.remember(SEEN_SPAN + SEEN_SPAN / 4, &Verdict::Allow);
+        assert_eq!(seen.base, SEEN_SPAN / 4 + 64);
+        assert!(matches!(seen.recall(10), Recall::Again(Verdict::Allow)));
+        assert!(matches!(
+            seen.recall(SEEN_SPAN / 2),
+            Recall::Again(Verdict::Refuse(_))
+        ));
+        assert!(matches!(
+            seen.recall(SEEN_SPAN - 1),
+            Recall::Again(Verdict::Allow)
+        ));
+        assert!(matches!(seen.recall(SEEN_SPAN), Recall::New));
+        assert_eq!(seen.refusals.len(), 1);
+        assert!(seen.bits.len() as u64 <= SEEN_SPAN / 64);
+        // Past the whole span: it starts anew there.
+        seen.remember(5 * SEEN_SPAN + 3, &refused);
+        assert_eq!((seen.base, seen.bits.len()), (5 * SEEN_SPAN, 1));
+        assert_eq!(
+            seen.refusals.keys().collect::<Vec<_>>(),
+            [&(5 * SEEN_SPAN + 3)]
+        );
+    }
+
+    #[test]
+    fn an_entry_out_of_bounds_changes_nothing() {
+        let mut s = state("CHECK_CONN_RATE YES\nConnRate:default 10\n");
+        // An event of a node that is not among the senders.
+        let r = s.apply(&Request {
+            stamp_ms: 1_000,
+            command: Command::Decide {
+                senders: vec![Sender {
+                    origin: 1,
+                    ttl_ms: 5_000,
+                }],
+                events: vec![connect(2, 1, 1)],
+            },
+        });
+        assert!(
+            matches!(&r, Response::Invalid(m) if m.contains("not among")),
+            "{r:?}"
+        );
+        assert_eq!(s.now_ms(), 0);
+        assert_eq!(s.leases().count(), 0);
+        assert_eq!(s.owners().count(), 0);
+        // A sender of 3 MB.
+        let mut big = connect(1, 1, 1);
+        if let Event::Connect { client, .. } = &mut big.1 {
+            client.sender = Some("x".repeat(3 << 20));
+        }
+        let r = s.apply(&Request {
+            stamp_ms: 1_000,
+            command: Command::Decide {
+                senders: vec![Sender {
+                    origin: 1,
+                    ttl_ms: 5_000,
+                }],
+                events: vec![big],
+            },
+        });
+        assert!(matches!(&r, Response::Invalid(m) if m.len() < 400), "{r:?}");
+        assert_eq!(s.engine().counters_len(), 0);
+    }
+
+    #[test]
+    fn the_policy_hash_covers_the_file_names() {
+        let f = |name: &str, text: &str| PolicyFile {
+            name: name.into(),
+            text: text.into(),
+        };
+        let text = "CHECK_CONN_RATE YES\n";
+        assert_eq!(policy_hash(&[f("a", text)]), policy_hash(&[f("a", text)]));
+        assert_ne!(policy_hash(&[f("a", text)]), policy_hash(&[f("b", text)]));
+        // Names and texts do not run into each other.
+        assert_ne!(policy_hash(&[f("ab", "c")]), policy_hash(&[f("a", "bc")]));
+    }
+
+    #[test]
+    fn a_snapshot_of_a_shape_this_code_never_makes_is_refused() {
+        let mut s = state("CHECK_CONN_RATE YES\n");
+        decide(&mut s, 1_000, vec![connect(1, 1, 1)]);
+        let mut snap = s.snapshot();
+        snap.seen[0].1.bits = vec![0; (SEEN_SPAN / 64 + 1) as usize].into();
+        assert!(matches!(
+            LimiterState::from_snapshot(snap),
+            Err(BadSnapshot::Shape(_))
+        ));
+        let mut snap = s.snapshot();
+        snap.engine.counters[0].1 =
+            crate::window::Window::new(crate::window::WindowConfig::new(60, 30).unwrap());
+        assert!(matches!(
+            LimiterState::from_snapshot(snap),
+            Err(BadSnapshot::Shape(_))
+        ));
     }
 
     #[test]

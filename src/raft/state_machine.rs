@@ -90,7 +90,8 @@ impl StateMachine {
             .map_err(|e| StorageIOError::read_snapshot(None, &e))?;
         bytes
             .map(|b| {
-                bincode::deserialize(&b).map_err(|e| StorageIOError::read_snapshot(None, &e).into())
+                super::decode_bounded(&b)
+                    .map_err(|e| StorageIOError::read_snapshot(None, &e).into())
             })
             .transpose()
     }
@@ -116,7 +117,7 @@ impl StateMachine {
                 openraft::AnyError::error(e.to_string()),
             )
         };
-        let snap: LimiterSnapshot = bincode::deserialize(data).map_err(|e| bad(&e))?;
+        let snap: LimiterSnapshot = super::decode_bounded(data).map_err(|e| bad(&e))?;
         let state = LimiterState::from_snapshot(snap).map_err(|e| bad(&e))?;
         let mut current = self.state.write().expect("state lock");
         *current = state;

@@ -295,14 +295,15 @@ fn requested_by() -> String {
 fn check_locally(files: &[PathBuf]) -> Result<Policy, Failure> {
     match Policy::from_paths(files) {
         Ok(p) => Ok(p),
-        Err(PolicyError::Invalid(errors)) => {
-            for e in &errors {
-                print_err(&format!("{}\n", Escaped(e)));
+        Err(e @ PolicyError::Invalid { .. }) => {
+            // The first errors one a line, then how many more.
+            for line in e.to_string().lines() {
+                print_err(&format!("{}\n", Escaped(line)));
             }
+            let n = e.error_count();
             Err(Failure::refused(format!(
-                "policy not applied: {} error{} (nothing was sent)",
-                errors.len(),
-                if errors.len() == 1 { "" } else { "s" }
+                "policy not applied: {n} error{} (nothing was sent)",
+                if n == 1 { "" } else { "s" }
             )))
         }
         Err(e @ PolicyError::Read { .. }) => Err(Failure {
