@@ -75,6 +75,15 @@ pub fn counts_any(policy: &Policy, checks: &[Check], client: &Client) -> bool {
     })
 }
 
+/// Whether ConnRate or ConnOpen limits `client` under `policy`: when
+/// neither does, a connection needs no write (and no lease) at all.
+pub fn limits_connections(policy: &Policy, client: &Client) -> bool {
+    counts_any(policy, &[Check::ConnRate], client)
+        || (policy.is_enabled(Check::ConnOpen)
+            && client.ip.is_some()
+            && policy.limit(Check::ConnOpen, client).is_some())
+}
+
 /// A per-connection check (MaxMsgs, MaxRcpt, MaxRcptFrom) for the
 /// `count`-th MAIL or RCPT: what the milter decides on its own counts.
 pub fn per_connection(

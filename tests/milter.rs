@@ -600,3 +600,46 @@ async fn a_node_serves_its_own_milter_in_process() {
         node.log()
     );
 }
+
+/// Only what counts is written: a session whose client has no windowed
+/// limit in force (only per-message and per-connection counts) adds
+/// nothing to the Raft log; with a recipient rate in force, its RCPTs do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_with_no_rate_in_force_writes_nothing() {
+    let session = |r: &Relay, ip_text: &'static str| {
+        let milter = r.milter;
+        async move {
+            let mut c = TestConnection::open(milter).await.unwrap();
+            assert_eq!(c.connect("h", ip(ip_text)).await.unwrap(), Status::Continue);
+            assert_eq!(c.helo("client.test").await.unwrap(), Status::Continue);
+            assert_eq!(send(&mut c, "<a@example.org>").await, Status::Continue);
+            assert_eq!(
+                c.mail(["<a@example.org>"]).await.unwrap(),
+                tempfail("451 4.3.2 Too many messages for this connection (2/1) - try again later")
+            );
+            c.close().await.unwrap();
+        }
+    };
+    let r = Relay::start(
+        "CHECK_NB_MSGS YES\nCHECK_NB_RCPT YES\nCHECK_RCPT_RATE YES\n\
+         MaxMsgs:default 1\nMaxRcpt:default 5\nRcptRate:default 0\nRcptRate:10.9.0.60 100\n",
+        |_| {},
+    )
+    .await;
+    let decider = r.decider.clone();
+    eventually("the milter holds the policy", DEADLINE, || {
+        decider.policy().is_some()
+    })
+    .await;
+    let last = |r: &Relay| {
+        let node = r.node.as_ref().unwrap();
+        node.node.raft.metrics().borrow().last_log_index
+    };
+    let before = last(&r);
+    session(&r, "10.9.0.61").await;
+    assert_eq!(last(&r), before, "a session with no rate in force wrote");
+    // With a recipient rate for the client, its RCPT is a write.
+    session(&r, "10.9.0.60").await;
+    assert!(last(&r) > before, "a counted RCPT was not written");
+    assert_eq!(r.count(Check::RcptRate, "10.9.0.60"), 1);
+}

@@ -243,6 +243,11 @@ fn callbacks(shared: Arc<Shared>) -> Callbacks<Session> {
                 let Some(s) = cx.data.as_ref() else {
                     return Status::Continue;
                 };
+                if let Some(policy) = shared.decider.policy() {
+                    if !engine::limits_connections(&policy, &s.client) {
+                        return Status::Continue;
+                    }
+                }
                 let event = Event::Recheck {
                     client: s.client.clone(),
                 };
@@ -322,13 +327,16 @@ fn callbacks(shared: Arc<Shared>) -> Callbacks<Session> {
                         return status;
                     }
                 }
-                let event = match engine::counts_any(&policy, &engine::RECIPIENT_RATES, &client) {
+                let event = if engine::counts_any(&policy, &engine::RECIPIENT_RATES, &client) {
                     // 0: decided here, the node need not.
-                    true => Event::Rcpt {
+                    Event::Rcpt {
                         client,
                         rcpts_in_msg: 0,
-                    },
-                    false => Event::Recheck { client },
+                    }
+                } else if engine::limits_connections(&policy, &client) {
+                    Event::Recheck { client }
+                } else {
+                    return Status::Continue;
                 };
                 answer(&shared, cx, &event, "rcpt").await
             })
@@ -376,9 +384,11 @@ fn callbacks(shared: Arc<Shared>) -> Callbacks<Session> {
                     }
                     // The MTA has nothing to wait for: the lease is
                     // released in the background.
-                    tokio::spawn(async move {
-                        let _ = shared.decider.decide(&Event::Close { conn: s.conn }).await;
-                    });
+                    if s.announced {
+                        tokio::spawn(async move {
+                            let _ = shared.decider.decide(&Event::Close { conn: s.conn }).await;
+                        });
+                    }
                 }
                 Status::Continue
             })
@@ -404,11 +414,19 @@ async fn handle_connect(
     };
     let name =
         macro_value(cx, c"{client_name}").unwrap_or_else(|| host.to_string_lossy().into_owned());
-    let session = Session::new(ip, &name);
+    let mut session = Session::new(ip, &name);
+    // No connection limit for this client: nothing to count, no lease.
+    if let Some(policy) = shared.decider.policy() {
+        if !engine::limits_connections(&policy, &session.client) {
+            cx.data = Some(session);
+            return Status::Continue;
+        }
+    }
     let event = Event::Connect {
         conn: session.conn,
         client: session.client.clone(),
     };
+    session.announced = true;
     cx.data = Some(session);
     answer(shared, cx, &event, "connect").await
 }

@@ -35,6 +35,9 @@ pub struct Session {
     pub rcpts_in_msg: u32,
     /// The MTA's queue id of the current message, for the log.
     pub queue_id: Option<String>,
+    /// Whether the cluster was told of this connection (its Connect was
+    /// sent), so that its Close is sent too.
+    pub announced: bool,
     /// The current message's slots in the message rates, taken at MAIL
     /// FROM, until it reaches its end or is given up.
     pub reserved: Option<Reserved>,
@@ -65,6 +68,7 @@ impl Session {
             msgs_in_conn: 0,
             rcpts_in_msg: 0,
             queue_id: None,
+            announced: false,
             reserved: None,
         }
     }
