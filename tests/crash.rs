@@ -439,7 +439,7 @@ async fn wait_ready(addr: &str, conns: &AtomicU64) {
     }
 }
 
-/// The cluster's ConnRate count of `ip`, read through the node at `addr`
+/// The ConnRate count of `ip` in the applied state of the node at `addr`
 /// by a Recheck (which counts nothing). The count must be over the limit.
 async fn read_count(addr: &str, ip: &str) -> u64 {
     let deadline = Instant::now() + STEP_DEADLINE;
@@ -747,10 +747,20 @@ async fn sigkill_under_load_loses_no_acknowledged_count() {
     let mut tallies = std::mem::take(&mut *load.tallies.lock().unwrap());
     for (a, (ip, limit)) in ADDRESSES.iter().enumerate() {
         let t = &mut tallies[a];
-        let mut seen = Vec::new();
-        for addr in &addrs {
-            seen.push(read_count(addr, ip).await);
-        }
+        // Rechecks read each node's applied state: a node restarted last
+        // may still be applying what the others hold. They must agree
+        // once it has caught up.
+        let caught_up = Instant::now() + STEP_DEADLINE;
+        let seen = loop {
+            let mut seen = Vec::new();
+            for addr in &addrs {
+                seen.push(read_count(addr, ip).await);
+            }
+            if seen.iter().all(|&c| c == seen[0]) || Instant::now() > caught_up {
+                break seen;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
         let count = seen[0];
         let acked = t.allowed + t.refused;
         cluster.log(&format!(
@@ -817,7 +827,14 @@ async fn sigkill_under_load_loses_no_acknowledged_count() {
     }
     for (a, (ip, _)) in ADDRESSES.iter().enumerate() {
         for addr in &addrs {
-            let after = read_count(addr, ip).await;
+            // Read from the node's applied state: give it the time to apply
+            // what the leader committed.
+            let caught_up = Instant::now() + STEP_DEADLINE;
+            let mut after = read_count(addr, ip).await;
+            while after != counts[a] && Instant::now() < caught_up {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                after = read_count(addr, ip).await;
+            }
             assert_eq!(
                 after, counts[a],
                 "{ip}: count {after} at {addr} after a full restart, {} before",
