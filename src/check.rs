@@ -5,8 +5,9 @@
 use std::fmt;
 use std::str::FromStr;
 
-/// One of ze-filter's checks. The order is the order of `policy.md` §1 and
-/// of every report (`policy explain`, verdicts that name several checks).
+/// One of ze-filter's checks. The order is the order of `docs/policy.md`
+/// §1 and of every report (`policy explain`, verdicts that name several
+/// checks).
 #[derive(
     Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
 )]
@@ -177,7 +178,7 @@ impl Check {
         }
     }
 
-    /// Code, enhanced code and words of the refusal (`policy.md` §1).
+    /// Code, enhanced code and words of the refusal (`docs/policy.md` §1).
     fn reply_words(self) -> (u16, &'static str, &'static str) {
         match self {
             Check::ConnRate => (421, "4.5.1", "Connection rate too high"),

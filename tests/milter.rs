@@ -1,6 +1,6 @@
 //! Milter conversations (indymilter-test speaks as an MTA would) against
 //! the milter and a real one-node cluster: each check at the stage
-//! `policy.md` names, with the exact reply; and the fail modes.
+//! `docs/policy.md` §1 names, with the exact reply; and the fail modes.
 
 use std::ffi::CString;
 use std::net::{IpAddr, SocketAddr};

@@ -1,5 +1,5 @@
 //! Property tests against brute-force models: the window's count, and the
-//! precedence of §3 over random policies and clients.
+//! precedence of `docs/policy.md` §3 over random policies and clients.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 

@@ -446,7 +446,7 @@ fn give_back(shared: &Arc<Shared>, reserved: Reserved) {
 }
 
 /// Asks for the verdict of `event` and turns it into the milter's answer,
-/// with the reply of `policy.md` §1 and one log line per refusal.
+/// with the reply of `docs/policy.md` §1 and one log line per refusal.
 async fn answer(
     shared: &Shared,
     cx: &mut Context<Session>,

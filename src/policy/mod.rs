@@ -351,7 +351,7 @@ impl Policy {
         }
     }
 
-    /// The first match of `policy.md` §3's precedence.
+    /// The first match of `docs/policy.md` §3, "Which entry applies".
     fn lookup(&self, check: Check, client: &Client) -> Option<&Entry<Option<u64>>> {
         let table = &self.tables[check.index()];
         let found = match check.key_kind() {
@@ -367,7 +367,7 @@ impl Policy {
     }
 }
 
-/// 127.0.0.1 and ::1, the addresses `policy.md` makes `LOCAL`.
+/// 127.0.0.1 and ::1, the addresses made `LOCAL` (`docs/policy.md` §3).
 fn is_loopback_one(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(v4) => v4.octets() == [127, 0, 0, 1],

@@ -58,7 +58,7 @@ pub struct CheckExplanation {
     pub source: Option<String>,
 }
 
-/// Every check of `policy.md` §1, in its order.
+/// Every check of `docs/policy.md` §1, in its order.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Explanation {
     pub checks: serde_json::Map<String, serde_json::Value>,
