@@ -271,7 +271,7 @@ fn callbacks(shared: Arc<Shared>) -> Callbacks<Session> {
                 if let Some(policy) = &policy {
                     let refusal = engine::per_connection(policy, Check::MaxMsgs, &client, count);
                     if let Some(r) = refusal {
-                        let (status, _) = respond(&shared, cx, Verdict::Refuse(r), "mail");
+                        let status = respond(&shared, cx, &Verdict::Refuse(r), "mail");
                         if status != Status::Continue {
                             return status;
                         }
@@ -285,10 +285,11 @@ fn callbacks(shared: Arc<Shared>) -> Callbacks<Session> {
                     // 0: decided here, the node need not.
                     msgs_in_conn: if policy.is_some() { 0 } else { count },
                 };
-                let (status, verdict) = answer_with(&shared, cx, &event, "mail").await;
-                // An allowed MAIL took its slot in the message rates: it
-                // is given back unless the message reaches its end.
-                if let (Some(s), Some(Verdict::Allow)) = (cx.data.as_mut(), verdict) {
+                let (status, decision) = answer_with(&shared, cx, &event, "mail").await;
+                // A MAIL the cluster allowed took its slot in the message
+                // rates: it is given back unless the message reaches its
+                // end. (One the fail mode let through took no slot there.)
+                if let (Some(s), Decision::Node(Verdict::Allow)) = (cx.data.as_mut(), decision) {
                     if let Some(earlier) = s.reserve() {
                         give_back(&shared, earlier);
                     }
@@ -322,7 +323,7 @@ fn callbacks(shared: Arc<Shared>) -> Callbacks<Session> {
                     .into_iter()
                     .find_map(|c| engine::per_connection(&policy, c, &client, count));
                 if let Some(r) = refusal {
-                    let (status, _) = respond(&shared, cx, Verdict::Refuse(r), "rcpt");
+                    let status = respond(&shared, cx, &Verdict::Refuse(r), "rcpt");
                     if status != Status::Continue {
                         return status;
                     }
@@ -456,15 +457,16 @@ async fn answer(
     answer_with(shared, cx, event, stage).await.0
 }
 
-/// As [`answer`], with the verdict the cluster (or the fallback) gave;
-/// `None` when nobody could decide.
+/// As [`answer`], with the decision: the cluster's verdict, the fail
+/// mode's, or none.
 async fn answer_with(
     shared: &Shared,
     cx: &mut Context<Session>,
     event: &Event,
     stage: &'static str,
-) -> (Status, Option<Verdict>) {
-    match shared.decider.decide(event).await {
+) -> (Status, Decision) {
+    let decision = shared.decider.decide(event).await;
+    let status = match &decision {
         Decision::Node(v) | Decision::Fallback(_, v) => respond(shared, cx, v, stage),
         Decision::Unavailable => {
             let _ = cx.reply.set_error_reply(
@@ -472,29 +474,30 @@ async fn answer_with(
                 Some("4.3.0"),
                 ["Rate limiter unavailable - try again later"],
             );
-            (Status::Tempfail, None)
+            Status::Tempfail
         }
-    }
+    };
+    (status, decision)
 }
 
 /// Turns a verdict (the cluster's, the fallback's or the milter's own)
 /// into the milter's answer: a refusal is logged and replied, unless in
-/// dry run. Gives the verdict back.
+/// dry run.
 fn respond(
     shared: &Shared,
     cx: &mut Context<Session>,
-    verdict: Verdict,
+    verdict: &Verdict,
     stage: &'static str,
-) -> (Status, Option<Verdict>) {
-    let Verdict::Refuse(refusal) = &verdict else {
-        return (Status::Continue, Some(verdict));
+) -> Status {
+    let Verdict::Refuse(refusal) = verdict else {
+        return Status::Continue;
     };
     let dry_run = shared.dry_run || shared.decider.policy_dry_run();
     if let Some(s) = cx.data.as_ref() {
         log_refusal(s, refusal, stage, dry_run);
     }
     if dry_run {
-        return (Status::Continue, Some(verdict));
+        return Status::Continue;
     }
     let reply = refusal.reply();
     let code = reply.code.to_string();
@@ -504,7 +507,7 @@ fn respond(
     {
         tracing::error!(error = %e, "reply not accepted by the milter library");
     }
-    (Status::Tempfail, Some(verdict))
+    Status::Tempfail
 }
 
 /// One line an operator can grep: who, which check, the figures, where.

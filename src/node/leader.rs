@@ -210,18 +210,6 @@ impl Node {
         }
     }
 
-    /// Decides read-only events so that they see every count acknowledged
-    /// before they were asked: at the leader, after a read-index check.
-    pub async fn read(&self, events: Vec<Event>) -> Result<Vec<Verdict>, NodeError> {
-        match self.at_leader(Proposal::Read(events)).await? {
-            ProposalReply::Verdicts(v) => Ok(v),
-            other => Err(NodeError::Raft(format!(
-                "unexpected reply {}",
-                cut(&format!("{other:?}"))
-            ))),
-        }
-    }
-
     /// Runs a proposal at the leader: here if this node leads, else
     /// forwarded in one RPC. The one place that knows about forwarding.
     pub(super) async fn at_leader(&self, proposal: Proposal) -> Result<ProposalReply, NodeError> {

@@ -3,9 +3,9 @@
 //!
 //! - `config`: what a node is started with;
 //! - [`batcher`] gathers concurrent events into one log entry;
-//! - `leader`: [`Node::propose`] writes a command at the leader and
-//!   [`Node::read`] answers read-only events linearizably there,
-//!   forwarding from a follower in one RPC;
+//! - `leader`: [`Node::propose`] writes a command at the leader,
+//!   forwarding from a follower in one RPC; [`Node::read_local`] answers
+//!   rechecks from this node's applied state;
 //! - `lifecycle`: [`start`] opens the data dir, starts Raft and the gRPC
 //!   server, and bootstraps, joins or resumes the cluster; [`NodeHandle`]
 //!   stops it;
