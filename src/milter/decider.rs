@@ -210,10 +210,14 @@ impl Decider {
             Link::Grpc(client) => client.decide(event).await,
             Link::InProcess(node) => {
                 let event = owned_by(event, node.incarnation);
+                let kinds = [crate::metrics::event_name(&event)];
+                let started = std::time::Instant::now();
                 let mut verdicts = node
                     .decide(vec![event])
                     .await
                     .map_err(|e| Status::unavailable(e.to_string()))?;
+                // As the Limiter service records the decisions it serves.
+                crate::metrics::record_decisions(&kinds, &verdicts, started.elapsed());
                 verdicts
                     .pop()
                     .ok_or_else(|| Status::internal("no verdict for the event"))
