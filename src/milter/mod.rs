@@ -265,6 +265,7 @@ fn callbacks(shared: Arc<Shared>) -> Callbacks<Session> {
                 let sender = args.first().map(|a| a.to_string_lossy().into_owned());
                 s.begin_message(sender.as_deref(), auth.as_deref(), queue_id);
                 let (client, count) = (s.client.clone(), s.msgs_in_conn);
+                let giving_back = s.giving_back.take();
                 // MaxMsgs is this connection's own count; the cluster is
                 // asked only when a message rate counts this message.
                 let policy = shared.decider.policy();
@@ -279,6 +280,12 @@ fn callbacks(shared: Arc<Shared>) -> Callbacks<Session> {
                     if !engine::counts_any(policy, &engine::MESSAGE_RATES, &client) {
                         return Status::Continue;
                     }
+                }
+                // Postfix sends the abort of an RSET only ahead of the
+                // session's next command: this MAIL must not be decided
+                // before the slot that abort gave back is free again.
+                if let Some(pending) = giving_back {
+                    let _ = pending.await;
                 }
                 let event = Event::Mail {
                     client,
@@ -370,7 +377,7 @@ fn callbacks(shared: Arc<Shared>) -> Callbacks<Session> {
             Box::pin(async move {
                 if let Some(s) = cx.data.as_mut() {
                     if let Some(reserved) = s.abort_message() {
-                        give_back(&shared, reserved);
+                        s.giving_back = Some(give_back(&shared, reserved));
                     }
                 }
                 Status::Continue
@@ -434,8 +441,9 @@ async fn handle_connect(
 
 /// Gives a message's reserved slots back, in the background: the MTA
 /// has nothing to wait for. If the cluster does not take it, the slots
-/// stay counted, which errs on the side of the limit.
-fn give_back(shared: &Arc<Shared>, reserved: Reserved) {
+/// stay counted, which errs on the side of the limit. The task ends once
+/// the give-back is decided (within the decider's timeout).
+fn give_back(shared: &Arc<Shared>, reserved: Reserved) -> tokio::task::JoinHandle<()> {
     let shared = shared.clone();
     tokio::spawn(async move {
         let event = Event::GiveBack {
@@ -443,7 +451,7 @@ fn give_back(shared: &Arc<Shared>, reserved: Reserved) {
             held_secs: reserved.at.elapsed().as_secs(),
         };
         let _ = shared.decider.decide(&event).await;
-    });
+    })
 }
 
 /// Asks for the verdict of `event` and turns it into the milter's answer,

@@ -41,6 +41,9 @@ pub struct Session {
     /// The current message's slots in the message rates, taken at MAIL
     /// FROM, until it reaches its end or is given up.
     pub reserved: Option<Reserved>,
+    /// The give-back of an aborted message, on its way in the background;
+    /// the session's next MAIL waits for it (see `on_mail`).
+    pub giving_back: Option<tokio::task::JoinHandle<()>>,
 }
 
 /// A message's slots in the message rates: who took them, and when.
@@ -70,6 +73,7 @@ impl Session {
             queue_id: None,
             announced: false,
             reserved: None,
+            giving_back: None,
         }
     }
 
