@@ -7,7 +7,7 @@
 # port is its client port + 10 (relayrate's default): join through that.
 
 cargo build --release --quiet --bin relayrate
-bin=target/release/relayrate
+bin=${CARGO_TARGET_DIR:-target}/release/relayrate
 work=$(mktemp -d)
 pids=()
 cleanup() {

@@ -84,6 +84,9 @@ pub enum Decision {
     Unavailable,
 }
 
+/// How long a background event (a Close) is retried.
+const SETTLE_FOR: Duration = Duration::from_secs(60);
+
 /// How the milter reaches its node.
 enum Link {
     /// Over gRPC: the events of all the milter's sessions share its calls.
@@ -203,6 +206,38 @@ impl Decider {
             Err(_) => format!("no answer within {} ms", self.timeout.as_millis()),
         };
         self.fallback(event, &why)
+    }
+
+    /// Sends an event whose answer nobody waits for (a Close, a GiveBack)
+    /// to the node, never to the fail mode: the cluster must hear it. A
+    /// Close, which applied twice does no harm, is retried with back-off
+    /// for up to [`SETTLE_FOR`]; a GiveBack, which must not be applied
+    /// twice, is sent once (a lost one leaves the slot counted, which errs
+    /// on the side of the limit).
+    pub async fn settle(&self, event: &Event) {
+        let retry = matches!(event, Event::Close { .. });
+        if retry {
+            // A lease the fallback took (the node was away at connect)
+            // is the fallback's to release; none there, nothing happens.
+            if let Some(engine) = self.local.lock().expect("local engine lock").as_mut() {
+                engine.apply(event, now_secs());
+            }
+        }
+        let until = std::time::Instant::now() + SETTLE_FOR;
+        let mut wait = Duration::from_millis(100);
+        loop {
+            let why = match tokio::time::timeout(SETTLE_FOR, self.ask(event)).await {
+                Ok(Ok(_)) => return,
+                Ok(Err(status)) => status.message().to_string(),
+                Err(_) => "no answer".to_string(),
+            };
+            if !retry || std::time::Instant::now() + wait > until {
+                tracing::warn!(event = crate::metrics::event_name(event), %why, "not settled with the node");
+                return;
+            }
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(Duration::from_secs(5));
+        }
     }
 
     async fn ask(&self, event: &Event) -> Result<Verdict, Status> {

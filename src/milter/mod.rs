@@ -394,7 +394,7 @@ fn callbacks(shared: Arc<Shared>) -> Callbacks<Session> {
                     // released in the background.
                     if s.announced {
                         tokio::spawn(async move {
-                            let _ = shared.decider.decide(&Event::Close { conn: s.conn }).await;
+                            shared.decider.settle(&Event::Close { conn: s.conn }).await;
                         });
                     }
                 }
@@ -450,7 +450,7 @@ fn give_back(shared: &Arc<Shared>, reserved: Reserved) -> tokio::task::JoinHandl
             client: reserved.client,
             held_secs: reserved.at.elapsed().as_secs(),
         };
-        let _ = shared.decider.decide(&event).await;
+        shared.decider.settle(&event).await;
     })
 }
 
