@@ -553,3 +553,38 @@ fn explain_of_a_broken_file_prints_its_errors_and_exits_1() {
         "bad.txt:2:18: expected a value after `ConnRate:1.1.1.11`\n"
     );
 }
+
+/// A cluster secret that others may read is reported at start (here, the
+/// node cannot bind its port and stops right after).
+#[test]
+fn a_cluster_secret_readable_by_others_is_reported() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = dir_with(&[("secret", "0123456789abcdef0123456789abcdef")]);
+    let secret = dir.path().join("secret");
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port().to_string();
+    let listen = format!("127.0.0.1:{port}");
+    let args = [
+        "node",
+        "--id",
+        "1",
+        "--listen",
+        listen.as_str(),
+        "--data-dir",
+        "data",
+        "--bootstrap",
+        "--cluster-secret-file",
+        "secret",
+    ];
+    for (mode, warned) in [(0o644, true), (0o600, false)] {
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(mode)).unwrap();
+        let out = run(dir.path(), &args);
+        assert!(!out.status.success(), "the port is taken");
+        assert_eq!(
+            stderr(&out).contains("chmod 600"),
+            warned,
+            "mode {mode:o}: {}",
+            stderr(&out)
+        );
+    }
+}

@@ -213,7 +213,10 @@ async fn only_the_leader_can_tell_a_node_it_was_removed() {
     let dir = TempDir::new().unwrap();
     let h = one_node(&dir).await;
     let peer = h.peer_addr.to_string();
-    let notice = Proposal::Membership { member: false };
+    let notice = Proposal::Membership {
+        id: 1,
+        member: false,
+    };
     for (who, auth) in intruders() {
         let refused = peer_propose(&peer, None, &auth, notice.clone())
             .await
@@ -292,4 +295,48 @@ async fn without_a_secret_or_tls_no_peer_is_accepted() {
     joiner.cluster_secret = None;
     let err = node::start(joiner).await.err().expect("refused");
     assert!(err.to_string().contains("--cluster-secret-file"), "{err}");
+}
+
+/// A signed admin write captured on the wire and sent again within the
+/// clock window is refused the second time; so is a removal notice meant
+/// for another node.
+#[tokio::test]
+async fn a_replayed_admin_write_or_a_notice_for_another_node_is_refused() {
+    let dir = TempDir::new().unwrap();
+    let h = one_node(&dir).await;
+    let peer = h.peer_addr.to_string();
+    let reset = relayrate::node::Forwarded {
+        proposal: Proposal::Command(Command::Reset {
+            key: CounterKey::Ip("192.0.2.1".parse().unwrap()),
+            check: Some(Check::ConnRate),
+            requested_by: "operator".into(),
+        }),
+        admin_token: Some(TOKEN.into()),
+    };
+    let as_member = PeerAuth::new(1, Some(test_secret()), false);
+    let captured = network::encode(&reset);
+    let mut client = RaftClient::new(network::channel(&peer, None).unwrap());
+    let stamp = node::now_ms();
+    let send = |c: &mut RaftClient<tonic::transport::Channel>| {
+        let mut request = tonic::Request::new(captured.clone());
+        as_member.sign("propose", &mut request, stamp);
+        let mut c = c.clone();
+        async move { c.propose(request).await }
+    };
+    let first = send(&mut client).await.expect("the first is taken");
+    let first: ProposalReply = network::decode(first.get_ref()).unwrap();
+    assert!(matches!(first, ProposalReply::Response(_)), "{first:?}");
+    let again = send(&mut client).await.expect_err("the replay is refused");
+    assert_eq!(again.code(), Code::PermissionDenied, "{again:?}");
+
+    let for_node_2 = Proposal::Membership {
+        id: 2,
+        member: false,
+    };
+    let reply = peer_propose(&peer, None, &as_member, for_node_2)
+        .await
+        .unwrap();
+    assert!(matches!(reply, ProposalReply::Refused(_)), "{reply:?}");
+    assert!(!h.node.is_removed());
+    h.shutdown().await;
 }

@@ -306,6 +306,7 @@ fn main() -> ExitCode {
                 print_err(&format!("relayrate: {}\n", Escaped(e)));
                 return ExitCode::from(EXIT_CONFIG);
             }
+            warn_if_readable_by_others(&secret_file);
             match ClusterSecret::read_or_create(&secret_file) {
                 Ok(secret) => config.cluster_secret = Some(secret),
                 Err(e) => {
@@ -372,6 +373,7 @@ fn main() -> ExitCode {
                 return ExitCode::from(EXIT_CONFIG);
             }
             if let Some(path) = &args.cluster_secret_file {
+                warn_if_readable_by_others(path);
                 match ClusterSecret::read(path) {
                     Ok(secret) => config.cluster_secret = Some(secret),
                     Err(e) => {
@@ -467,6 +469,25 @@ fn block_on(threads: Option<u16>, work: impl std::future::Future<Output = ExitCo
 
 fn init_logs(format: LogFormat) {
     relayrate::logs::init(matches!(format, LogFormat::Json));
+}
+
+/// Says so when a secret file of this process's user may be read by
+/// others (who could then speak as a member of the cluster). A file of
+/// another owner (a Kubernetes Secret mounted read-only) is not ours to
+/// change.
+fn warn_if_readable_by_others(path: &std::path::Path) {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let me = std::fs::metadata("/proc/self").map(|m| m.uid()).ok();
+    if let Ok(meta) = std::fs::metadata(path) {
+        let mode = meta.permissions().mode();
+        if mode & 0o077 != 0 && Some(meta.uid()) == me {
+            tracing::warn!(
+                path = %path.display(),
+                mode = format!("{:o}", mode & 0o777),
+                "the cluster secret may be read by others than its owner: chmod 600"
+            );
+        }
+    }
 }
 
 /// Reads the TLS files and the admin token named on the command line.

@@ -38,9 +38,11 @@ pub enum Proposal {
     Remove {
         id: NodeId,
     },
-    /// Sent by the leader to a node it removed (`false`) or added back
-    /// (`true`): a removed node stops campaigning and deciding.
+    /// Sent by the leader to node `id`, which it removed (`false`) or
+    /// added back (`true`): a removed node stops campaigning and deciding.
+    /// Naming the node keeps a notice from being replayed to another.
     Membership {
+        id: NodeId,
         member: bool,
     },
     /// The policy in force, read at the leader.
@@ -277,7 +279,13 @@ impl Node {
                 ));
             }
         }
-        if let Proposal::Membership { .. } = proposal {
+        if let Proposal::Membership { id, .. } = proposal {
+            if id != self.id {
+                return ProposalReply::Refused(format!(
+                    "a membership notice for node {id} sent to node {}",
+                    self.id
+                ));
+            }
             let leader = self.raft.metrics().borrow().current_leader;
             if leader != Some(from) {
                 tracing::warn!(
@@ -335,7 +343,7 @@ impl Node {
             }
             Proposal::Remove { id } => self.remove_member(id).await,
             // The leader's notice to a node it removed or added back.
-            Proposal::Membership { member } => {
+            Proposal::Membership { member, .. } => {
                 self.set_member(member);
                 ProposalReply::Response(Response::Done)
             }
@@ -440,7 +448,7 @@ impl Node {
                 // Best effort: a removed node that never hears of it keeps
                 // asking for votes, which the members refuse.
                 if id != self.id {
-                    let notice = Proposal::Membership { member: false };
+                    let notice = Proposal::Membership { id, member: false };
                     if let ProposalReply::Failed(why) = forward(self, &addr, &notice).await {
                         tracing::warn!(id, %why, "the removed node was not told");
                     }
@@ -536,7 +544,8 @@ impl Node {
             tracing::info!(id, %addr, "node joined as a voter");
         }
         // A node removed before and added back may campaign again.
-        let _ = forward(self, &addr, &Proposal::Membership { member: true }).await;
+        let notice = Proposal::Membership { id, member: true };
+        let _ = forward(self, &addr, &notice).await;
         ProposalReply::Joined
     }
 

@@ -16,7 +16,7 @@ use crate::convert::decide_events;
 use crate::metrics;
 use crate::proto::v1 as pb;
 use crate::raft::network;
-use crate::raft::peer_auth::{host_of, Caller};
+use crate::raft::peer_auth::{host_of, Caller, ReplayGuard};
 use crate::raft::validate::{self, SnapshotChunks};
 use crate::raft::{Node as PeerNode, NodeId, TypeConfig};
 
@@ -97,6 +97,8 @@ pub struct RaftService {
     node: Arc<Node>,
     /// Refused calls, logged at most once per [`REFUSAL_LOG_EVERY_MS`].
     refusals: RefusalLog,
+    /// Admin writes and membership notices already taken.
+    replays: ReplayGuard,
     /// The snapshot being received, which each chunk must continue.
     snapshot: SnapshotChunks,
 }
@@ -106,23 +108,23 @@ impl RaftService {
         RaftService {
             node,
             refusals: RefusalLog::default(),
+            replays: ReplayGuard::default(),
             snapshot: SnapshotChunks::default(),
         }
     }
 
-    /// Checks the caller's proof, then that `claimed` (the sender the
-    /// message names: a leader or a candidate) is the caller and a member
-    /// it speaks for. `carried`: memberships the message itself carries,
-    /// for a follower that has not seen its leader's addition yet.
+    /// Checks that `claimed` (the sender the message names: a leader or
+    /// a candidate) is the caller, whose proof held, and a member it
+    /// speaks for. `carried`: memberships the message itself carries, for
+    /// a follower that has not seen its leader's addition yet.
     fn admit<'a>(
         &self,
         method: &'static str,
-        request: &Request<pb::RaftPayload>,
+        caller: &Caller,
         claimed: Option<NodeId>,
         carried: impl Iterator<Item = &'a Membership<NodeId, PeerNode>>,
     ) -> Result<(), Status> {
-        let caller = self.verify(method, request)?;
-        let refuse = |why: String| self.refuse(method, &caller, why);
+        let refuse = |why: String| self.refuse(method, caller, why);
         match claimed {
             Some(id) if id == caller.id => {}
             Some(id) => {
@@ -233,7 +235,10 @@ type Reply = Result<Response<pb::RaftPayload>, Status>;
 
 #[tonic::async_trait]
 impl pb::raft_server::Raft for RaftService {
+    // Each call's proof is checked before its payload is decoded: an
+    // outsider gets nothing decoded.
     async fn append_entries(&self, request: Request<pb::RaftPayload>) -> Reply {
+        let caller = self.verify("append_entries", &request)?;
         let rpc: AppendEntriesRequest<TypeConfig> = network::decode(request.get_ref())?;
         let carried = rpc.entries.iter().filter_map(|e| match &e.payload {
             EntryPayload::Membership(m) => Some(m),
@@ -241,7 +246,7 @@ impl pb::raft_server::Raft for RaftService {
         });
         self.admit(
             "append_entries",
-            &request,
+            &caller,
             rpc.vote.leader_id().voted_for(),
             carried,
         )?;
@@ -251,10 +256,11 @@ impl pb::raft_server::Raft for RaftService {
     }
 
     async fn vote(&self, request: Request<pb::RaftPayload>) -> Reply {
+        let caller = self.verify("vote", &request)?;
         let rpc: VoteRequest<NodeId> = network::decode(request.get_ref())?;
         self.admit(
             "vote",
-            &request,
+            &caller,
             rpc.vote.leader_id().voted_for(),
             std::iter::empty(),
         )?;
@@ -264,11 +270,12 @@ impl pb::raft_server::Raft for RaftService {
     }
 
     async fn install_snapshot(&self, request: Request<pb::RaftPayload>) -> Reply {
+        let caller = self.verify("install_snapshot", &request)?;
         let rpc: InstallSnapshotRequest<TypeConfig> = network::decode(request.get_ref())?;
         let carried = std::iter::once(rpc.meta.last_membership.membership());
         self.admit(
             "install_snapshot",
-            &request,
+            &caller,
             rpc.vote.leader_id().voted_for(),
             carried,
         )?;
@@ -307,6 +314,15 @@ impl pb::raft_server::Raft for RaftService {
             return Err(self.refuse("propose", &caller, why));
         }
         validate_proposal(&forwarded.proposal)?;
+        let once_only = forwarded.proposal.needs_admin()
+            || matches!(forwarded.proposal, Proposal::Membership { .. });
+        if once_only && !self.replays.first_time(&caller, super::now_ms()) {
+            return Err(self.refuse(
+                "propose",
+                &caller,
+                format!("{} seen before: a replay", forwarded.proposal.name()),
+            ));
+        }
         let reply = self.node.serve_forwarded(forwarded, caller.id).await;
         Ok(Response::new(network::encode(&reply)))
     }

@@ -156,6 +156,9 @@ pub struct Caller {
     /// DNS names (lower case) and IP addresses of the certificate; `None`
     /// without TLS.
     names: Option<Vec<CertName>>,
+    /// The call's MAC and clock, with the cluster secret: what a replay
+    /// of the same call would carry again.
+    signed: Option<([u8; 32], u64)>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -245,6 +248,7 @@ impl PeerAuth {
             .get(PEER_HEADER)
             .and_then(|v| v.to_str().ok())
             .ok_or_else(|| Status::unauthenticated("peer calls need the cluster's proof"))?;
+        let mut signed = None;
         let mut parts = header.splitn(3, '.');
         let id: NodeId = parts
             .next()
@@ -267,12 +271,45 @@ impl PeerAuth {
                 .mac(method, id, ms, &request.get_ref().data)
                 .verify_slice(&tag)
                 .map_err(|_| Status::unauthenticated("wrong MAC: not this cluster's secret"))?;
+            signed = tag.try_into().ok().map(|tag| (tag, ms));
         }
         let names = match self.tls {
             true => Some(certificate_names(request)?),
             false => None,
         };
-        Ok(Caller { id, names })
+        Ok(Caller { id, names, signed })
+    }
+}
+
+/// The signed calls seen within the clock window, so that a call that
+/// must not be done twice (an admin write, a membership notice) is done
+/// once: a captured one replayed within [`MAX_SKEW_MS`] is refused. Raft's
+/// own calls and counted events need no guard: terms and request ids make
+/// their replays harmless.
+#[derive(Default)]
+pub struct ReplayGuard {
+    seen: std::sync::Mutex<std::collections::HashMap<[u8; 32], u64>>,
+}
+
+/// Calls remembered at most: a flood of valid calls (only members can
+/// make them) fills it; then guarded calls are refused until some expire.
+const REPLAY_MEMORY: usize = 100_000;
+
+impl ReplayGuard {
+    /// Whether `caller`'s call is seen for the first time. A call without
+    /// a MAC (TLS alone, whose sessions cannot be replayed) always is.
+    pub fn first_time(&self, caller: &Caller, now_ms: u64) -> bool {
+        let Some((tag, ms)) = caller.signed else {
+            return true;
+        };
+        let mut seen = self.seen.lock().expect("replay guard lock");
+        if seen.len() >= REPLAY_MEMORY {
+            seen.retain(|_, at| at.abs_diff(now_ms) <= MAX_SKEW_MS);
+            if seen.len() >= REPLAY_MEMORY {
+                return false;
+            }
+        }
+        seen.insert(tag, ms).is_none()
     }
 }
 
@@ -384,6 +421,20 @@ mod tests {
         let r = signed(&PeerAuth::new(2, None, false), "vote", b"", 0);
         assert!(!open.accepts_peers());
         assert!(open.verify("vote", &r, 0).is_err());
+    }
+
+    #[test]
+    fn a_guarded_call_is_taken_once() {
+        let a = PeerAuth::new(3, Some(secret("0123456789abcdef0123")), false);
+        let b = PeerAuth::new(1, Some(secret("0123456789abcdef0123")), false);
+        let guard = ReplayGuard::default();
+        let r = signed(&a, "propose", b"reset", 1_000);
+        let caller = b.verify("propose", &r, 1_000).unwrap();
+        assert!(guard.first_time(&caller, 1_000));
+        let again = b.verify("propose", &r, 61_000).unwrap();
+        assert!(!guard.first_time(&again, 61_000), "a replay was taken");
+        let other = signed(&a, "propose", b"reset", 1_001);
+        assert!(guard.first_time(&b.verify("propose", &other, 1_001).unwrap(), 1_001));
     }
 
     #[test]
