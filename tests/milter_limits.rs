@@ -553,3 +553,35 @@ async fn the_milter_outlives_its_open_file_limit() {
         .count();
     assert!(lines <= 5, "{lines} log lines about the open-file limit");
 }
+
+/// The attack a review found: at the cap, a stream of fresh connections
+/// that each negotiate at once made an MTA session that paused a second
+/// the one "idle longest", and it was closed. Connections that negotiated
+/// but carry no SMTP session now go first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fresh_negotiated_connections_do_not_push_out_an_mta_session() {
+    let (addr, _stop) = start_milter(limits(60, 60, 60, 20)).await;
+    let mut mta = TestConnection::open(addr).await.unwrap();
+    assert_eq!(
+        mta.connect("web1.example", ip("10.9.0.9")).await.unwrap(),
+        Status::Continue
+    );
+    // The MTA's client is slow: a second without a word, while the flood
+    // keeps 3 caps' worth of fresh, negotiated connections coming.
+    let flood = tokio::spawn(async move {
+        let mut held = Vec::new();
+        let until = Instant::now() + Duration::from_secs(1);
+        while Instant::now() < until {
+            held.push(negotiated(addr).await);
+        }
+        held.len()
+    });
+    let opened = flood.await.unwrap();
+    assert!(opened > 60, "the flood opened only {opened} connections");
+    assert_eq!(
+        mta.helo("web1.example")
+            .await
+            .expect("the MTA's session survives"),
+        Status::Continue
+    );
+}

@@ -67,6 +67,8 @@ impl Cut {
 pub struct ConnState {
     /// The MTA's OPTNEG has arrived.
     pub negotiated: bool,
+    /// An SMTP session is under way: its connect has come (SMFIC_CONNECT).
+    pub in_session: bool,
     /// Between DATA and the end of the message (or abort, or quit).
     pub in_data: bool,
     /// When the conversation last moved: the accept, the last complete
@@ -83,6 +85,7 @@ pub type SharedState = Arc<Mutex<ConnState>>;
 pub fn new_state(now: Instant) -> SharedState {
     Arc::new(Mutex::new(ConnState {
         negotiated: false,
+        in_session: false,
         in_data: false,
         last_active: now,
         evicted: false,
@@ -191,9 +194,12 @@ impl<S> Guarded<S> {
             st.last_active = now;
             match command {
                 b'O' => st.negotiated = true,
+                b'C' => st.in_session = true,
                 b'T' => st.in_data = true,
-                // End of message, abort, quit, quit for a new connection.
-                b'E' | b'A' | b'Q' | b'K' => st.in_data = false,
+                // End of message, abort, quit.
+                b'E' | b'A' | b'Q' => st.in_data = false,
+                // Quit, the connection kept for a new session.
+                b'K' => (st.in_data, st.in_session) = (false, false),
                 _ => {}
             }
         });

@@ -4,12 +4,15 @@
 //! indymilter stops accepting at its own cap until a connection ends, and
 //! ends its whole run on the first failed accept. Here its cap is set out
 //! of reach and this listener enforces one instead: at the cap, it takes
-//! the new connection and closes the one idle longest, choosing first
-//! among those that have not negotiated. An MTA sends OPTNEG as soon as
-//! it connects, so a connection still silent is the least likely to be
-//! an MTA, and the one idle longest is the least likely to be mid-message;
-//! idle or half-open connections, however many, thus never lock the MTA
-//! out, and it is the flood's own connections that go. A failed accept
+//! the new connection and closes one that has done the least, idle
+//! longest among those: first one that never negotiated, then one that
+//! negotiated but carries no SMTP session, then one in a session, and
+//! last one in the middle of a message's DATA. An MTA negotiates at once
+//! and opens a session for every SMTP client, so idle or half-open
+//! connections, or fresh ones that only negotiate, however many, go before
+//! the MTA's. (A client that speaks the whole milter protocol can still
+//! compete with the MTA: keep the milter's socket on loopback or a unix
+//! socket only the MTA may open.) A failed accept
 //! (out of file descriptors, a connection aborted before it was taken) is
 //! logged and retried after a growing pause; when file descriptors are
 //! out, a connection is closed as at the cap to free one.
@@ -90,7 +93,7 @@ impl Registry {
                 if let Some(held) = open.cap_log.ready(now) {
                     tracing::warn!(
                         max_connections = self.limits.max_connections.get(),
-                        negotiated = closed.negotiated,
+                        stage = closed.stage.name(),
                         idle_ms = now.duration_since(closed.last_active).as_millis() as u64,
                         more_since_last_line = held,
                         "milter: connection cap reached: closed the connection idle longest \
@@ -124,32 +127,61 @@ impl Registry {
 
 /// What the cap's log line tells of the connection it closed.
 struct Closed {
-    negotiated: bool,
+    stage: Stage,
     last_active: Instant,
+}
+
+/// How far a connection has come, least first: the order in which the cap
+/// closes connections.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Stage {
+    Unnegotiated,
+    Negotiated,
+    InSession,
+    InData,
+}
+
+impl Stage {
+    fn of(st: &guard::ConnState) -> Stage {
+        match (st.negotiated, st.in_session, st.in_data) {
+            (false, _, _) => Stage::Unnegotiated,
+            (true, _, true) => Stage::InData,
+            (true, true, false) => Stage::InSession,
+            (true, false, false) => Stage::Negotiated,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Stage::Unnegotiated => "unnegotiated",
+            Stage::Negotiated => "negotiated",
+            Stage::InSession => "in session",
+            Stage::InData => "in data",
+        }
+    }
 }
 
 impl Open {
     fn evict_one(&mut self) -> Option<Closed> {
         let seen = self.conns.iter().map(|(id, state)| {
             let st = guard::lock(state);
-            (*id, st.negotiated, st.last_active)
+            (*id, Stage::of(&st), st.last_active)
         });
-        let (id, negotiated, last_active) = pick_victim(seen)?;
+        let (id, stage, last_active) = pick_victim(seen)?;
         let state = self.conns.remove(&id)?;
         guard::evict(&state);
         crate::metrics::record_milter_cut(Cut::Evicted.name());
         crate::metrics::set_milter_connections(self.conns.len());
-        Some(Closed {
-            negotiated,
-            last_active,
-        })
+        Some(Closed { stage, last_active })
     }
 }
 
-/// The connection to close for room, from (id, negotiated, last active):
-/// among those that have not negotiated if any, the one idle longest.
-fn pick_victim(conns: impl Iterator<Item = (u64, bool, Instant)>) -> Option<(u64, bool, Instant)> {
-    conns.min_by_key(|&(id, negotiated, last_active)| (negotiated, last_active, id))
+/// The connection to close for room, from (id, stage, last active): of
+/// the least advanced stage, the one idle longest.
+fn pick_victim(
+    conns: impl Iterator<Item = (u64, Stage, Instant)>,
+) -> Option<(u64, Stage, Instant)> {
+    conns.min_by_key(|&(id, stage, last_active)| (stage, last_active, id))
 }
 
 /// Lets a repeated log line through at most once per `every`, counting
@@ -280,18 +312,31 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_victim_is_unnegotiated_first_then_idle_longest() {
+    fn the_victim_has_done_the_least_then_idled_longest() {
+        use Stage::*;
         let t0 = Instant::now();
         let at = |ms| t0 + Duration::from_millis(ms);
         let conns = [
-            (1, true, at(0)),
-            (2, false, at(30)),
-            (3, false, at(10)),
-            (4, true, at(5)),
+            (1, Negotiated, at(0)),
+            (2, Unnegotiated, at(30)),
+            (3, Unnegotiated, at(10)),
+            (4, InSession, at(5)),
         ];
         assert_eq!(pick_victim(conns.into_iter()).map(|v| v.0), Some(3));
-        let negotiated = [(1, true, at(20)), (2, true, at(5)), (3, true, at(10))];
-        assert_eq!(pick_victim(negotiated.into_iter()).map(|v| v.0), Some(2));
+        // A flood of fresh connections that only negotiate goes before an
+        // MTA session idle for longer.
+        let flood = [
+            (1, InSession, at(0)),
+            (2, Negotiated, at(900)),
+            (3, Negotiated, at(950)),
+        ];
+        assert_eq!(pick_victim(flood.into_iter()).map(|v| v.0), Some(2));
+        let sessions = [
+            (1, InData, at(0)),
+            (2, InSession, at(5)),
+            (3, InSession, at(10)),
+        ];
+        assert_eq!(pick_victim(sessions.into_iter()).map(|v| v.0), Some(2));
         assert_eq!(pick_victim(std::iter::empty()), None);
     }
 
