@@ -99,6 +99,17 @@ async fn a_raw_propose_cannot_replace_the_policy_or_reset_counts() {
         .await
         .expect_err("an unsigned Propose is refused");
     assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
+    // Garbage without a proof is refused on its headers: nothing of it is
+    // decoded (before, it reached the decoder: "bad payload: ...").
+    let garbage = relayrate::proto::v1::RaftPayload {
+        data: vec![0xff; 4096],
+    };
+    let refused = RaftClient::new(channel.clone())
+        .vote(garbage)
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
+    assert!(!refused.message().contains("payload"), "{refused:?}");
     // The client port does not serve the Raft service at all.
     let client_port = network::channel(&h.addr.to_string(), None).unwrap();
     let refused = RaftClient::new(client_port).propose(raw).await.unwrap_err();

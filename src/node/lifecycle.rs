@@ -224,9 +224,21 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, NodeError> {
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1()
             .map_err(|e| NodeError::Raft(format!("reflection: {e}")))?;
-        let peers = RaftServer::new(services::RaftService::new(node.clone()))
+        let raft_service = RaftServer::new(services::RaftService::new(node.clone()))
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        // The shape and freshness of a call's proof are checked on its
+        // headers, before its message is read (the MAC, over the message,
+        // after).
+        let precheck = node.auth.clone();
+        let peers = tonic::service::interceptor::InterceptedService::new(
+            raft_service,
+            move |request: tonic::Request<()>| {
+                precheck
+                    .precheck(request.metadata(), super::now_ms())
+                    .map(|()| request)
+            },
+        );
         let tls = config.tls.as_ref().map(|t| t.server_config());
         let (peer_stop_tx, peer_stop_rx) = oneshot::channel::<()>();
         let clients = server_builder(tls.clone())?

@@ -227,6 +227,45 @@ impl PeerAuth {
         request.metadata_mut().insert(PEER_HEADER, value);
     }
 
+    /// What can be checked of a call before its message is read: that it
+    /// carries a proof of the right shape, fresh. Run on the headers (an
+    /// interceptor), so that a caller without one never has its message
+    /// buffered, let alone decoded.
+    ///
+    /// Errors: `UNAUTHENTICATED`, as [`PeerAuth::verify`].
+    pub fn precheck(
+        &self,
+        metadata: &tonic::metadata::MetadataMap,
+        now_ms: u64,
+    ) -> Result<(), Status> {
+        if !self.accepts_peers() {
+            return Err(Status::unauthenticated(
+                "this node has neither a cluster secret nor TLS: it accepts no peers",
+            ));
+        }
+        let header = metadata
+            .get(PEER_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .ok_or_else(|| Status::unauthenticated("peer calls need the cluster's proof"))?;
+        let mut parts = header.splitn(3, '.');
+        let id_ok = parts.next().is_some_and(|id| id.parse::<NodeId>().is_ok());
+        let shaped = match &self.secret {
+            None => id_ok,
+            Some(_) => {
+                let ms = parts.next().and_then(|ms| ms.parse::<u64>().ok());
+                let tag = parts.next().unwrap_or("");
+                id_ok
+                    && ms.is_some_and(|ms| ms.abs_diff(now_ms) <= MAX_SKEW_MS)
+                    && tag.len() == 64
+                    && tag.bytes().all(|b| b.is_ascii_hexdigit())
+            }
+        };
+        match shaped {
+            true => Ok(()),
+            false => Err(Status::unauthenticated("malformed or stale peer proof")),
+        }
+    }
+
     /// Checks a call of `method`: the MAC under the secret, and the
     /// certificate's names with TLS.
     ///
@@ -421,6 +460,24 @@ mod tests {
         let r = signed(&PeerAuth::new(2, None, false), "vote", b"", 0);
         assert!(!open.accepts_peers());
         assert!(open.verify("vote", &r, 0).is_err());
+    }
+
+    #[test]
+    fn the_precheck_refuses_what_has_no_fresh_proof_and_passes_a_signed_call() {
+        let a = PeerAuth::new(3, Some(secret("0123456789abcdef0123")), false);
+        let b = PeerAuth::new(1, Some(secret("0123456789abcdef0123")), false);
+        let r = signed(&a, "vote", b"x", 1_000_000);
+        assert!(b.precheck(r.metadata(), 1_000_000).is_ok());
+        assert!(b
+            .precheck(r.metadata(), 1_000_000 + MAX_SKEW_MS + 1)
+            .is_err());
+        let bare = tonic::Request::new(RaftPayload { data: vec![] });
+        assert!(b.precheck(bare.metadata(), 0).is_err());
+        let mut short = tonic::Request::new(RaftPayload { data: vec![] });
+        short
+            .metadata_mut()
+            .insert(PEER_HEADER, "1.1000000.abc".parse().unwrap());
+        assert!(b.precheck(short.metadata(), 1_000_000).is_err());
     }
 
     #[test]
