@@ -628,6 +628,16 @@ pub(super) async fn forward(node: &Node, addr: &str, proposal: &Proposal) -> Pro
     match answer {
         Ok(reply) => network::decode(&reply.into_inner())
             .unwrap_or_else(|s: tonic::Status| ProposalReply::Failed(s.to_string())),
+        // The peer will not take this node's calls: asking again will not
+        // help (a wrong secret or certificate, or not a member).
+        Err(status)
+            if matches!(
+                status.code(),
+                tonic::Code::Unauthenticated | tonic::Code::PermissionDenied
+            ) =>
+        {
+            ProposalReply::Refused(format!("{addr} refused: {}", cut(status.message())))
+        }
         Err(status) => ProposalReply::Failed(status.to_string()),
     }
 }

@@ -406,7 +406,17 @@ async fn join(node: Arc<Node>, seeds: String, advertise: String) {
             }
             other => {
                 let reply = format!("{other:?}");
-                if reasons.is_new(&reply) {
+                // Asking again will not help: say what to fix, loudly.
+                let refused = matches!(other, ProposalReply::Refused(_));
+                let new = reasons.is_new(&reply);
+                if new && refused {
+                    tracing::warn!(
+                        %target,
+                        %reply,
+                        "join refused: is --cluster-secret-file the cluster's secret (and \
+                         --admin-token-file its token, if it has one)?"
+                    );
+                } else if new {
                     tracing::info!(%target, %reply, "join: not yet");
                 } else {
                     tracing::debug!(%target, %reply, "join: not yet");
