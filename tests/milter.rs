@@ -437,8 +437,12 @@ async fn with_the_node_down_each_fail_mode_answers_within_its_timeout() {
             FailMode::Tempfail,
             tempfail("451 4.3.0 Rate limiter unavailable - try again later"),
         ),
-        // No policy ever seen: the local fallback has nothing to refuse with.
-        (FailMode::Local, Status::Continue),
+        // No policy ever seen: the local fallback has nothing to decide
+        // with, and tempfails rather than let everything through.
+        (
+            FailMode::Local,
+            tempfail("451 4.3.0 Rate limiter unavailable - try again later"),
+        ),
     ] {
         let mut config = MilterConfig::new(dead_node());
         config.fail_mode = mode;

@@ -40,7 +40,8 @@ fn owned_by(event: &Event, owner: u64) -> Event {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FailMode {
     /// Decide with an in-process engine, the last policy seen and each
-    /// cluster-wide limit divided by the number of relays.
+    /// cluster-wide limit divided by the number of relays; as `Tempfail`
+    /// while no policy has been seen.
     Local,
     /// Accept.
     Open,
@@ -272,9 +273,11 @@ impl Decider {
                 let mut local = self.local.lock().expect("local engine lock");
                 match local.as_mut() {
                     Some(engine) => Decision::Fallback(mode, engine.apply(event, now_secs())),
+                    // With no policy to decide with, accepting would let
+                    // a flood through unlimited: tempfail instead.
                     None => {
-                        tracing::warn!("no policy seen yet: the local fallback accepts");
-                        Decision::Fallback(mode, Verdict::Allow)
+                        tracing::warn!("no policy seen yet: the local fallback tempfails");
+                        Decision::Unavailable
                     }
                 }
             }
