@@ -474,11 +474,6 @@ async fn peer_payloads_out_of_bounds_are_refused() {
         "events of another node",
         propose(node.peer, &not_its_own).await,
     );
-    let writing_read = Proposal::Read(vec![connect(1, "a@b")]);
-    assert_refused(
-        "a read that writes",
-        propose(node.peer, &writing_read).await,
-    );
     let join = Proposal::Join {
         id: 9,
         addr: "a".repeat(3 << 20),

@@ -368,14 +368,14 @@ async fn propose(peer: &str, proposal: &Proposal) -> Result<ProposalReply, Strin
     }
 }
 
-/// Which of `addrs` leads: only the leader answers a read-index check
-/// (an empty `Read`) itself.
+/// Which of `addrs` (peer addresses) leads: only the leader answers
+/// `Members` itself (the others answer `NotLeader`).
 async fn find_leader(addrs: &[String]) -> usize {
     let deadline = Instant::now() + STEP_DEADLINE;
     loop {
         let mut leaders = Vec::new();
         for (i, a) in addrs.iter().enumerate() {
-            if let Ok(ProposalReply::Verdicts(_)) = propose(a, &Proposal::Read(Vec::new())).await {
+            if let Ok(ProposalReply::Members(_)) = propose(a, &Proposal::Members).await {
                 leaders.push(i);
             }
         }

@@ -16,22 +16,11 @@ use relayrate::engine::{ConnId, Event};
 use relayrate::policy::Client;
 use relayrate::proto::v1::limiter_client::LimiterClient;
 use relayrate::proto::v1::DecideRequest;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 const DEADLINE: Duration = Duration::from_secs(30);
 
-/// GET /metrics, plain HTTP/1.1; the body.
-async fn scrape(port: u16) -> String {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut reply = String::new();
-    s.read_to_string(&mut reply).await.unwrap();
-    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
-    reply
-}
+use common::scrape;
 
 /// The value of the sample whose name and labels are `series` exactly.
 fn sample(text: &str, series: &str) -> Option<f64> {

@@ -393,16 +393,7 @@ async fn a_thousand_idle_connections_do_not_stop_mail_through_postfix() {
     .await;
 }
 
-/// GET /metrics; the body.
-async fn scrape(port: u16) -> String {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut reply = String::new();
-    s.read_to_string(&mut reply).await.unwrap();
-    reply
-}
+use common::scrape;
 
 /// The value of the sample `series` (name and labels exactly), 0 if absent.
 fn sample(text: &str, series: &str) -> f64 {

@@ -64,6 +64,19 @@ fn term(h: &NodeHandle) -> u64 {
     h.node.raft.metrics().borrow().current_term
 }
 
+/// A call refused for who made it: no valid proof, or not a member.
+#[track_caller]
+fn assert_refused_caller<T: std::fmt::Debug>(who: &str, reply: Result<T, tonic::Status>) {
+    let refused = reply.expect_err(who);
+    assert!(
+        matches!(
+            refused.code(),
+            Code::Unauthenticated | Code::PermissionDenied
+        ),
+        "{who}: {refused:?}"
+    );
+}
+
 /// A secret holder that is not a member, and an outsider without it.
 fn intruders() -> [(&'static str, PeerAuth); 2] {
     let other = ClusterSecret::new(b"not-the-cluster-secret-at-all", "x").unwrap();
@@ -117,14 +130,7 @@ async fn a_raw_propose_cannot_replace_the_policy_or_reset_counts() {
 
     for (who, auth) in intruders() {
         for p in [empty.clone(), reset.clone()] {
-            let refused = peer_propose(&peer, None, &auth, p).await.expect_err(who);
-            assert!(
-                matches!(
-                    refused.code(),
-                    Code::Unauthenticated | Code::PermissionDenied
-                ),
-                "{who}: {refused:?}"
-            );
+            assert_refused_caller(who, peer_propose(&peer, None, &auth, p).await);
         }
     }
 
@@ -169,21 +175,16 @@ async fn a_made_up_leader_neither_appends_nor_moves_the_term() {
     let vote = |t: u64| VoteRequest::new(Vote::new(t, 66), prev);
 
     for (who, auth) in intruders() {
-        let refused = peer_call(
-            &peer,
-            None,
-            &auth,
-            "append_entries",
-            network::encode(&append),
-        )
-        .await
-        .expect_err(who);
-        assert!(
-            matches!(
-                refused.code(),
-                Code::Unauthenticated | Code::PermissionDenied
-            ),
-            "{who}: {refused:?}"
+        assert_refused_caller(
+            who,
+            peer_call(
+                &peer,
+                None,
+                &auth,
+                "append_entries",
+                network::encode(&append),
+            )
+            .await,
         );
         for i in 0..51 {
             let r = peer_call(
@@ -229,16 +230,7 @@ async fn only_the_leader_can_tell_a_node_it_was_removed() {
         member: false,
     };
     for (who, auth) in intruders() {
-        let refused = peer_propose(&peer, None, &auth, notice.clone())
-            .await
-            .expect_err(who);
-        assert!(
-            matches!(
-                refused.code(),
-                Code::Unauthenticated | Code::PermissionDenied
-            ),
-            "{who}: {refused:?}"
-        );
+        assert_refused_caller(who, peer_propose(&peer, None, &auth, notice.clone()).await);
     }
     // Signed as a member, but node 1 is not its own leader's sender: a
     // node never sends the notice to itself over the network.

@@ -200,7 +200,12 @@ impl Decider {
         let asked = tokio::time::timeout(self.timeout, self.ask(event)).await;
         let why = match asked {
             Ok(Ok(verdict)) => {
-                self.policy_current();
+                // Over gRPC the node's hash arrives with its answer: see
+                // now whether the policy held is still its. (In-process,
+                // `policy` reads the node's own hash when it is asked.)
+                if matches!(self.link, Link::Grpc(_)) {
+                    self.policy_current();
+                }
                 return Decision::Node(verdict);
             }
             Ok(Err(status)) => format!("{}: {}", status.code(), status.message()),

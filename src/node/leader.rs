@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use super::{now_ms, Node, NodeError};
 use crate::bounds::cut;
 use crate::check::Check;
-use crate::engine::{CounterKey, Event, Verdict};
+use crate::engine::CounterKey;
 use crate::inspect::{self, KeyCount};
 use crate::policy::PolicyFile;
 use crate::raft::network;
@@ -22,8 +22,6 @@ use crate::raft::{Command, Node as PeerNode, NodeId, Request, Response};
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum Proposal {
     Command(Command),
-    /// Read-only events, answered after a read-index check.
-    Read(Vec<Event>),
     /// Add a node as a learner, then as a voter. `fresh`: the node asks
     /// for itself with an empty data dir, so if it is a voter already it
     /// lost its state (and its vote) and must be added anew.
@@ -49,8 +47,8 @@ pub enum Proposal {
     Policy,
     /// The members as the leader sees them, with their replication.
     Members,
-    /// Read-only questions about the counts, answered after a read-index
-    /// check like [`Proposal::Read`].
+    /// Read-only questions about the counts, answered at the leader after
+    /// a read-index check.
     Inspect(Inspect),
 }
 
@@ -73,7 +71,6 @@ impl Proposal {
             | Proposal::Join { .. }
             | Proposal::Remove { .. } => true,
             Proposal::Command(Command::Decide { .. } | Command::Heartbeat { .. })
-            | Proposal::Read(_)
             | Proposal::Membership { .. }
             | Proposal::Policy
             | Proposal::Members
@@ -85,7 +82,6 @@ impl Proposal {
     pub fn name(&self) -> &'static str {
         match self {
             Proposal::Command(c) => c.name(),
-            Proposal::Read(_) => "read",
             Proposal::Join { .. } => "join",
             Proposal::EnsurePolicy(_) => "ensure_policy",
             Proposal::Remove { .. } => "remove",
@@ -146,7 +142,6 @@ const LAGGING_ENTRIES: u64 = 64;
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum ProposalReply {
     Response(Response),
-    Verdicts(Vec<Verdict>),
     Joined,
     /// The cluster already had this policy.
     Unchanged,
@@ -321,13 +316,6 @@ impl Node {
     async fn serve_local(&self, proposal: Proposal) -> ProposalReply {
         match proposal {
             Proposal::Command(command) => self.write(command).await,
-            Proposal::Read(events) => match self.read_index().await {
-                Ok(()) => {
-                    let state = self.state.read().expect("state lock");
-                    ProposalReply::Verdicts(events.iter().map(|e| state.read(e)).collect())
-                }
-                Err(reply) => reply,
-            },
             Proposal::Join { id, addr, fresh } => self.add_member(id, addr, fresh).await,
             Proposal::EnsurePolicy(files) => {
                 if let Err(reply) = self.read_index().await {

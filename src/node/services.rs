@@ -214,12 +214,6 @@ impl RefusalLog {
 pub fn validate_proposal(p: &Proposal) -> Result<(), Invalid> {
     match p {
         Proposal::Command(c) => validate::command(c),
-        Proposal::Read(events) => {
-            if events.iter().any(|e| e.is_write()) {
-                return Err(Invalid("a read holds read-only events only".into()));
-            }
-            validate::events(events.iter())
-        }
         Proposal::Join { addr, .. } => validate::node_addr(addr),
         Proposal::EnsurePolicy(files) => validate::policy_files(files),
         Proposal::Inspect(Inspect::Top { n, .. }) => count("keys asked of top", *n, MAX_TOP),

@@ -317,13 +317,6 @@ impl LimiterState {
         }
     }
 
-    /// Decides read-only events against the state as it is, at the latest
-    /// stamp: what a leader answers without a log entry.
-    pub fn read(&self, event: &Event) -> Verdict {
-        debug_assert!(!event.is_write());
-        self.engine.read(event, self.now_ms / 1000)
-    }
-
     fn decide_once(&mut self, id: RequestId, event: &Event, now: u64) -> Verdict {
         if !event.is_write() {
             return self.engine.read(event, now);

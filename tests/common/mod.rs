@@ -730,3 +730,17 @@ impl MilterProc {
         kb * 1024
     }
 }
+
+/// GET /metrics of a node or milter on loopback `port`, plain HTTP/1.1;
+/// the whole reply, checked to be a 200.
+pub async fn scrape(port: u16) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut reply = String::new();
+    s.read_to_string(&mut reply).await.unwrap();
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    reply
+}
