@@ -27,6 +27,22 @@ pub fn postfix_available(test: &str) -> bool {
     found
 }
 
+/// Whether Cyrus SASL's `saslpasswd2` is here (package sasl2-bin), for
+/// the tests of SMTP AUTH users; as [`postfix_available`] otherwise.
+pub fn sasl_available(test: &str) -> bool {
+    if !postfix_available(test) {
+        return false;
+    }
+    let found = Path::new("/usr/sbin/saslpasswd2").exists();
+    if !found {
+        if std::env::var("RELAYRATE_REQUIRE_MTA").as_deref() == Ok("1") {
+            panic!("{test}: saslpasswd2 is not installed and RELAYRATE_REQUIRE_MTA=1");
+        }
+        eprintln!("SKIPPED {test}: saslpasswd2 is not installed (apt-get install sasl2-bin)");
+    }
+    found
+}
+
 /// A loopback port free now, below Linux's ephemeral range (32768 and
 /// up): a port from that range can be taken by any outgoing connection
 /// between this call and the bind of the process it is meant for (seen:
@@ -191,6 +207,69 @@ pub struct Postfix {
 
 impl Postfix {
     pub fn start(root: &Path, name: &str, milter: &str, relayhost_port: u16) -> Postfix {
+        Postfix::start_with(root, name, milter, relayhost_port, &[])
+    }
+
+    /// As `start`, with SMTP AUTH (PLAIN, LOGIN) for `users`, each a
+    /// (name, password) pair: Cyrus SASL with a sasldb of this instance's
+    /// own. A client logs in as `name@relay.test`, and the milter hears
+    /// that as `{auth_authen}`. Needs `saslpasswd2` (see [`sasl_available`]).
+    pub fn start_with_auth(
+        root: &Path,
+        name: &str,
+        milter: &str,
+        relayhost_port: u16,
+        users: &[(&str, &str)],
+    ) -> Postfix {
+        // Debian's Postfix reads `$config_directory/sasl/smtpd.conf`;
+        // others `cyrus_sasl_config_path`: the same directory for both.
+        let sasl = root.join(name).join("etc").join("sasl");
+        std::fs::create_dir_all(&sasl).unwrap();
+        let db = sasl.join("sasldb2");
+        for (user, password) in users {
+            let mut add = Command::new("saslpasswd2")
+                .arg("-f")
+                .arg(&db)
+                .args(["-c", "-p", "-u", "relay.test", user])
+                .stdin(Stdio::piped())
+                .spawn()
+                .expect("saslpasswd2");
+            use std::io::Write;
+            add.stdin
+                .take()
+                .unwrap()
+                .write_all(password.as_bytes())
+                .unwrap();
+            assert!(add.wait().unwrap().success(), "saslpasswd2 {user}");
+        }
+        run(Command::new("chown").arg("postfix").arg(&db));
+        std::fs::write(
+            sasl.join("smtpd.conf"),
+            format!(
+                "pwcheck_method: auxprop\nauxprop_plugin: sasldb\nmech_list: PLAIN LOGIN\nsasldb_path: {}\n",
+                db.display()
+            ),
+        )
+        .unwrap();
+        let settings = [
+            "smtpd_sasl_auth_enable = yes".to_string(),
+            "smtpd_sasl_type = cyrus".into(),
+            "smtpd_sasl_path = smtpd".into(),
+            format!("cyrus_sasl_config_path = {}", sasl.display()),
+            "smtpd_relay_restrictions = permit_sasl_authenticated, permit_mynetworks, reject"
+                .into(),
+        ];
+        Postfix::start_with(root, name, milter, relayhost_port, &settings)
+    }
+
+    /// As `start`, with `extra` main.cf settings after the usual ones.
+    pub fn start_with(
+        root: &Path,
+        name: &str,
+        milter: &str,
+        relayhost_port: u16,
+        extra: &[String],
+    ) -> Postfix {
         let dir = root.join(name);
         let etc = dir.join("etc");
         std::fs::create_dir_all(&etc).unwrap();
@@ -226,7 +305,11 @@ impl Postfix {
             format!("syslog_name = postfix-{name}"),
         ];
         let mut cmd = Command::new("/usr/sbin/postconf");
-        cmd.arg("-c").arg(&etc).arg("-e").args(&settings);
+        cmd.arg("-c")
+            .arg(&etc)
+            .arg("-e")
+            .args(&settings)
+            .args(extra);
         run(&mut cmd);
         run(Command::new("/usr/sbin/postconf")
             .arg("-c")
@@ -401,6 +484,14 @@ impl Smtp {
             .write_all(format!("{line}\r\n").as_bytes())
             .await?;
         self.reply().await
+    }
+
+    /// AUTH PLAIN as `user` (`name@relay.test`): the reply.
+    pub async fn auth_plain(&mut self, user: &str, password: &str) -> String {
+        use base64::Engine;
+        let token =
+            base64::engine::general_purpose::STANDARD.encode(format!("\0{user}\0{password}"));
+        self.cmd(&format!("AUTH PLAIN {token}")).await.unwrap()
     }
 
     pub async fn ehlo(&mut self) -> String {
