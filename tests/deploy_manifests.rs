@@ -12,6 +12,8 @@
 //! sendmail and systemd files are checked by the tools that read them
 //! (postconf, m4 with sendmail-cf, systemd-analyze) where installed.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -38,13 +40,15 @@ fn read(path: &str) -> String {
     std::fs::read_to_string(repo().join(path)).unwrap_or_else(|e| panic!("{path}: {e}"))
 }
 
-/// Every object of every `deploy/kubernetes/*.yaml`, as JSON values.
+/// Every object of every `deploy/kubernetes/*.yaml` but
+/// `kustomization.yaml` (kubectl's list of them), as JSON values.
 fn objects() -> Vec<Value> {
     let dir = repo().join("deploy/kubernetes");
     let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
         .unwrap()
         .map(|e| e.unwrap().path())
         .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
+        .filter(|p| !p.ends_with("kustomization.yaml"))
         .collect();
     files.sort();
     assert!(!files.is_empty(), "no manifests in {}", dir.display());
@@ -964,11 +968,11 @@ fn the_container_passes_only_flags_relayrate_run_knows() {
 // ---------------------------------------------------------------------------
 // Postfix, sendmail, systemd
 
-/// Says so and returns false when `tool` is missing.
+/// Skips loudly and returns false when `tool` is missing.
 fn have(tool: &str, test: &str) -> bool {
     let found = Path::new(tool).exists();
     if !found {
-        eprintln!("SKIPPED {test}: {tool} is not installed");
+        common::skip(test, &format!("{tool} is not installed"));
     }
     found
 }
@@ -1217,4 +1221,28 @@ fn the_default_file_joins_through_peer_listeners() {
         }
     }
     assert!(joins >= 2, "an example of joining for run and for node");
+}
+
+/// `kubectl apply -k deploy/kubernetes/` applies every manifest of the
+/// directory, the namespace first, and nothing else.
+#[test]
+fn the_kustomization_lists_every_manifest_namespace_first() {
+    let k: Value = yaml_serde::from_str(&read("deploy/kubernetes/kustomization.yaml")).unwrap();
+    assert_eq!(k["kind"], "Kustomization");
+    let listed: Vec<&str> = k["resources"]
+        .as_array()
+        .expect("resources")
+        .iter()
+        .map(|r| r.as_str().unwrap())
+        .collect();
+    assert_eq!(listed.first(), Some(&"namespace.yaml"), "{listed:?}");
+    let mut files: Vec<String> = std::fs::read_dir(repo().join("deploy/kubernetes"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|f| f.ends_with(".yaml") && f != "kustomization.yaml")
+        .collect();
+    files.sort();
+    let mut sorted: Vec<String> = listed.iter().map(|s| s.to_string()).collect();
+    sorted.sort();
+    assert_eq!(sorted, files);
 }
