@@ -151,6 +151,16 @@ pub enum CounterKey {
     Name(Box<str>),
 }
 
+impl std::fmt::Display for CounterKey {
+    /// The address, or the name as written.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CounterKey::Ip(ip) => write!(f, "{ip}"),
+            CounterKey::Name(name) => f.write_str(name),
+        }
+    }
+}
+
 /// One windowed counter: a check and who it counts.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct CounterId {

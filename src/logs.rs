@@ -19,8 +19,12 @@ use tracing_subscriber::EnvFilter;
 
 use crate::terminal::{escape_json, Escaper};
 
-/// Filter when `RELAYRATE_LOG` is not set.
-pub const DEFAULT_FILTER: &str = "info,openraft=warn";
+/// Filter when `RELAYRATE_LOG` is not set. openraft's replication logs
+/// every failed call to a peer that is down, twice a second, at ERROR and
+/// WARN: muted here, and said once per change by
+/// [`crate::raft::network::Reachability`].
+pub const DEFAULT_FILTER: &str =
+    "info,openraft=warn,openraft::replication=off,openraft::engine::handler::replication_handler=error";
 
 /// Sends the process's logs to stderr, filtered by `RELAYRATE_LOG`; as
 /// JSON objects if `json`. Call once, first thing.

@@ -438,3 +438,126 @@ fn policy_check_to_a_closed_pipe_ends_with_its_verdict() {
         assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
     }
 }
+
+/// What an operator must not find in relayrate's own log lines: Rust's
+/// `Debug` forms of options and enums. (openraft's WARN lines are its
+/// own words.)
+fn assert_plain_words(log: &str) {
+    for form in [
+        "Some(", "None", "Inet(", "Unix(", "Ip(", "Name(", "Failed(", "Metrics{",
+    ] {
+        let line = log
+            .lines()
+            .filter(|l| !l.contains(" openraft::"))
+            .find(|l| l.contains(form));
+        assert!(line.is_none(), "a Debug form {form:?} in: {line:?}\n{log}");
+    }
+}
+
+fn reset(node: std::net::SocketAddr, key: &str) {
+    let out = Command::new(env!("CARGO_BIN_EXE_relayratectl"))
+        .arg("--node")
+        .arg(format!("http://{node}"))
+        .args(["reset", key])
+        .env_remove("RELAYRATE_NODE")
+        .env_remove("RELAYRATE_ADMIN_TOKEN_FILE")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A reset is logged once, as the operator's action, where it was asked;
+/// a node that replays its log at start does not log it again; the
+/// milter's address and the stop line are in plain words.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_replayed_at_start_is_not_logged_as_a_new_action() {
+    let root = common::temp_root();
+    let milter = format!("inet:127.0.0.1:{}", free_port());
+    let n1 = common::NodeProc::start_with_args(
+        root.path(),
+        1,
+        Some(POLICY),
+        None,
+        &[os("--milter-listen"), os(&milter)],
+    );
+    n1.wait_deciding().await;
+    reset(n1.addr, "10.9.0.1");
+    let first = n1.log();
+    assert_eq!(
+        first.lines().filter(|l| l.contains("admin: reset")).count(),
+        1,
+        "{first}"
+    );
+    assert!(first.contains("key=10.9.0.1 check=all"), "{first}");
+    n1.signal("TERM");
+    eventually("node 1 stops", Duration::from_secs(30), || {
+        n1.log().contains(" stopped ")
+    })
+    .await;
+    let stopped = n1.log();
+    assert_plain_words(&stopped);
+    let stdout = std::fs::read_to_string(n1.dir.join("stdout")).unwrap();
+    assert!(
+        stdout.contains(&format!("relayrate milter listening on {milter}")),
+        "{stdout}"
+    );
+    drop(n1);
+
+    // The same data dir again: it replays its log, the reset included.
+    let again = common::NodeProc::start_with_args(root.path(), 1, None, None, &[]);
+    again.wait_deciding().await;
+    let replayed = again.log();
+    assert!(
+        !replayed.contains("reset"),
+        "a replayed reset logged:\n{replayed}"
+    );
+    assert_plain_words(&replayed);
+}
+
+/// A normal join logs no ERROR; a peer that stops answering is logged
+/// once (openraft's own error for every retry, twice a second, is muted),
+/// and nothing in Debug forms.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_logs_no_error_and_a_lost_peer_is_logged_once() {
+    let root = common::temp_root();
+    let n1 = common::NodeProc::start(root.path(), 1, Some(POLICY), None);
+    n1.wait_deciding().await;
+    let n2 = common::NodeProc::start(root.path(), 2, None, Some(n1.peer));
+    n2.wait_deciding().await;
+    for (name, log) in [("node 1", n1.log()), ("node 2", n2.log())] {
+        let error = log.lines().find(|l| l.contains(" ERROR "));
+        assert!(error.is_none(), "{name} on a normal join: {error:?}\n{log}");
+        assert_plain_words(&log);
+    }
+    drop(n2);
+    eventually(
+        "node 1 says node 2 is unreachable",
+        Duration::from_secs(30),
+        || n1.log().contains("peer unreachable"),
+    )
+    .await;
+    // Two seconds of calls to node 1 while openraft retries node 2 (four
+    // times, each one an ERROR line before).
+    let out = Command::new(env!("CARGO_BIN_EXE_relayrate"))
+        .args(["bench", "--keys", "1", "--duration", "2", "--json"])
+        .arg("--target")
+        .arg(format!("http://{}", n1.addr))
+        .output()
+        .unwrap();
+    assert!(out.status.success() || !out.stdout.is_empty());
+    let log = n1.log();
+    assert_eq!(
+        log.lines()
+            .filter(|l| l.contains("peer unreachable"))
+            .count(),
+        1,
+        "{log}"
+    );
+    let error = log.lines().find(|l| l.contains(" ERROR "));
+    assert!(error.is_none(), "node 1 with a peer down: {error:?}\n{log}");
+    assert_plain_words(&log);
+}

@@ -599,12 +599,12 @@ fn serve(
             let listener = match MilterListener::bind(&listen).await {
                 Ok(l) => l,
                 Err(e) => {
-                    tracing::error!("milter: cannot listen on {listen:?}: {e}");
+                    tracing::error!("milter: cannot listen on {listen}: {e}");
                     handle.shutdown().await;
                     return ExitCode::from(EXIT_CONFIG);
                 }
             };
-            print_out(&format!("relayrate milter listening on {listen:?}\n"));
+            print_out(&format!("relayrate milter listening on {listen}\n"));
             let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
             let task = tokio::spawn(milter::run(listener, config, stopped));
             milter_task = Some((stop, task));
@@ -630,8 +630,8 @@ fn serve(
             let m = raft.metrics().borrow().clone();
             tracing::info!(
                 term = m.current_term,
-                last_log_index = ?m.last_log_index,
-                last_applied = ?m.last_applied.map(|l| l.index),
+                last_log_index = m.last_log_index.unwrap_or(0),
+                last_applied = m.last_applied.map_or(0, |l| l.index),
                 "stopped"
             );
         };
@@ -689,11 +689,11 @@ fn serve_milter(
         let listener = match MilterListener::bind(&listen).await {
             Ok(l) => l,
             Err(e) => {
-                tracing::error!("milter: cannot listen on {listen:?}: {e}");
+                tracing::error!("milter: cannot listen on {listen}: {e}");
                 return ExitCode::from(EXIT_CONFIG);
             }
         };
-        print_out(&format!("relayrate milter listening on {listen:?}\n"));
+        print_out(&format!("relayrate milter listening on {listen}\n"));
         match milter::run(listener, config, async move { stop.recv().await }).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

@@ -250,7 +250,8 @@ impl pb::admin_server::Admin for AdminService {
             (who, Some(p)) => format!("{who} from {p}"),
             (who, None) => who.to_string(),
         };
-        tracing::info!(key = %r.key, ?check, %requested_by, "admin: reset");
+        let checks = check.map_or_else(|| "all".to_string(), |c| c.to_string());
+        tracing::info!(key = %r.key, check = %checks, %requested_by, "admin: reset");
         let command = Command::Reset {
             key,
             check,

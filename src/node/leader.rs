@@ -159,6 +159,27 @@ pub enum ProposalReply {
     Failed(String),
 }
 
+impl std::fmt::Display for ProposalReply {
+    /// In words, for logs: what the leader answered, without the payload.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ProposalReply::Response(Response::PolicyRefused(why)) => {
+                write!(f, "policy refused: {why}")
+            }
+            ProposalReply::Response(Response::Invalid(why)) => write!(f, "invalid: {why}"),
+            ProposalReply::Response(_) => f.write_str("done"),
+            ProposalReply::Joined => f.write_str("joined"),
+            ProposalReply::Unchanged => f.write_str("unchanged"),
+            ProposalReply::Members(m) => write!(f, "{} members", m.len()),
+            ProposalReply::Counts(c) => write!(f, "{} counts", c.len()),
+            ProposalReply::Policy { hash, .. } => write!(f, "policy {hash}"),
+            ProposalReply::Refused(why) => write!(f, "refused: {why}"),
+            ProposalReply::NotLeader => f.write_str("not the leader"),
+            ProposalReply::Failed(why) => write!(f, "failed: {why}"),
+        }
+    }
+}
+
 /// How long a proposal may look for a leader before giving up.
 const PROPOSE_DEADLINE: Duration = Duration::from_secs(10);
 /// How long a new member may take to hold the leader's log before it is

@@ -119,8 +119,15 @@ async fn hand_over_leadership(node: &Node) {
         )
         .await;
     match handed {
-        Ok(m) => tracing::info!(new_leader = ?m.current_leader, "leadership handed over"),
-        Err(e) => tracing::warn!(error = %e, "leadership not handed over"),
+        Ok(m) => match m.current_leader {
+            Some(leader) => tracing::info!(new_leader = leader, "leadership handed over"),
+            None => tracing::info!("leadership handed over"),
+        },
+        // openraft's error carries the whole metrics dump: say it plainly.
+        Err(_) => tracing::warn!(
+            waited_ms = wait.as_millis() as u64,
+            "leadership not handed over: no other node became leader in time"
+        ),
     }
 }
 
@@ -151,6 +158,7 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, NodeError> {
         Network {
             tls: config.tls.clone(),
             auth: auth.clone(),
+            reach: Default::default(),
         },
         log,
         sm,
@@ -405,7 +413,7 @@ async fn join(node: Arc<Node>, seeds: String, advertise: String) {
                 return;
             }
             other => {
-                let reply = format!("{other:?}");
+                let reply = other.to_string();
                 // Asking again will not help: say what to fix, loudly.
                 let refused = matches!(other, ProposalReply::Refused(_));
                 let new = reasons.is_new(&reply);
@@ -525,7 +533,7 @@ async fn sync_policy(node: Arc<Node>, files: Vec<PolicyFile>) {
             Ok(other) => {
                 // It was validated before start: only a cluster that
                 // cannot parse it gets here. Decide with the cluster's.
-                tracing::error!(reply = ?other, "policy refused: deciding with the cluster's policy");
+                tracing::error!(reply = %other, "policy refused: deciding with the cluster's policy");
                 node.ready.store(true, Ordering::Relaxed);
                 return;
             }

@@ -3,6 +3,9 @@
 //! as bincode in a `RaftPayload`; replies carry openraft's own result, so
 //! a remote Raft error reaches openraft as a remote error.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
 use openraft::error::{
     InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
 };
@@ -56,6 +59,38 @@ pub struct Network {
     pub tls: Option<Tls>,
     /// Signs every call with this node's proof.
     pub auth: PeerAuth,
+    /// Which peers answered their last call, for logging changes only.
+    pub reach: Reachability,
+}
+
+/// Whether each peer answered its last call. openraft logs every failed
+/// call to a peer that is down (every half second, at ERROR); the default
+/// log filter mutes those, and this logs the change instead: once when a
+/// peer stops answering, once when it answers again.
+#[derive(Clone, Default)]
+pub struct Reachability(Arc<Mutex<HashMap<NodeId, bool>>>);
+
+impl Reachability {
+    fn saw(&self, target: NodeId, addr: &str, failure: Option<&tonic::Status>) {
+        let now = failure.is_none();
+        let before = self
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(target, now);
+        match (before, failure) {
+            (Some(true) | None, Some(status)) => tracing::warn!(
+                peer = target,
+                addr = %cut(addr),
+                error = %cut(status.message()),
+                "peer unreachable"
+            ),
+            (Some(false), None) => {
+                tracing::info!(peer = target, addr = %cut(addr), "peer reachable again");
+            }
+            _ => {}
+        }
+    }
 }
 
 pub struct Peer {
@@ -63,6 +98,7 @@ pub struct Peer {
     client: Option<RaftClient<Channel>>,
     addr: String,
     auth: PeerAuth,
+    reach: Reachability,
 }
 
 /// A request for `method` (the RPC's name in snake case) that carries
@@ -86,6 +122,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             client: channel(&node.addr, self.tls.as_ref()).ok().map(client),
             addr: node.addr.clone(),
             auth: self.auth.clone(),
+            reach: self.reach.clone(),
         }
     }
 }
@@ -111,12 +148,13 @@ impl Peer {
         };
         let mut request = signed_request(&self.auth, method, encode(req));
         request.set_timeout(option.hard_ttl());
-        let reply = which(client, request)
-            .await
-            .map_err(|status| match status.code() {
-                tonic::Code::Unavailable => RPCError::Unreachable(Unreachable::new(&status)),
-                _ => RPCError::Network(NetworkError::new(&status)),
-            })?;
+        let reply = which(client, request).await;
+        self.reach
+            .saw(self.target, &self.addr, reply.as_ref().err());
+        let reply = reply.map_err(|status| match status.code() {
+            tonic::Code::Unavailable => RPCError::Unreachable(Unreachable::new(&status)),
+            _ => RPCError::Network(NetworkError::new(&status)),
+        })?;
         let result: Result<Resp, RaftError<NodeId, E>> = decode(&reply.into_inner())
             .map_err(|status| RPCError::Network(NetworkError::new(&status)))?;
         result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))

@@ -311,7 +311,10 @@ impl LimiterState {
                 requested_by,
             } => {
                 let cleared = self.engine.reset(key, *check);
-                tracing::info!(?key, ?check, %requested_by, cleared, "counts reset");
+                // Every node applies it, and again when it replays its log
+                // at start: the operator's action is logged once, where it
+                // was asked (`admin: reset`).
+                tracing::debug!(%key, check = %check.map_or_else(|| "all".to_string(), |c| c.to_string()), %requested_by, cleared, "counts reset applied");
                 Response::Cleared(cleared as u64)
             }
         }

@@ -413,7 +413,7 @@ impl Relayrate {
             .arg(dir.join("data"))
             .arg("--policy")
             .arg(dir.join("policy.txt"));
-        let child = spawn_logged(&mut cmd, &dir, "info,openraft=warn");
+        let child = spawn_logged(&mut cmd, &dir, relayrate::logs::DEFAULT_FILTER);
         Relayrate {
             node,
             milter_port,
@@ -732,7 +732,7 @@ impl NodeProc {
             cmd.arg("--join").arg(seed.to_string());
         }
         cmd.args(extra);
-        let child = spawn_logged(&mut cmd, &dir, "info,openraft=warn");
+        let child = spawn_logged(&mut cmd, &dir, relayrate::logs::DEFAULT_FILTER);
         NodeProc {
             addr,
             peer,
