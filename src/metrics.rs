@@ -65,6 +65,7 @@ pub async fn serve(listen: SocketAddr) -> std::io::Result<SocketAddr> {
         .install_recorder()
         .map_err(std::io::Error::other)?;
     describe();
+    zero_known_series();
     let listener = TcpListener::bind(listen).await?;
     let addr = listener.local_addr()?;
     tokio::spawn(http(listener, handle));
@@ -80,6 +81,64 @@ async fn http(listener: TcpListener, handle: PrometheusHandle) {
     let app = axum::Router::new().route("/metrics", get(render));
     if let Err(e) = axum::serve(listener, app).await {
         tracing::error!(error = %e, "metrics endpoint failed");
+    }
+}
+
+/// Puts every counter and gauge the README lists at zero, with the label
+/// values it can take, so that a dashboard or an alert finds the series
+/// from the start: an absent series reads as "no data", not as 0.
+fn zero_known_series() {
+    use crate::milter::guard::Cut;
+    for event in ["connect", "recheck", "mail", "rcpt", "give_back", "close"] {
+        counter!("relayrate_decisions_total", "event" => event, "verdict" => "allow", "check" => "none")
+            .increment(0);
+    }
+    for check in Check::ALL {
+        counter!("relayrate_near_limit_total", "check" => check.name()).increment(0);
+        for stage in milter_stages(check) {
+            for dry_run in [false, true] {
+                counter!(
+                    "relayrate_milter_refusals_total",
+                    "check" => check.name(),
+                    "stage" => *stage,
+                    "dry_run" => dry_run_label(dry_run)
+                )
+                .increment(0);
+            }
+        }
+    }
+    for mode in ["local", "open", "tempfail"] {
+        counter!("relayrate_milter_fallbacks_total", "mode" => mode).increment(0);
+    }
+    for cut in Cut::ALL {
+        counter!("relayrate_milter_connections_cut_total", "reason" => cut.name()).increment(0);
+    }
+    for method in ["append_entries", "vote", "install_snapshot", "propose"] {
+        counter!("relayrate_peer_refusals_total", "method" => method).increment(0);
+    }
+    counter!("relayrate_abandoned_events_total").increment(0);
+    counter!("relayrate_milter_accept_errors_total").increment(0);
+    gauge!("relayrate_milter_connections").set(0.0);
+    gauge!("relayrate_ready").set(0.0);
+}
+
+/// The SMTP stages at which the milter may refuse for `check`
+/// (`docs/policy.md` §1, "checked at").
+fn milter_stages(check: Check) -> &'static [&'static str] {
+    match check {
+        Check::ConnRate | Check::ConnOpen => &["connect", "helo", "rcpt"],
+        Check::MsgRate | Check::MaxMsgs | Check::MsgRateFrom | Check::MsgRateAuth => &["mail"],
+        _ => &["rcpt"],
+    }
+}
+
+/// The one spelling of a dry run in labels, as in the refusal log's
+/// `dry_run` field: `true` or `false`.
+fn dry_run_label(dry_run: bool) -> &'static str {
+    if dry_run {
+        "true"
+    } else {
+        "false"
     }
 }
 
@@ -259,7 +318,7 @@ pub fn record_milter_refusal(check: Check, stage: &'static str, dry_run: bool) {
         "relayrate_milter_refusals_total",
         "check" => check.name(),
         "stage" => stage,
-        "dry_run" => if dry_run { "yes" } else { "no" }
+        "dry_run" => dry_run_label(dry_run)
     )
     .increment(1);
 }

@@ -221,7 +221,11 @@ fn explain_json_has_the_documented_shape() {
             .keys()
             .map(|k| k.as_str())
             .collect();
-        assert_eq!(fields, ["enabled", "limit", "matched", "source"], "{name}");
+        assert_eq!(
+            fields,
+            ["enabled", "limit", "matched", "source", "note"],
+            "{name}"
+        );
     }
     let entry = |name: &str, limit: u64, line: u32| {
         json!({
@@ -229,6 +233,7 @@ fn explain_json_has_the_documented_shape() {
             "limit": limit,
             "matched": format!("{name}:1.1.1.11"),
             "source": format!("examples/ze-policy.txt:{line}"),
+            "note": null,
         })
     };
     assert_eq!(*check(&v, "ConnRate"), entry("ConnRate", 50, 19));
@@ -236,15 +241,41 @@ fn explain_json_has_the_documented_shape() {
     assert_eq!(*check(&v, "MaxRcpt"), entry("MaxRcpt", 50, 23));
     assert_eq!(*check(&v, "MsgRate"), entry("MsgRate", 40, 25));
     assert_eq!(*check(&v, "MaxMsgs"), entry("MaxMsgs", 10, 27));
-    let builtin = |enabled: bool| json!({"enabled": enabled, "limit": null, "matched": "built-in default", "source": null});
-    // CHECK_RCPT_RATE is absent from the example: off.
+    let builtin = |enabled: bool, note: String| json!({"enabled": enabled, "limit": null, "matched": "built-in default", "source": null, "note": note});
+    // CHECK_RCPT_RATE is absent from the example: off, and said so.
     for name in ["RcptRate", "RcptRateFrom", "RcptRateAuth"] {
-        assert_eq!(*check(&v, name), builtin(false), "{name}");
+        let off = "off: CHECK_RCPT_RATE is not YES".to_string();
+        assert_eq!(*check(&v, name), builtin(false, off), "{name}");
     }
-    // On, but the built-in default of the per-sender and AUTH checks is no limit.
+    // On, but the built-in default of the per-sender and AUTH checks is no
+    // limit: the note says why nothing is refused.
     for name in ["MsgRateFrom", "MaxRcptFrom", "MsgRateAuth"] {
-        assert_eq!(*check(&v, name), builtin(true), "{name}");
+        let why = format!("no limit: no entry matches, and {name} has no built-in default");
+        assert_eq!(*check(&v, name), builtin(true, why), "{name}");
     }
+}
+
+#[test]
+fn explain_says_why_a_check_that_is_on_sets_no_limit() {
+    let dir = dir_with(&[(
+        "p.txt",
+        "CHECK_NB_RCPT YES\nMaxRcpt:1.1.1.11 0\nMaxRcpt:default 100\n",
+    )]);
+    let v = explain_json(dir.path(), &["p.txt", "--ip", "1.1.1.11"]);
+    assert_eq!(check(&v, "MaxRcpt")["limit"], Value::Null);
+    assert_eq!(
+        check(&v, "MaxRcpt")["note"],
+        "no limit: the entry that matches says 0"
+    );
+    let text = stdout(&run(
+        dir.path(),
+        &["policy", "explain", "p.txt", "--ip", "1.1.1.11"],
+    ));
+    let line = text.lines().find(|l| l.starts_with("MaxRcpt ")).unwrap();
+    assert!(
+        line.ends_with("p.txt:2                  no limit: the entry that matches says 0"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -461,7 +492,7 @@ fn explain_in_words_has_one_row_per_check() {
     }
     assert_eq!(
         words(lines[1]),
-        ["check", "enabled", "limit", "matched", "source"]
+        ["check", "enabled", "limit", "matched", "source", "note"]
     );
     let rows = &lines[2..];
     assert_eq!(rows.len(), CHECKS.len(), "{out}");
@@ -475,7 +506,8 @@ fn explain_in_words_has_one_row_per_check() {
             "yes",
             "50",
             "ConnRate:1.1.1.11",
-            "examples/ze-policy.txt:19"
+            "examples/ze-policy.txt:19",
+            "-"
         ]
     );
     assert_eq!(
@@ -485,24 +517,18 @@ fn explain_in_words_has_one_row_per_check() {
             "yes",
             "10",
             "MaxMsgs:1.1.1.11",
-            "examples/ze-policy.txt:27"
-        ]
-    );
-    assert_eq!(
-        words(rows[5]),
-        ["RcptRate", "no", "no", "limit", "built-in", "default", "-"]
-    );
-    assert_eq!(
-        words(rows[6]),
-        [
-            "MsgRateFrom",
-            "yes",
-            "no",
-            "limit",
-            "built-in",
-            "default",
+            "examples/ze-policy.txt:27",
             "-"
         ]
+    );
+    assert_eq!(
+        words(rows[5]).join(" "),
+        "RcptRate no no limit built-in default - off: CHECK_RCPT_RATE is not YES"
+    );
+    assert_eq!(
+        words(rows[6]).join(" "),
+        "MsgRateFrom yes no limit built-in default - \
+         no limit: no entry matches, and MsgRateFrom has no built-in default"
     );
 
     // The first line names what was given.

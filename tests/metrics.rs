@@ -88,7 +88,7 @@ async fn metrics_count_what_the_node_and_the_milter_decided() {
         ),
         (r#"relayrate_near_limit_total{check="ConnRate"}"#, 1.0),
         (
-            r#"relayrate_milter_refusals_total{check="ConnRate",stage="connect",dry_run="no"}"#,
+            r#"relayrate_milter_refusals_total{check="ConnRate",stage="connect",dry_run="false"}"#,
             1.0,
         ),
         ("relayrate_raft_is_leader", 1.0),
@@ -258,6 +258,64 @@ async fn a_milter_counts_its_fallbacks_by_fail_mode() {
     assert_eq!(
         sample(&text, r#"relayrate_milter_fallbacks_total{mode="open"}"#),
         Some(1.0),
+        "{text}"
+    );
+}
+
+/// Every counter and gauge README names is there at the first scrape of a
+/// node that has decided nothing yet (a dashboard or an alert on a series
+/// that does not exist reads "no data", not 0), and the milter's refusals
+/// are labelled `dry_run="false"` as the refusal log says `dry_run=false`.
+/// Histograms (`_seconds`, `relayrate_batch_events`,
+/// `relayrate_log_flush_appends`) have no zero: they appear with their
+/// first observation, as README says.
+#[tokio::test]
+async fn every_metric_the_readme_lists_exists_from_the_start() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let mut listed: Vec<&str> = readme
+        .match_indices("relayrate_")
+        .map(|(i, _)| {
+            let rest = &readme[i..];
+            let end = rest
+                .find(|c: char| !(c.is_ascii_lowercase() || c == '_'))
+                .unwrap_or(rest.len());
+            &rest[..end]
+        })
+        // `relayrate_raft_*` names a family; the full names follow it.
+        .filter(|name| !name.ends_with('_'))
+        .filter(|name| {
+            !(name.ends_with("_seconds")
+                || *name == "relayrate_batch_events"
+                || *name == "relayrate_log_flush_appends")
+        })
+        .collect();
+    listed.sort_unstable();
+    listed.dedup();
+    assert!(listed.len() >= 10, "{listed:?}");
+
+    let root = common::temp_root();
+    let relay = Relayrate::run(root.path(), "a", "CHECK_CONN_RATE YES\n");
+    relay.wait_ready().await;
+    let text = scrape(relay.metrics_port).await;
+    let missing: Vec<&&str> = listed
+        .iter()
+        .filter(|name| {
+            !text
+                .lines()
+                .any(|l| !l.starts_with('#') && l.starts_with(**name))
+        })
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "not in the first scrape: {missing:?}\n{text}"
+    );
+    assert_eq!(
+        sample(
+            &text,
+            r#"relayrate_milter_refusals_total{check="MsgRate",stage="mail",dry_run="false"}"#
+        ),
+        Some(0.0),
         "{text}"
     );
 }

@@ -82,4 +82,31 @@ async fn sighup_reloads_the_policy_and_keeps_counts() {
     .await;
     assert_eq!(hash(&mut admin).await, after);
     assert_eq!(conn_rate(&mut admin, "10.77.0.1").await.1, 40);
+
+    // A file with warnings: the log says each, as `policy check` does.
+    std::fs::write(
+        &policy,
+        "CHECK_CONN_RATE YES\nConnRate:default 40\nMsgRate:10.1.1.1 5\nConnRate:default 41\n",
+    )
+    .unwrap();
+    let check = std::process::Command::new(env!("CARGO_BIN_EXE_relayrate"))
+        .args(["policy", "check"])
+        .arg(&policy)
+        .output()
+        .unwrap();
+    let warnings: Vec<String> = String::from_utf8_lossy(&check.stderr)
+        .lines()
+        .filter(|l| l.contains("warning:"))
+        .map(String::from)
+        .collect();
+    assert_eq!(warnings.len(), 2, "{warnings:?}");
+    node.signal("HUP");
+    eventually("each warning of policy check in the log", DEADLINE, || {
+        let log = node.log();
+        warnings.iter().all(|w| {
+            log.lines()
+                .any(|l| l.contains("SIGHUP") && l.contains(w.as_str()))
+        })
+    })
+    .await;
 }

@@ -661,6 +661,10 @@ async fn reload(node: &relayrate::node::Node, paths: &[PathBuf]) {
             return;
         }
     };
+    // The same warnings as `relayrate policy check` prints.
+    for w in policy.warning_lines() {
+        tracing::warn!("SIGHUP: {w}");
+    }
     match node.put_policy(policy.files().to_vec()).await {
         Ok(true) => tracing::info!("SIGHUP: policy reloaded and in force"),
         Ok(false) => tracing::info!("SIGHUP: policy unchanged"),
@@ -770,14 +774,14 @@ fn print_explanation(policy: &Policy, client: &Client) {
     );
     let _ = writeln!(
         out,
-        "{:<13} {:<8} {:<9} {:<32} source",
-        "check", "enabled", "limit", "matched"
+        "{:<13} {:<8} {:<9} {:<32} {:<24} note",
+        "check", "enabled", "limit", "matched", "source"
     );
     for check in Check::ALL {
         let e = explain_check(policy, check, client);
         let _ = writeln!(
             out,
-            "{:<13} {:<8} {:<9} {:<32} {}",
+            "{:<13} {:<8} {:<9} {:<32} {:<24} {}",
             check.name(),
             if e.enabled { "yes" } else { "no" },
             e.limit.map_or("no limit".to_string(), |l| l.to_string()),
@@ -785,6 +789,7 @@ fn print_explanation(policy: &Policy, client: &Client) {
             e.source
                 .as_ref()
                 .map_or("-".to_string(), |s| Escaped(s).to_string()),
+            e.note.as_deref().unwrap_or("-"),
         );
     }
     print_out(&out);

@@ -40,6 +40,17 @@ pub enum Cut {
 }
 
 impl Cut {
+    /// Every reason, for the metrics' series at zero.
+    pub const ALL: [Cut; 7] = [
+        Cut::Negotiate,
+        Cut::Idle,
+        Cut::Data,
+        Cut::SlowPacket,
+        Cut::Write,
+        Cut::TooLarge,
+        Cut::Evicted,
+    ];
+
     pub fn name(self) -> &'static str {
         match self {
             Cut::Negotiate => "negotiate_timeout",

@@ -10,7 +10,7 @@
 
 pub mod decider;
 mod frame;
-mod guard;
+pub(crate) mod guard;
 mod limits;
 mod listener;
 mod session;

@@ -56,6 +56,38 @@ pub struct CheckExplanation {
     pub matched: String,
     /// `FILE:LINE` of the entry; `None` for the built-in default.
     pub source: Option<String>,
+    /// Why the check is off or sets no limit, in words (see
+    /// [`why_no_limit`]); `None` when it applies a limit.
+    pub note: Option<String>,
+}
+
+/// Why `check` refuses nothing for a client, in words, for `policy
+/// explain` and `relayratectl show`; `None` when it applies a limit.
+/// `from_entry`: whether an entry of the policy matched (`None` when not
+/// known, as for the counts a node shows: then the check's built-in
+/// default tells, since a check with one falls back to it).
+pub fn why_no_limit(
+    check: Check,
+    enabled: bool,
+    has_limit: bool,
+    from_entry: Option<bool>,
+) -> Option<String> {
+    if !enabled {
+        return Some(format!("off: {} is not YES", check.switch().name()));
+    }
+    if has_limit {
+        return None;
+    }
+    let has_builtin = check.builtin_default().is_some();
+    Some(match (from_entry, has_builtin) {
+        (Some(true), _) | (None, true) => "no limit: the entry that matches says 0".to_string(),
+        (Some(false), _) => {
+            format!("no limit: no entry matches, and {check} has no built-in default")
+        }
+        (None, false) => format!(
+            "no limit: an entry of 0 matches, or none does and {check} has no built-in default"
+        ),
+    })
 }
 
 /// Every check of `docs/policy.md` §1, in its order.
@@ -73,11 +105,13 @@ pub fn explain_check(policy: &Policy, check: Check, client: &Client) -> CheckExp
         ),
         Matched::BuiltIn => ("built-in default".to_string(), None),
     };
+    let from_entry = source.is_some();
     CheckExplanation {
         enabled: r.enabled,
         limit: r.limit,
         matched,
         source,
+        note: why_no_limit(check, r.enabled, r.limit.is_some(), Some(from_entry)),
     }
 }
 

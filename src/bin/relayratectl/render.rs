@@ -7,6 +7,7 @@
 use std::fmt::Write as _;
 
 use relayrate::check::Check;
+use relayrate::policy::report::why_no_limit;
 use relayrate::proto::v1 as pb;
 use relayrate::terminal::{Escaped, EscapedText};
 use serde::Serialize;
@@ -284,10 +285,17 @@ pub struct KeyCountView {
     /// 0 for open connections and per-connection checks.
     pub window_secs: u32,
     pub enabled: bool,
+    /// Why the check is off or sets no limit, in words; absent when it
+    /// applies a limit.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
 }
 
 impl From<&pb::KeyCount> for KeyCountView {
     fn from(k: &pb::KeyCount) -> KeyCountView {
+        let check = pb::Check::try_from(k.check)
+            .ok()
+            .and_then(|c| Check::try_from(c).ok());
         KeyCountView {
             check: check_name(k.check),
             key: k.key.clone(),
@@ -296,6 +304,7 @@ impl From<&pb::KeyCount> for KeyCountView {
             percent: k.percent,
             window_secs: k.window_secs,
             enabled: k.enabled,
+            note: check.and_then(|c| why_no_limit(c, k.enabled, k.limit > 0, None)),
         }
     }
 }
@@ -390,6 +399,7 @@ impl ShowView {
                     k.percent_cell(),
                     k.window_cell(),
                     yes_no(k.enabled).to_string(),
+                    k.note.clone().unwrap_or_else(|| "-".to_string()),
                 ]
             })
             .collect();
@@ -402,6 +412,7 @@ impl ShowView {
                 ("percent", Align::Right),
                 ("window", Align::Right),
                 ("enabled", Align::Left),
+                ("note", Align::Left),
             ],
             &rows,
         ));
@@ -679,6 +690,8 @@ id  addr            kind     health   matched
                         enabled: false,
                         ..key_count(pb::Check::MsgRate, "10.0.0.1", 0, 0, 600)
                     },
+                    key_count(pb::Check::MsgRateFrom, "10.0.0.1", 0, 0, 600),
+                    key_count(pb::Check::MaxRcpt, "10.0.0.1", 0, 0, 0),
                 ],
             },
         );
@@ -686,9 +699,11 @@ id  addr            kind     health   matched
             show.text(),
             "\
 key 10.0.0.1
-check     count  limit  percent  window  enabled
-ConnRate      0     15      0.0    600s  yes
-MsgRate       0      -        -    600s  no
+check        count  limit  percent  window  enabled  note
+ConnRate         0     15      0.0    600s  yes      -
+MsgRate          0      -        -    600s  no       off: CHECK_MSG_RATE is not YES
+MsgRateFrom      0      -        -    600s  yes      no limit: an entry of 0 matches, or none does and MsgRateFrom has no built-in default
+MaxRcpt          0      -        -       -  yes      no limit: the entry that matches says 0
 "
         );
     }
