@@ -460,6 +460,66 @@ async fn with_the_node_down_each_fail_mode_answers_within_its_timeout() {
     }
 }
 
+/// `relayrate milter --policy FILE`, the node down, fail mode local: the
+/// milter decides with the file's policy from its first connection
+/// (ConnRate 2: the third connection is refused), where without it it
+/// could only tempfail; a broken file stops it at start with the file's
+/// line and column.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_milter_given_a_policy_file_decides_with_it_while_the_node_is_down() {
+    let dir = TempDir::new().unwrap();
+    let policy = dir.path().join("policy.txt");
+    std::fs::write(&policy, "CHECK_CONN_RATE YES\nConnRate:10.9.2.5 2\n").unwrap();
+    let port = free_port();
+    let milter = |policy: &std::path::Path, port: u16| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_relayrate"))
+            .args(["milter", "--fail-mode", "local", "--timeout-ms", "200"])
+            .arg("--listen")
+            .arg(format!("inet:127.0.0.1:{port}"))
+            .arg("--node")
+            .arg(dead_node())
+            .arg("--policy")
+            .arg(policy)
+            .env("NO_COLOR", "1")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let mut child = milter(&policy, port);
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let until = Instant::now() + Duration::from_secs(30);
+    while tokio::net::TcpStream::connect(addr).await.is_err() {
+        assert!(Instant::now() < until, "the milter never listened");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut replies = Vec::new();
+    for _ in 0..3 {
+        let mut c = TestConnection::open(addr).await.unwrap();
+        replies.push(c.connect("h", ip("10.9.2.5")).await.unwrap());
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(
+        replies,
+        [
+            Status::Continue,
+            Status::Continue,
+            tempfail("421 4.5.1 Connection rate too high (3/2 in 600s) - try again later")
+        ]
+    );
+
+    std::fs::write(&policy, "CHECK_CONN_RATE YES\nConnRat:10.9.2.5 2\n").unwrap();
+    let out = milter(&policy, free_port()).wait_with_output().unwrap();
+    assert!(!out.status.success());
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains(&format!("{}:2:1", policy.display())),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hung_node_is_not_waited_for_beyond_the_timeout() {
     let (url, _hung) = common::hung_node().await;

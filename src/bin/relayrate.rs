@@ -198,6 +198,11 @@ struct MilterArgs {
     /// Log and count refusals, refuse nothing.
     #[arg(long)]
     dry_run: bool,
+    /// Policy file (repeatable) the local fail mode decides with until the
+    /// node's policy has been fetched; without it, the local fail mode
+    /// tempfails until then. Checked at start: a bad file is an error.
+    #[arg(long)]
+    policy: Vec<PathBuf>,
     /// Serve Prometheus metrics at http://ADDR/metrics.
     #[arg(long)]
     metrics_listen: Option<SocketAddr>,
@@ -329,6 +334,12 @@ fn main() -> ExitCode {
         }
         Command::Milter(args) => {
             let mut milter = MilterConfig::new(args.node);
+            if !args.policy.is_empty() {
+                match load_policy(&args.policy) {
+                    Some(policy) => milter.fallback_policy = Some(policy),
+                    None => return ExitCode::from(EXIT_CONFIG),
+                }
+            }
             milter.timeout = Duration::from_millis(args.timeout_ms);
             milter.fail_mode = args.fail_mode;
             milter.relays = args.relays;

@@ -133,14 +133,25 @@ impl Decider {
                 Link::Grpc(BatchingClient::new(channel, config.timeout))
             }
         };
+        let relays = config.relays.max(1);
+        // A policy given to the milter stands in until the node's is
+        // fetched; the node's replaces it (its hash differs) at once.
+        let (local, hash, dry_run) = match &config.fallback_policy {
+            Some(policy) => (
+                Some(Engine::new(Arc::new(policy.divided(relays)))),
+                policy_hash(policy.files()),
+                policy.dry_run(),
+            ),
+            None => (None, String::new(), false),
+        };
         Ok(Decider {
             link,
             timeout: config.timeout,
             fail_mode: config.fail_mode,
-            relays: config.relays.max(1),
-            local: Mutex::new(None),
-            policy_hash: Mutex::new(String::new()),
-            dry_run_policy: std::sync::atomic::AtomicBool::new(false),
+            relays,
+            local: Mutex::new(local),
+            policy_hash: Mutex::new(hash),
+            dry_run_policy: std::sync::atomic::AtomicBool::new(dry_run),
             fallbacks: AtomicU64::new(0),
             stale: tokio::sync::Notify::new(),
         })

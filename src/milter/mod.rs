@@ -85,6 +85,10 @@ pub struct MilterConfig {
     pub limits: ConnLimits,
     /// The node of this process, asked directly instead of `node`.
     pub in_process: Option<std::sync::Arc<crate::node::Node>>,
+    /// The policy the local fail mode decides with until the node's has
+    /// been fetched (`relayrate milter --policy`); without it, the local
+    /// fail mode tempfails until then.
+    pub fallback_policy: Option<crate::policy::Policy>,
 }
 
 impl MilterConfig {
@@ -98,6 +102,7 @@ impl MilterConfig {
             tls: None,
             limits: ConnLimits::default(),
             in_process: None,
+            fallback_policy: None,
         }
     }
 }
