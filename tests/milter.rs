@@ -708,3 +708,64 @@ async fn a_session_with_no_rate_in_force_writes_nothing() {
     assert!(last(&r) > before, "a counted RCPT was not written");
     assert_eq!(r.count(Check::RcptRate, "10.9.0.60"), 1);
 }
+
+/// A close is waited for by nobody: it waits (up to 20 ms) for an event
+/// that must be written now and rides in its log entry, instead of an
+/// entry and an fsync of its own. Twenty close-then-connect pairs, each
+/// connect 3 ms after its close: far fewer entries than events (written
+/// at once, each close took an entry of its own: 40); and a close alone
+/// is still written and answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_close_rides_in_the_entry_of_the_next_write() {
+    let dir = TempDir::new().unwrap();
+    let listen: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let mut config = NodeConfig::new(1, listen, dir.path().to_path_buf(), Start::Bootstrap);
+    config.policy = vec![PolicyFile {
+        name: "test".into(),
+        text: "CHECK_OPEN_CONNECTIONS YES\nConnOpen:default 100\n".into(),
+    }];
+    let h = node::start(config).await.unwrap();
+    wait_ready(&h).await;
+    let node = h.node.clone();
+    let last = || node.raft.metrics().borrow().last_log_index.unwrap_or(0);
+    let client = Client::from_ip(ip("10.9.7.1"));
+    let conn = |n| relayrate::engine::ConnId { owner: 1, conn: n };
+    let connect = |n| relayrate::engine::Event::Connect {
+        conn: conn(n),
+        client: client.clone(),
+    };
+    let close = |n| relayrate::engine::Event::Close { conn: conn(n) };
+    node.decide(vec![connect(0)]).await.unwrap();
+
+    let before = last();
+    for n in 1..=20 {
+        let closing = tokio::spawn({
+            let node = node.clone();
+            let event = close(n - 1);
+            async move { node.decide(vec![event]).await }
+        });
+        // The next connection comes a little after the close (the delay
+        // is the scenario, not a wait for something): by then the close
+        // has reached the batcher on its own.
+        tokio::time::sleep(Duration::from_millis(3)).await;
+        let verdicts = node.decide(vec![connect(n)]).await.unwrap();
+        assert!(verdicts[0].is_allowed());
+        closing.await.unwrap().unwrap();
+    }
+    let entries = last() - before;
+    assert!(entries <= 30, "{entries} entries for 40 events");
+
+    // Alone, a close is written within its wait.
+    let before = last();
+    let asked = Instant::now();
+    node.decide(vec![close(20)]).await.unwrap();
+    assert!(asked.elapsed() < Duration::from_secs(5));
+    assert_eq!(last() - before, 1);
+    let state = node.state().read().unwrap();
+    assert_eq!(
+        state
+            .engine()
+            .count_of(Check::ConnOpen, &client, state.now_ms() / 1000),
+        0
+    );
+}

@@ -95,6 +95,20 @@ impl Size {
     }
 }
 
+/// How long events that only give back (closes, give-backs) wait for an
+/// event that must be written now, to ride in its entry: nobody waits for
+/// their answer (the milter settles them in the background), and alone
+/// they would cost an entry and an fsync of their own. While they wait
+/// the slots stay counted, which errs on the side of the limit.
+pub const GIVE_BACK_WAIT: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// Whether every event of `p` only gives back what was counted.
+fn gives_back_only(p: &Pending) -> bool {
+    p.events
+        .iter()
+        .all(|(_, e)| matches!(e, Event::Close { .. } | Event::GiveBack { .. }))
+}
+
 pub async fn run(node: Arc<Node>, mut rx: mpsc::Receiver<Pending>) {
     // A caller's events that did not fit in the last batch open the next.
     let mut held: Option<Pending> = None;
@@ -106,10 +120,29 @@ pub async fn run(node: Arc<Node>, mut rx: mpsc::Receiver<Pending>) {
                 None => break,
             },
         };
-        let permit = node.in_flight.acquire(node.is_leader()).await;
         let mut size = Size::of(&first);
         let mut batch = vec![first];
-        while size.events < MAX_EVENTS {
+        // Give-backs wait a little for company (GIVE_BACK_WAIT).
+        if gives_back_only(&batch[0]) {
+            let until = tokio::time::Instant::now() + GIVE_BACK_WAIT;
+            while size.events < MAX_EVENTS && batch.iter().all(gives_back_only) {
+                match tokio::time::timeout_at(until, rx.recv()).await {
+                    Ok(Some(p)) => {
+                        let more = Size::of(&p);
+                        if !size.fits(more) {
+                            held = Some(p);
+                            break;
+                        }
+                        size.events += more.events;
+                        size.bytes += more.bytes;
+                        batch.push(p);
+                    }
+                    Ok(None) | Err(_) => break,
+                }
+            }
+        }
+        let permit = node.in_flight.acquire(node.is_leader()).await;
+        while held.is_none() && size.events < MAX_EVENTS {
             match rx.try_recv() {
                 Ok(p) => {
                     let more = Size::of(&p);
