@@ -277,3 +277,24 @@ fn every_form_of_an_ipv6_client_is_the_same_client() {
         assert_eq!(parse_client_addr(bad), None, "{bad}");
     }
 }
+
+#[test]
+fn a_long_internationalized_sender_stays_bounded() {
+    use relayrate::policy::names::envelope_sender;
+    // `bü.` is `xn--b-xga.`, 10 bytes: 24 of them and `example` fit in
+    // 253 bytes, 25 do not.
+    for labels in [1, 24, 25, 1000] {
+        let raw = format!("<a@{}example>", "bü.".repeat(labels));
+        let kept = envelope_sender(&raw);
+        assert!(
+            kept.len() <= raw.len() + 253,
+            "{labels} labels: {}",
+            kept.len()
+        );
+        // Converted only within DNS's 253 bytes; past them kept as written.
+        assert_eq!(kept.starts_with("a@xn--"), labels <= 24, "{labels}: {kept}");
+    }
+    // A policy key past 253 bytes of domain is refused, not cut.
+    let key = format!("MsgRateFrom:@{}example 1", "bü.".repeat(100));
+    assert!(Policy::parse_str("p", &format!("CHECK_MSG_RATE YES\n{key}\n")).is_err());
+}

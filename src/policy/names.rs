@@ -12,7 +12,8 @@ use std::borrow::Cow;
 pub const NULL_SENDER: &str = "<>";
 
 /// A domain as keys keep it; `None` when it has a non-ASCII or `xn--`
-/// label that is not a valid internationalized domain name.
+/// label and is not a valid internationalized domain name (of at most 253
+/// bytes in either form).
 pub fn domain(raw: &str) -> Option<Cow<'_, str>> {
     let needs_idna = !raw.is_ascii()
         || raw
@@ -25,8 +26,19 @@ pub fn domain(raw: &str) -> Option<Cow<'_, str>> {
             Cow::Borrowed(raw)
         });
     }
-    idna::domain_to_ascii(raw).ok().map(Cow::Owned)
+    // A name past DNS's 253 bytes is no domain: refused as a key, kept as
+    // written in an envelope (which bounds how much a value can grow here).
+    if raw.len() > MAX_DOMAIN_BYTES {
+        return None;
+    }
+    idna::domain_to_ascii(raw)
+        .ok()
+        .filter(|d| d.len() <= MAX_DOMAIN_BYTES)
+        .map(Cow::Owned)
 }
+
+/// The longest domain name, in bytes (RFC 1035's 255 octets on the wire).
+const MAX_DOMAIN_BYTES: usize = 253;
 
 /// An envelope sender (with or without its angle brackets) as keys keep
 /// it: `<>` for the null sender, else `local@domain` with the domain as
@@ -76,6 +88,7 @@ mod tests {
             "xn--bcher-kva.example"
         );
         assert!(domain("xn--zz-.example").is_none());
+        assert!(domain(&format!("{}.example", "ü.".repeat(100))).is_none());
         assert!(matches!(domain("plain.example"), Some(Cow::Borrowed(_))));
     }
 
