@@ -298,3 +298,62 @@ fn a_long_internationalized_sender_stays_bounded() {
     let key = format!("MsgRateFrom:@{}example 1", "bü.".repeat(100));
     assert!(Policy::parse_str("p", &format!("CHECK_MSG_RATE YES\n{key}\n")).is_err());
 }
+
+#[test]
+fn top_show_and_reset_name_the_counted_network() {
+    use relayrate::inspect::{parse_key, show, top};
+    let p = policy("CHECK_CONN_RATE YES\nCHECK_MSG_RATE YES\nConnRate:default 10\n");
+    let mut e = Engine::new(Arc::new(p));
+    for n in 1..=3 {
+        connect(&mut e, &v6(&format!("2001:db8:0:1::{n}")), n);
+    }
+    let t = top(&e, Some(Check::ConnRate), 5, 1_000);
+    assert_eq!(
+        t.iter()
+            .map(|k| (k.key.as_str(), k.count))
+            .collect::<Vec<_>>(),
+        [("2001:db8:0:1::/64", 3)]
+    );
+    // An address the operator types is shown as its network's count.
+    let shown = show(&e, &parse_key("2001:db8:0:1::ab"), 1_000);
+    assert_eq!(
+        (shown[0].key.as_str(), shown[0].count),
+        ("2001:db8:0:1::/64", 3)
+    );
+    let shown = show(&e, &parse_key("IPv6:2001:db8:0:1::1"), 1_000);
+    assert_eq!(shown[0].count, 3);
+    // A UTF-8 sender as typed, in either form of its domain.
+    let sender = from("<info@bücher.example>");
+    e.apply(
+        &Event::Mail {
+            client: sender,
+            msgs_in_conn: 1,
+        },
+        1_000,
+    );
+    assert_eq!(
+        parse_key("Info@XN--BCHER-KVA.example"),
+        parse_key("<info@bücher.example>")
+    );
+    let shown = show(&e, &parse_key("info@bücher.example"), 1_000);
+    assert_eq!((shown[0].check, shown[0].count), (Check::MsgRateFrom, 1));
+    assert_eq!(e.reset(&parse_key("2001:db8:0:1::77"), None), 1);
+    assert_eq!(
+        e.count_of(Check::ConnRate, &v6("2001:db8:0:1::1"), 1_000),
+        0
+    );
+}
+
+#[test]
+fn a_new_ipv6_prefix_starts_ipv6_counts_again() {
+    let mut e = Engine::new(Arc::new(policy(
+        "CHECK_CONN_RATE YES\nConnRate:default 2\n",
+    )));
+    connect(&mut e, &v6("2001:db8::1"), 1);
+    connect(&mut e, &v6("10.0.0.1"), 2);
+    e.set_policy(Arc::new(policy(
+        "CHECK_CONN_RATE YES\nIPv6Prefix 48\nConnRate:default 2\n",
+    )));
+    assert_eq!(e.count_of(Check::ConnRate, &v6("2001:db8::1"), 1_000), 0);
+    assert_eq!(e.count_of(Check::ConnRate, &v6("10.0.0.1"), 1_000), 1);
+}

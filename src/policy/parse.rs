@@ -572,6 +572,12 @@ fn parse_sender_key(key: &str) -> Result<Key, String> {
 /// An address, a ze-filter octet prefix (`1.1.1`), a CIDR network, a host
 /// or domain name, or a class label.
 fn parse_client_key(key: &str) -> Result<Key, String> {
+    // sendmail's form of an IPv6 address (`IPv6:2001:db8::1`, also of a
+    // network) is the address.
+    let key = match key.get(..5) {
+        Some(tag) if tag.eq_ignore_ascii_case("IPv6:") && key[5..].contains(':') => &key[5..],
+        _ => key,
+    };
     if key.contains('/') {
         let net: IpNet = key
             .parse()
@@ -686,5 +692,9 @@ mod tests {
         assert!(k("1.1.1.1.1").is_err());
         assert!(k("10.1.2.3/16").is_err());
         assert!(k("a..b").is_err());
+        // sendmail's form.
+        assert_eq!(k("IPv6:2001:DB8::1"), k("2001:db8::1"));
+        assert_eq!(k("ipv6:2001:db8:0:0:0:0:0:0/32"), k("2001:db8::/32"));
+        assert!(k("IPv6:").is_err());
     }
 }
