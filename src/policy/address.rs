@@ -8,14 +8,12 @@
 
 use std::net::IpAddr;
 
-/// Bytes of the longest form: `[IPv6:` + 8 groups of 4 hex digits and 7
-/// colons (or a mapped IPv4 tail) + `]`, with room to spare.
-const MAX_ADDR_TEXT: usize = 64;
+use crate::bounds::MAX_ADDRESS_BYTES;
 
 /// The client address `text` names, IPv4-mapped IPv6 as IPv4; `None` if
 /// it is no address (a host name, `unknown`, a form not listed above).
 pub fn parse_client_addr(text: &str) -> Option<IpAddr> {
-    if text.len() > MAX_ADDR_TEXT {
+    if text.len() > MAX_ADDRESS_BYTES {
         return None;
     }
     let text = text.trim();

@@ -8,6 +8,8 @@
 
 use std::borrow::Cow;
 
+use crate::bounds::MAX_DOMAIN_BYTES;
+
 /// The key of the null sender (`MAIL FROM:<>`).
 pub const NULL_SENDER: &str = "<>";
 
@@ -36,9 +38,6 @@ pub fn domain(raw: &str) -> Option<Cow<'_, str>> {
         .filter(|d| d.len() <= MAX_DOMAIN_BYTES)
         .map(Cow::Owned)
 }
-
-/// The longest domain name, in bytes (RFC 1035's 255 octets on the wire).
-const MAX_DOMAIN_BYTES: usize = 253;
 
 /// An envelope sender (with or without its angle brackets) as keys keep
 /// it: `<>` for the null sender, else `local@domain` with the domain as
