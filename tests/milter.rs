@@ -396,6 +396,17 @@ async fn raw_connect(
     family: u8,
     addr: &str,
 ) -> Option<(u8, Vec<u8>)> {
+    raw_connect_with(milter, host, family, addr, addr).await
+}
+
+/// As [`raw_connect`], with `{client_addr}` given apart.
+async fn raw_connect_with(
+    milter: SocketAddr,
+    host: &str,
+    family: u8,
+    addr: &str,
+    client_addr: &str,
+) -> Option<(u8, Vec<u8>)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(milter).await.unwrap();
     let mut optneg = 6u32.to_be_bytes().to_vec();
@@ -406,7 +417,7 @@ async fn raw_connect(
     let mut reply = vec![0; len as usize];
     s.read_exact(&mut reply).await.unwrap();
     assert_eq!(reply[0], b'O', "OPTNEG reply");
-    let macros = format!("C{{client_addr}}\0{addr}\0{{client_name}}\0{host}\0");
+    let macros = format!("C{{client_addr}}\0{client_addr}\0{{client_name}}\0{host}\0");
     s.write_all(&packet(b'D', macros.as_bytes())).await.unwrap();
     let mut connect = format!("{host}\0").into_bytes();
     connect.push(family);
@@ -457,6 +468,16 @@ async fn sendmail_ipv6_form_is_the_same_client_as_the_plain_address() {
     let reply = raw_connect(r.milter, "[10.9.0.8]", b'6', "IPv6:::ffff:10.9.0.8").await;
     assert_eq!(reply, Some((b'c', vec![])));
     assert_eq!(r.count(Check::ConnRate, "10.9.0.8"), 1);
+    // A connect address in no known form does not end the session: the
+    // client is taken from {client_addr} (here in sendmail's form)...
+    let reply = raw_connect_with(r.milter, "h", b'6', "2001:db8::9%x", "IPv6:2001:db8::9").await;
+    assert_eq!(reply, Some((b'c', vec![])));
+    // The /64 of ::6: its 4 connections (the refused one too) and this one.
+    assert_eq!(r.count(Check::ConnRate, "2001:db8::9"), 5);
+    // ...or from a host name that is an address literal.
+    let reply = raw_connect_with(r.milter, "[IPv6:2001:db8:5::1]", b'6', "?", "").await;
+    assert_eq!(reply, Some((b'c', vec![])));
+    assert_eq!(r.count(Check::ConnRate, "2001:db8:5::1"), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
