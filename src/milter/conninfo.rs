@@ -21,6 +21,9 @@ use crate::policy::parse_client_addr;
 
 /// Bytes read from the socket at once.
 const READ_CHUNK: usize = 8 * 1024;
+/// Buffer bytes an idle connection keeps: a large packet's (a body chunk's)
+/// are given back once it has been read.
+const KEPT_CAPACITY: usize = 16 * 1024;
 
 /// A stream whose connect packets are rewritten; see the module.
 pub struct ConnInfo<S> {
@@ -61,6 +64,9 @@ impl<S> ConnInfo<S> {
             at += 4 + len;
         }
         self.partial.drain(..at);
+        if self.partial.is_empty() {
+            self.partial.shrink_to(KEPT_CAPACITY);
+        }
     }
 }
 
@@ -133,6 +139,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for ConnInfo<S> {
                 this.taken += n;
                 if this.taken == this.ready.len() {
                     this.ready.clear();
+                    this.ready.shrink_to(KEPT_CAPACITY);
                     this.taken = 0;
                 }
                 return Poll::Ready(Ok(()));
