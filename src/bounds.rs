@@ -24,6 +24,14 @@ pub const MAX_SENDERS: usize = 1024;
 /// address, a snapshot id. Longer than any SMTP command line (Postfix
 /// reads 2048 bytes at most).
 pub const MAX_FIELD_BYTES: usize = 4096;
+/// Bytes of a domain name converted between its Unicode and `xn--` forms
+/// (DNS's limit): a longer one is no domain, refused as a policy key and
+/// kept as written in an envelope, so converting grows a value by at most
+/// this much.
+pub const MAX_DOMAIN_BYTES: usize = 253;
+/// Bytes of a client address in any form an MTA writes it (`[IPv6:` and 8
+/// groups of 4 hex digits and `]` are 46): a longer text is no address.
+pub const MAX_ADDRESS_BYTES: usize = 64;
 /// Latest leader stamp taken: the end of the year 9999, in ms.
 pub const MAX_STAMP_MS: u64 = 253_402_300_799_999;
 /// Files in one policy.

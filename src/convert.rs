@@ -3,8 +3,6 @@
 //! `Admin` services take. A message that cannot be converted, or is out of
 //! [`crate::bounds`], is refused with `InvalidArgument`, never panicked on.
 
-use std::net::IpAddr;
-
 use tonic::Status;
 
 use crate::bounds::{count, cut, text, MAX_DECIDE_EVENTS, MAX_FIELD_BYTES, MAX_TOP};
@@ -81,10 +79,8 @@ impl TryFrom<Option<pb::Client>> for Client {
         let mut client = if c.ip.is_empty() {
             Client::default()
         } else {
-            let ip: IpAddr = c
-                .ip
-                .parse()
-                .map_err(|_| Status::invalid_argument(format!("bad client ip {}", cut(&c.ip))))?;
+            let ip = crate::policy::parse_client_addr(&c.ip)
+                .ok_or_else(|| Status::invalid_argument(format!("bad client ip {}", cut(&c.ip))))?;
             Client::from_ip(ip)
         };
         if !c.host.is_empty() {

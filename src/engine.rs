@@ -70,7 +70,7 @@ pub const RECIPIENT_RATES: [Check; 3] = [Check::RcptRate, Check::RcptRateFrom, C
 pub fn counts_any(policy: &Policy, checks: &[Check], client: &Client) -> bool {
     checks.iter().any(|&check| {
         policy.is_enabled(check)
-            && counter_key(check, client).is_some()
+            && counter_key(policy, check, client).is_some()
             && policy.limit(check, client).is_some()
     })
 }
@@ -208,13 +208,28 @@ fn crosses_near_limit(count: u64, limit: u64) -> bool {
     limit > 0 && count * den >= limit * num && (count - 1) * den < limit * num
 }
 
-/// The key a windowed check counts a client by, if the client has one.
-fn counter_key(check: Check, client: &Client) -> Option<CounterKeyRef<'_>> {
+/// The key a windowed check counts a client by, if the client has one:
+/// an IPv6 address by its `IPv6Prefix` network.
+fn counter_key<'a>(policy: &Policy, check: Check, client: &'a Client) -> Option<CounterKeyRef<'a>> {
     use crate::check::KeyKind;
     match check.key_kind() {
-        KeyKind::Client => client.ip.map(CounterKeyRef::Ip),
+        KeyKind::Client => client
+            .ip
+            .map(|ip| CounterKeyRef::Ip(policy.counted_address(ip))),
         KeyKind::Sender => client.sender.as_deref().map(CounterKeyRef::Name),
         KeyKind::AuthUser => client.auth.as_deref().map(CounterKeyRef::Name),
+    }
+}
+
+/// Who `check` counts `client` as, as logs and reports show it: the
+/// address (an IPv6 client's `ADDRESS/N` network), the sender or the AUTH
+/// user; `None` if the client has no such key.
+pub fn counted_as(policy: &Policy, check: Check, client: &Client) -> Option<String> {
+    use crate::check::KeyKind;
+    match check.key_kind() {
+        KeyKind::Client => client.ip.map(|ip| policy.counted_text(ip)),
+        KeyKind::Sender => client.sender.clone(),
+        KeyKind::AuthUser => client.auth.clone(),
     }
 }
 
@@ -265,13 +280,20 @@ impl Engine {
     }
 
     /// Puts a new policy in force and keeps every count. If the window
-    /// changed, each count moves to the new bucket of its time.
+    /// changed, each count moves to the new bucket of its time. If
+    /// `IPv6Prefix` changed, IPv6 clients' counts start again under their
+    /// new networks (the old ones would never be matched again);
+    /// connections already open stay counted where they were.
     pub fn set_policy(&mut self, policy: Arc<Policy>) {
         let (from, to) = (self.window, policy.window());
         if from != to {
             for w in self.counters.values_mut() {
                 *w = w.rebucket(from, to);
             }
+        }
+        if policy.ipv6_prefix() != self.policy.ipv6_prefix() {
+            self.counters
+                .retain(|id, _| !matches!(id.key, CounterKey::Ip(IpAddr::V6(_))));
         }
         self.window = to;
         self.policy = policy;
@@ -290,7 +312,7 @@ impl Engine {
                     .or_else(|| self.over_open(*conn, client, now))
                     .map_or(Verdict::Allow, Verdict::Refuse);
                 if let (Verdict::Allow, Some(ip)) = (&verdict, client.ip) {
-                    self.acquire(*conn, ip);
+                    self.acquire(*conn, self.policy.counted_address(ip));
                 }
                 verdict
             }
@@ -376,14 +398,18 @@ impl Engine {
     /// The count of a windowed check for a client at `now`.
     pub fn count_of(&self, check: Check, client: &Client, now: Time) -> u64 {
         match check.measure() {
-            Measure::Window => counter_key(check, client)
+            Measure::Window => counter_key(&self.policy, check, client)
                 .and_then(|key| self.counters.get(&CounterIdRef { check, key }))
                 .map_or(0, |w| u64::from(w.count(self.window, now))),
-            Measure::Open => client.ip.map_or(0, |ip| self.open_count(ip)),
+            Measure::Open => client
+                .ip
+                .map_or(0, |ip| self.open_count(self.policy.counted_address(ip))),
             Measure::PerConnection => 0,
         }
     }
 
+    /// Open connections counted under `ip` (an IPv6 client's network's
+    /// first address: see [`Policy::counted_address`]).
     pub fn open_count(&self, ip: IpAddr) -> u64 {
         self.open.get(&ip).copied().map_or(0, u64::from)
     }
@@ -415,7 +441,7 @@ impl Engine {
             if !self.policy.is_enabled(check) {
                 continue;
             }
-            let Some(key) = counter_key(check, client) else {
+            let Some(key) = counter_key(&self.policy, check, client) else {
                 continue;
             };
             let window = self.window;
@@ -450,7 +476,7 @@ impl Engine {
             if !self.policy.is_enabled(check) {
                 continue;
             }
-            let Some(key) = counter_key(check, client) else {
+            let Some(key) = counter_key(&self.policy, check, client) else {
                 continue;
             };
             if let Some(w) = self.counters.get_mut(&CounterIdRef { check, key }) {
@@ -479,9 +505,18 @@ impl Engine {
     }
 
     /// Forgets the windowed counts of `key`, for one check or all of them;
-    /// returns how many counters were cleared. Open connections stay: they
-    /// are real connections and end at their close.
+    /// returns how many counters were cleared. An IPv6 address resets its
+    /// network's counts. Open connections stay: they are real connections
+    /// and end at their close.
     pub fn reset(&mut self, key: &CounterKey, check: Option<Check>) -> usize {
+        let counted;
+        let key = match key {
+            CounterKey::Ip(ip) => {
+                counted = CounterKey::Ip(self.policy.counted_address(*ip));
+                &counted
+            }
+            other => other,
+        };
         let before = self.counters.len();
         self.counters
             .retain(|id, _| !(&id.key == key && check.is_none_or(|c| c == id.check)));
@@ -546,7 +581,7 @@ impl Engine {
         }
         let (window, retry_after) = match check.measure() {
             Measure::Window => {
-                let w = counter_key(check, client)
+                let w = counter_key(&self.policy, check, client)
                     .and_then(|key| self.counters.get(&CounterIdRef { check, key }));
                 let retry = w.map_or(0, |w| w.retry_after(self.window, now, limit));
                 (Some(self.window.window_secs()), retry)

@@ -7,13 +7,12 @@
 //! or NetClass that the address had at connect is not seen here.
 
 use std::cmp::Ordering;
-use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
 
 use crate::check::{Check, KeyKind, Measure};
 use crate::engine::{CounterKey, Engine, Time};
-use crate::policy::{canonical_ip, Client, Policy};
+use crate::policy::{canonical_ip, names, parse_client_addr, Client, Policy};
 
 /// One count against its limit.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -39,13 +38,22 @@ impl KeyCount {
     }
 }
 
-/// A key as an operator types it: an address, else a sender or AUTH user
-/// name, normalized as the milter normalizes them.
+/// A key as an operator types it: an address in any form a milter gets
+/// one (an IPv6 network `ADDRESS/N` too), else a sender (`<>` for the
+/// null sender) or AUTH user name, normalized as the milter normalizes
+/// them.
 pub fn parse_key(text: &str) -> CounterKey {
-    match text.trim().parse::<IpAddr>() {
-        Ok(ip) => CounterKey::Ip(canonical_ip(ip)),
-        Err(_) => CounterKey::Name(text.trim().to_ascii_lowercase().into()),
+    let text = text.trim();
+    if let Some(ip) = parse_client_addr(text) {
+        return CounterKey::Ip(ip);
     }
+    if let Ok(net) = text.parse::<ipnet::IpNet>() {
+        return CounterKey::Ip(canonical_ip(net.network()));
+    }
+    if text == names::NULL_SENDER || text.contains('@') {
+        return CounterKey::Name(names::envelope_sender(text).into());
+    }
+    CounterKey::Name(text.to_ascii_lowercase().into())
 }
 
 /// The client a check's limit is looked up for, knowing only the key.
@@ -58,9 +66,10 @@ fn client_of(kind: KeyKind, key: &CounterKey) -> Option<Client> {
     }
 }
 
-fn key_text(key: &CounterKey) -> String {
+/// A key as counted: an IPv6 client's network as `ADDRESS/N`.
+fn key_text(policy: &Policy, key: &CounterKey) -> String {
     match key {
-        CounterKey::Ip(ip) => ip.to_string(),
+        CounterKey::Ip(ip) => policy.counted_text(*ip),
         CounterKey::Name(n) => n.to_string(),
     }
 }
@@ -69,7 +78,7 @@ fn key_count(policy: &Policy, check: Check, key: &CounterKey, count: u64) -> Key
     let client = client_of(check.key_kind(), key).unwrap_or_default();
     KeyCount {
         check,
-        key: key_text(key),
+        key: key_text(policy, key),
         count,
         limit: policy.limit(check, &client),
         window_secs: (check.measure() == Measure::Window).then(|| policy.window().window_secs()),

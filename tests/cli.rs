@@ -614,3 +614,96 @@ fn a_cluster_secret_readable_by_others_is_reported() {
         );
     }
 }
+
+// ------------------------------------------------ keys of every form
+
+#[test]
+fn explain_of_the_null_sender_tells_what_applies() {
+    // The report: `--from '<>'` claimed the default's limits, which never
+    // applied to `<>`. Now `<>` is a key, and the default applies to it.
+    let dir = dir_with(&[(
+        "p.txt",
+        "CHECK_MSG_RATE YES\nCHECK_RCPT_RATE YES\nMsgRateFrom:<> 3\nMsgRateFrom:default 2\n\
+         RcptRateFrom:default 4\n",
+    )]);
+    let v = explain_json(dir.path(), &["p.txt", "--ip", "10.0.0.1", "--from", "<>"]);
+    assert_eq!(check(&v, "MsgRateFrom")["matched"], "MsgRateFrom:<>");
+    assert_eq!(check(&v, "MsgRateFrom")["limit"], 3);
+    assert_eq!(check(&v, "RcptRateFrom")["matched"], "RcptRateFrom:default");
+    let o = run(
+        dir.path(),
+        &[
+            "policy", "explain", "p.txt", "--ip", "10.0.0.1", "--from", "<>",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(0), "stderr: {}", stderr(&o));
+    assert!(
+        stdout(&o).starts_with("client 10.0.0.1 host - sender <> auth - class -\n"),
+        "{}",
+        stdout(&o)
+    );
+}
+
+#[test]
+fn check_accepts_utf8_keys_and_explain_matches_both_domain_forms() {
+    // The report: this line made `policy check` refuse the whole file.
+    let dir = dir_with(&[(
+        "p.txt",
+        "CHECK_MSG_RATE YES\nMsgRateFrom:jörg@example.org 2\nMsgRateFrom:@bücher.example 5\n",
+    )]);
+    let o = run(dir.path(), &["policy", "check", "p.txt"]);
+    assert_eq!(o.status.code(), Some(0), "stderr: {}", stderr(&o));
+    let v = explain_json(
+        dir.path(),
+        &["p.txt", "--ip", "10.0.0.1", "--from", "<Jörg@example.org>"],
+    );
+    assert_eq!(check(&v, "MsgRateFrom")["limit"], 2);
+    for from in ["<a@bücher.example>", "<a@xn--bcher-kva.example>"] {
+        let v = explain_json(dir.path(), &["p.txt", "--ip", "10.0.0.1", "--from", from]);
+        assert_eq!(
+            check(&v, "MsgRateFrom")["matched"],
+            "MsgRateFrom:@bücher.example"
+        );
+    }
+    // A control character in a key is an error at its place.
+    let dir = dir_with(&[(
+        "p.txt",
+        "CHECK_MSG_RATE YES\nMsgRateFrom:j\u{1}rg@example.org 2\n",
+    )]);
+    let o = run(dir.path(), &["policy", "check", "p.txt"]);
+    assert_eq!(o.status.code(), Some(1), "stderr: {}", stderr(&o));
+    assert!(
+        stdout(&o).starts_with("p.txt:2:13: invalid key `j\\x01rg@example.org`"),
+        "{}",
+        stdout(&o)
+    );
+}
+
+#[test]
+fn ipv6_prefix_is_shown_by_check_and_explain() {
+    let dir = dir_with(&[("p.txt", "CHECK_CONN_RATE YES\nIPv6Prefix 48\n")]);
+    let o = run(dir.path(), &["policy", "check", "p.txt"]);
+    assert_eq!(o.status.code(), Some(0), "stderr: {}", stderr(&o));
+    assert!(
+        stdout(&o).contains("; IPv6 clients counted per /48"),
+        "{}",
+        stdout(&o)
+    );
+    let o = run(
+        dir.path(),
+        &["policy", "explain", "p.txt", "--ip", "2001:db8:1:2::9"],
+    );
+    assert!(
+        stdout(&o).starts_with("client 2001:db8:1:2::9 (counted as 2001:db8:1::/48) host -"),
+        "{}",
+        stdout(&o)
+    );
+    let dir = dir_with(&[("p.txt", "CHECK_CONN_RATE YES\nIPv6Prefix 129\n")]);
+    let o = run(dir.path(), &["policy", "check", "p.txt"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stdout(&o).starts_with("p.txt:2:12: expected an IPv6 prefix length from 1 to 128"),
+        "{}",
+        stdout(&o)
+    );
+}

@@ -135,6 +135,14 @@ fn policy_bytes() -> impl Strategy<Value = Vec<u8>> {
         Just(b"10.1.0.0/16".to_vec()),
         Just(b"2001:db8::/48".to_vec()),
         Just(b"@example.org".to_vec()),
+        Just(b"IPv6Prefix".to_vec()),
+        Just(b"MsgRateAuth:".to_vec()),
+        Just(b"<>".to_vec()),
+        Just("jörg@bücher.example".as_bytes().to_vec()),
+        Just(b"@xn--bcher-kva.example".to_vec()),
+        Just(b"xn--zz-".to_vec()),
+        Just(b"IPv6:2001:db8::6".to_vec()),
+        Just(b"\x01".to_vec()),
         Just(b"4294967296k".to_vec()),
         "[0-9]{1,12}[kKmM]?".prop_map(String::into_bytes),
         prop::collection::vec(any::<u8>(), 1..8),
@@ -202,6 +210,8 @@ fn pb_client() -> impl Strategy<Value = pb::Client> {
         Just(String::new()),
         Just("192.0.2.1".to_string()),
         Just("::ffff:10.0.0.1".to_string()),
+        Just("IPv6:2001:db8::6".to_string()),
+        Just("[IPv6:2001:0db8:0:0:0:0:0:6]".to_string()),
         text(),
     ];
     (ip, text(), text(), text()).prop_map(|(ip, host, sender, auth)| pb::Client {
@@ -426,7 +436,10 @@ fn admin_requests_of_arbitrary_bytes() {
 // ---------------------------------------------------------------- Raft
 
 fn client() -> impl Strategy<Value = relayrate::policy::Client> {
-    let ip = proptest::option::of(any::<[u8; 4]>().prop_map(std::net::IpAddr::from));
+    let ip = proptest::option::of(prop_oneof![
+        any::<[u8; 4]>().prop_map(std::net::IpAddr::from),
+        any::<[u8; 16]>().prop_map(std::net::IpAddr::from),
+    ]);
     (
         ip,
         proptest::option::of(text()),

@@ -348,25 +348,27 @@ async fn sender_and_auth_user_rates_follow_the_account_across_addresses() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ipv6_clients_are_limited_by_their_entries() {
+async fn ipv6_clients_are_counted_per_prefix_and_limited_by_their_entries() {
     let r = Relay::start("CHECK_CONN_RATE YES\nConnRate:2001:db8::/64 1\n", |_| {}).await;
     let mut c = r.conn().await;
     assert_eq!(
         c.connect("h", ip("2001:db8::25")).await.unwrap(),
         Status::Continue
     );
-    // Counted per address; the /64 entry gives each address its limit.
     let mut d = r.conn().await;
     assert_eq!(
         d.connect("h", ip("2001:db8::25")).await.unwrap(),
         tempfail("421 4.5.1 Connection rate too high (2/1 in 600s) - try again later")
     );
+    // Another address of the same /64 is the same client (IPv6Prefix 64):
+    // a fresh address per connection meets the limit all the same.
     let mut e = r.conn().await;
     assert_eq!(
         e.connect("h", ip("2001:db8::26")).await.unwrap(),
-        Status::Continue
+        tempfail("421 4.5.1 Connection rate too high (3/1 in 600s) - try again later")
     );
-    // Outside the /64: the built-in 15.
+    assert_eq!(r.count(Check::ConnRate, "2001:db8::ffff"), 3);
+    // Outside the /64: its own count, under the built-in 15.
     for _ in 0..3 {
         let mut f = r.conn().await;
         assert_eq!(
@@ -374,6 +376,108 @@ async fn ipv6_clients_are_limited_by_their_entries() {
             Status::Continue
         );
     }
+}
+
+/// One milter packet: length (command byte included), command, payload.
+fn packet(command: u8, payload: &[u8]) -> Vec<u8> {
+    let mut p = (payload.len() as u32 + 1).to_be_bytes().to_vec();
+    p.push(command);
+    p.extend_from_slice(payload);
+    p
+}
+
+/// An MTA's side of one SMTP connect, spoken byte for byte as sendmail
+/// does: OPTNEG, the connect macros, then SMFIC_CONNECT with `family` and
+/// `addr` as written. Returns the milter's reply to connect: its command
+/// byte and payload; `None` if the milter closed the connection instead.
+async fn raw_connect(
+    milter: SocketAddr,
+    host: &str,
+    family: u8,
+    addr: &str,
+) -> Option<(u8, Vec<u8>)> {
+    raw_connect_with(milter, host, family, addr, addr).await
+}
+
+/// As [`raw_connect`], with `{client_addr}` given apart.
+async fn raw_connect_with(
+    milter: SocketAddr,
+    host: &str,
+    family: u8,
+    addr: &str,
+    client_addr: &str,
+) -> Option<(u8, Vec<u8>)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(milter).await.unwrap();
+    let mut optneg = 6u32.to_be_bytes().to_vec();
+    optneg.extend(0x1ffu32.to_be_bytes());
+    optneg.extend(0x1f_ffffu32.to_be_bytes());
+    s.write_all(&packet(b'O', &optneg)).await.unwrap();
+    let len = s.read_u32().await.unwrap();
+    let mut reply = vec![0; len as usize];
+    s.read_exact(&mut reply).await.unwrap();
+    assert_eq!(reply[0], b'O', "OPTNEG reply");
+    let macros = format!("C{{client_addr}}\0{client_addr}\0{{client_name}}\0{host}\0");
+    s.write_all(&packet(b'D', macros.as_bytes())).await.unwrap();
+    let mut connect = format!("{host}\0").into_bytes();
+    connect.push(family);
+    connect.extend(25_000u16.to_be_bytes());
+    connect.extend(format!("{addr}\0").into_bytes());
+    s.write_all(&packet(b'C', &connect)).await.unwrap();
+    let len = tokio::time::timeout(DEADLINE, s.read_u32())
+        .await
+        .expect("an answer within the deadline")
+        .ok()?;
+    let mut reply = vec![0; len as usize];
+    s.read_exact(&mut reply).await.ok()?;
+    let _ = s.write_all(&packet(b'Q', b"")).await;
+    Some((reply[0], reply[1..].to_vec()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sendmail_ipv6_form_is_the_same_client_as_the_plain_address() {
+    // The report: sendmail 8.15+ sends `IPv6:2001:db8::6` at connect; the
+    // milter dropped the connection, counting nothing (and with F=T the
+    // MTA tempfailed every IPv6 client).
+    let r = Relay::start("CHECK_CONN_RATE YES\nConnRate:2001:db8::6 3\n", |_| {}).await;
+    let literal = "[IPv6:2001:db8::6]";
+    for addr in [
+        "IPv6:2001:db8::6",
+        "IPv6:2001:0db8:0000:0000:0000:0000:0000:0006",
+    ] {
+        let reply = raw_connect(r.milter, literal, b'6', addr).await;
+        assert_eq!(reply, Some((b'c', vec![])), "{addr}: continue");
+    }
+    // The plain form (Postfix's) is the same client: its third connection.
+    let mut c = r.conn().await;
+    assert_eq!(
+        c.connect("h", ip("2001:db8::6")).await.unwrap(),
+        Status::Continue
+    );
+    assert_eq!(r.count(Check::ConnRate, "2001:db8::6"), 3);
+    // And the fourth, in sendmail's form, is refused by the entry of the
+    // full address, with the reply of the limit.
+    let reply = raw_connect(r.milter, literal, b'6', "IPv6:2001:db8::6").await;
+    let (cmd, text) = reply.expect("an answer, not a dropped connection");
+    assert_eq!(cmd, b'y', "a reply code");
+    assert_eq!(
+        String::from_utf8_lossy(&text).trim_end_matches('\0'),
+        "421 4.5.1 Connection rate too high (4/3 in 600s) - try again later"
+    );
+    // An IPv4-mapped address in sendmail's form is its IPv4 address.
+    let reply = raw_connect(r.milter, "[10.9.0.8]", b'6', "IPv6:::ffff:10.9.0.8").await;
+    assert_eq!(reply, Some((b'c', vec![])));
+    assert_eq!(r.count(Check::ConnRate, "10.9.0.8"), 1);
+    // A connect address in no known form does not end the session: the
+    // client is taken from {client_addr} (here in sendmail's form)...
+    let reply = raw_connect_with(r.milter, "h", b'6', "2001:db8::9%x", "IPv6:2001:db8::9").await;
+    assert_eq!(reply, Some((b'c', vec![])));
+    // The /64 of ::6: its 4 connections (the refused one too) and this one.
+    assert_eq!(r.count(Check::ConnRate, "2001:db8::9"), 5);
+    // ...or from a host name that is an address literal.
+    let reply = raw_connect_with(r.milter, "[IPv6:2001:db8:5::1]", b'6', "?", "").await;
+    assert_eq!(reply, Some((b'c', vec![])));
+    assert_eq!(r.count(Check::ConnRate, "2001:db8:5::1"), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

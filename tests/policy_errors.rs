@@ -321,7 +321,8 @@ fn bad_host_name_key() {
         "MsgRateFrom:<joe@example.com> 5",
         1,
         13,
-        "invalid sender key `<joe@example.com>`: expected an address, `@domain` or a domain",
+        "invalid sender key `<joe@example.com>`: angle brackets are only the null sender's \
+         (`<>`); expected an address, `@domain`, a domain or `<>`",
     );
     assert_error("MaxRcptFrom:a@b@c 5", 1, 13, "invalid sender key `a@b@c`");
 }
@@ -412,11 +413,14 @@ fn tabs_separate_and_count_as_one_column() {
 fn columns_are_characters_not_bytes() {
     // `é` is two bytes: a byte column would be 22.
     assert_error("MsgRateAuth:h\u{e9}llo 5 x", 1, 21, "found `x`");
+    // An internationalized host name is a key; a bad word after it is
+    // found at its character column (a byte column would be 23).
+    assert_error("ConnRate:h\u{e9}llo.com 5 x", 1, 22, "found `x`");
     assert_error(
-        "ConnRate:h\u{e9}llo.com",
+        "ConnRate:h\u{e9}llo!.com 5",
         1,
         10,
-        "invalid key `h\u{e9}llo.com`",
+        "invalid key `h\u{e9}llo!.com`",
     );
     assert_error("\u{a0}\u{a0}FOO BAR", 1, 3, "found `FOO`");
 }

@@ -202,3 +202,72 @@ async fn the_seeds_checks_through_a_real_postfix() {
         );
     }
 }
+
+/// The report: with these two lines, `<app@example.org>` was refused at
+/// its third message but the null sender `<>` passed every message and
+/// 6 recipients.
+const NULL_SENDER_POLICY: &str = "\
+CHECK_MSG_RATE YES
+CHECK_RCPT_RATE YES
+MsgRateFrom:default 2
+RcptRateFrom:default 4
+";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_null_sender_is_counted_through_a_real_postfix() {
+    if !postfix_available("the_null_sender_is_counted_through_a_real_postfix") {
+        return;
+    }
+    let root = temp_root();
+    let sink = Sink::start(root.path());
+    let rr = Relayrate::run(root.path(), "a", NULL_SENDER_POLICY);
+    rr.wait_ready().await;
+    let pf = Postfix::start(root.path(), "relay-a", &rr.milter(), sink.port);
+    pf.wait_ready().await;
+    let mut c = Smtp::connect(A, pf.port).await.unwrap();
+    c.ehlo().await;
+    // Bounces, 3 recipients each: RcptRateFrom 4 lets the first message's
+    // 3 and the second's first through, MsgRateFrom 2 refuses the third.
+    let rcpts = ["r1@x.test", "r2@x.test", "r3@x.test"];
+    let (mail, replies, end) = c.send("", &rcpts, "bounce-1").await;
+    assert!(mail.starts_with("250"), "{mail}");
+    assert!(replies.iter().all(|r| r.starts_with("250")), "{replies:?}");
+    assert!(end.starts_with("250"), "{end}");
+    let (mail, replies, end) = c.send("", &rcpts, "bounce-2").await;
+    assert!(mail.starts_with("250"), "{mail}");
+    assert!(replies[0].starts_with("250"), "{replies:?}");
+    for (r, n) in replies[1..].iter().zip([5, 6]) {
+        assert!(
+            r.starts_with(&format!(
+                "451 4.3.2 Recipient rate too high ({n}/4 in 600s)"
+            )),
+            "{replies:?}"
+        );
+    }
+    assert!(end.starts_with("250"), "{end}");
+    let (mail, _, _) = c.send("", &["r1@x.test"], "bounce-3").await;
+    assert!(
+        mail.starts_with("451 4.3.2 Message rate too high (2/2 in 600s)"),
+        "{mail}"
+    );
+    c.quit().await.unwrap();
+    // Another sender is counted on its own.
+    let mut b = Smtp::connect(B, pf.port).await.unwrap();
+    b.ehlo().await;
+    let (_, _, end) = b.send("app@example.org", &["r1@x.test"], "app-1").await;
+    assert!(end.starts_with("250"), "{end}");
+    b.quit().await.unwrap();
+    eventually(
+        "the accepted messages at the sink",
+        Duration::from_secs(60),
+        || sink.subjects() == ["app-1", "bounce-1", "bounce-2"],
+    )
+    .await;
+    let log = rr.log();
+    assert!(
+        log.lines().any(|l| l.contains("check=\"MsgRateFrom\"")
+            && l.contains("counted=\"<>\"")
+            && l.contains("sender=\"<>\"")),
+        "no MsgRateFrom refusal of <> in:\n{log}"
+    );
+}

@@ -775,9 +775,18 @@ fn print_explanation(policy: &Policy, client: &Client) {
         s.as_ref()
             .map_or("-".to_string(), |v| Escaped(v).to_string())
     };
+    // An IPv6 client is counted by its network: say which.
+    let client_text = client.ip.map_or("-".to_string(), |ip| {
+        let counted = policy.counted_text(ip);
+        if counted == ip.to_string() {
+            counted
+        } else {
+            format!("{ip} (counted as {counted})")
+        }
+    });
     let mut out = format!(
         "client {} host {} sender {} auth {} class {}\n",
-        client.ip.map_or("-".to_string(), |ip| ip.to_string()),
+        client_text,
         dash(&client.host),
         dash(&client.sender),
         dash(&client.auth),

@@ -29,6 +29,7 @@ use indymilter::Listener;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::{Instant, Sleep};
 
+use super::conninfo::ConnInfo;
 use super::guard::{self, Cut, Guarded, SharedState};
 use super::limits::ConnLimits;
 
@@ -285,7 +286,7 @@ impl<L> GuardedListener<L> {
 }
 
 impl<L: Listener> Listener for GuardedListener<L> {
-    type Io = Guarded<L::Io>;
+    type Io = ConnInfo<Guarded<L::Io>>;
 
     fn poll_accept(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Self::Io>> {
         loop {
@@ -299,7 +300,7 @@ impl<L: Listener> Listener for GuardedListener<L> {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Ok(io)) => {
                     self.next_pause = FIRST_PAUSE;
-                    return Poll::Ready(Ok(self.registry.admit(io)));
+                    return Poll::Ready(Ok(ConnInfo::new(self.registry.admit(io))));
                 }
                 Poll::Ready(Err(e)) => self.accept_failed(e),
             }

@@ -8,6 +8,7 @@
 //! - `listener`, `guard`, `frame`: those limits kept around indymilter,
 //!   on each accept and on each read of a connection's packets.
 
+mod conninfo;
 pub mod decider;
 mod frame;
 pub(crate) mod guard;
@@ -36,6 +37,7 @@ use session::{Reserved, Session};
 
 use crate::check::Check;
 use crate::engine::{self, Event, Refusal, Verdict};
+use crate::policy::parse_client_addr;
 
 /// Where the milter listens: `inet:HOST:PORT` or `unix:PATH`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -431,12 +433,19 @@ async fn handle_connect(
     host: CString,
     socket: SocketInfo,
 ) -> Status {
+    let host = host.to_string_lossy();
+    // The connect's address (brought to its plain form by `conninfo`);
+    // one in no known form came as "unknown": then `{client_addr}`, then
+    // a host name that is an address literal, read by the same reader.
     let ip = match socket {
-        SocketInfo::Inet(addr) => Some(addr.ip()),
-        _ => None,
+        SocketInfo::Inet(addr) => Some(crate::policy::canonical_ip(addr.ip())),
+        SocketInfo::Unknown => macro_value(cx, c"{client_addr}")
+            .as_deref()
+            .and_then(parse_client_addr)
+            .or_else(|| parse_client_addr(&host)),
+        SocketInfo::Unix(_) => None,
     };
-    let name =
-        macro_value(cx, c"{client_name}").unwrap_or_else(|| host.to_string_lossy().into_owned());
+    let name = macro_value(cx, c"{client_name}").unwrap_or_else(|| host.into_owned());
     let mut session = Session::new(ip, &name);
     // No connection limit for this client: nothing to count, no lease.
     if let Some(policy) = shared.decider.policy() {
@@ -517,7 +526,11 @@ fn respond(
     };
     let dry_run = shared.dry_run || shared.decider.policy_dry_run();
     if let Some(s) = cx.data.as_ref() {
-        log_refusal(s, refusal, stage, dry_run);
+        let counted = shared
+            .decider
+            .policy()
+            .and_then(|p| engine::counted_as(&p, refusal.check, &s.client));
+        log_refusal(s, refusal, stage, dry_run, counted.as_deref());
     }
     if dry_run {
         return Status::Continue;
@@ -533,8 +546,16 @@ fn respond(
     Status::Tempfail
 }
 
-/// One line an operator can grep: who, which check, the figures, where.
-fn log_refusal(s: &Session, r: &Refusal, stage: &'static str, dry_run: bool) {
+/// One line an operator can grep: who, which check, the figures, where,
+/// and who was counted (`counted`: an IPv6 client's network, the sender,
+/// the AUTH user; `-` for a per-connection count).
+fn log_refusal(
+    s: &Session,
+    r: &Refusal,
+    stage: &'static str,
+    dry_run: bool,
+    counted: Option<&str>,
+) {
     crate::metrics::record_milter_refusal(r.check, stage, dry_run);
     let client = s.client.ip.map_or("-".to_string(), |ip| ip.to_string());
     tracing::warn!(
@@ -542,6 +563,11 @@ fn log_refusal(s: &Session, r: &Refusal, stage: &'static str, dry_run: bool) {
         client = %client,
         host = s.client.host.as_deref().unwrap_or("-"),
         check = r.check.name(),
+        counted = if r.check.measure() == crate::check::Measure::PerConnection {
+            "-"
+        } else {
+            counted.unwrap_or("-")
+        },
         count = r.count,
         limit = r.limit,
         stage,

@@ -56,7 +56,8 @@ pub struct Reserved {
 
 impl Session {
     /// `name` is `{client_name}` or the host name of connect; Postfix
-    /// gives `[1.2.3.4]` or `unknown` for a client without one.
+    /// gives `[1.2.3.4]` or `unknown` for a client without one, sendmail
+    /// `[1.2.3.4]` or `[IPv6:2001:db8::6]`.
     pub fn new(ip: Option<IpAddr>, name: &str) -> Session {
         let mut client = ip.map(Client::from_ip).unwrap_or_default();
         if !name.starts_with('[') {
@@ -136,12 +137,16 @@ mod tests {
         s.end_message();
         s.begin_message(Some("<>"), None, Some("Q1".into()));
         assert_eq!((s.msgs_in_conn, s.rcpts_in_msg), (2, 0));
+        // The null sender is a sender, counted under `<>`.
         assert_eq!(
             (s.client.sender.as_deref(), s.client.auth.as_deref()),
-            (None, None)
+            (Some("<>"), None)
         );
         let unnamed = Session::new(Some("10.0.0.2".parse().unwrap()), "[10.0.0.2]");
         assert_eq!(unnamed.client.host, None);
+        // sendmail's literal of an IPv6 client is no host name either.
+        let v6 = Session::new(Some("2001:db8::6".parse().unwrap()), "[IPv6:2001:db8::6]");
+        assert_eq!(v6.client.host, None);
         assert_ne!(unnamed.conn, s.conn);
     }
 }

@@ -2,7 +2,9 @@
 //! and the answer to "which limit applies to this client for this check"
 //! (`docs/policy.md` §3).
 
+mod address;
 mod encoding;
+pub mod names;
 mod parse;
 pub mod report;
 mod table;
@@ -12,6 +14,7 @@ use std::net::IpAddr;
 use std::path::Path;
 use std::sync::Arc;
 
+pub use address::parse_client_addr;
 pub use table::{Entry, Key, Origin, Table};
 
 use crate::check::{Check, KeyKind, Switch};
@@ -120,16 +123,24 @@ pub struct Policy {
     /// Cluster-wide limits are divided by this (a milter deciding alone
     /// for one of N relays); 1 otherwise.
     divisor: u64,
+    /// `IPv6Prefix`: IPv6 clients are counted per network of this many
+    /// bits (1 to 128).
+    ipv6_prefix: u8,
 }
+
+/// `IPv6Prefix` when the policy does not set it.
+pub const DEFAULT_IPV6_PREFIX: u8 = 64;
 
 /// What the MTA told us about the client: the input of every lookup.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct Client {
     /// `None` only for a client the MTA could not name (a Unix socket).
     pub ip: Option<IpAddr>,
-    /// `{client_name}`, lower case, without a trailing dot.
+    /// `{client_name}`, lower case, without a trailing dot; an
+    /// internationalized name as its A-label (see [`names`]).
     pub host: Option<String>,
-    /// Envelope sender, lower case, without angle brackets.
+    /// Envelope sender as [`names::envelope_sender`] keeps it: without
+    /// angle brackets, `<>` for the null sender. `None` before MAIL FROM.
     pub sender: Option<String>,
     /// `{auth_authen}`, lower case.
     pub auth: Option<String>,
@@ -146,19 +157,16 @@ impl Client {
     }
 
     pub fn with_host(mut self, host: &str) -> Client {
-        let host = host.trim_end_matches('.').to_ascii_lowercase();
+        let host = names::host(host);
         // Postfix sends "unknown" when the name could not be verified.
         self.host = (!host.is_empty() && host != "unknown").then_some(host);
         self
     }
 
+    /// The envelope sender of MAIL FROM; an empty one (`<>`) is the null
+    /// sender, a key like any other.
     pub fn with_sender(mut self, sender: &str) -> Client {
-        let s = sender
-            .trim()
-            .trim_start_matches('<')
-            .trim_end_matches('>')
-            .to_ascii_lowercase();
-        self.sender = (!s.is_empty()).then_some(s);
+        self.sender = Some(names::envelope_sender(sender));
         self
     }
 
@@ -245,6 +253,34 @@ impl Policy {
 
     pub fn window(&self) -> WindowConfig {
         self.window
+    }
+
+    /// `IPv6Prefix`: the width, in bits, of the network an IPv6 client is
+    /// counted by.
+    pub fn ipv6_prefix(&self) -> u8 {
+        self.ipv6_prefix
+    }
+
+    /// What a client address is counted by: an IPv4 address itself, an
+    /// IPv6 address's first address of its `IPv6Prefix` network.
+    pub fn counted_address(&self, ip: IpAddr) -> IpAddr {
+        match ip {
+            IpAddr::V6(v6) if self.ipv6_prefix < 128 => {
+                let bits = u128::from(v6);
+                let mask = u128::MAX << (128 - u32::from(self.ipv6_prefix));
+                IpAddr::V6((bits & mask).into())
+            }
+            other => other,
+        }
+    }
+
+    /// A counted address as replies, logs and reports show it: an IPv6
+    /// network as `ADDRESS/N`, anything else as the address.
+    pub fn counted_text(&self, ip: IpAddr) -> String {
+        match self.counted_address(ip) {
+            IpAddr::V6(v6) if self.ipv6_prefix < 128 => format!("{v6}/{}", self.ipv6_prefix),
+            other => other.to_string(),
+        }
     }
 
     /// `DryRun YES`: count and log refusals, refuse nothing.

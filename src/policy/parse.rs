@@ -1,6 +1,6 @@
 //! The `ze-policy.txt` reader. One entry a line, `Check:Key Value`; switches
-//! `CHECK_* YES|NO`; `NetClass:Key LABEL`; `RateWindow`, `RateBucket` and
-//! `DryRun`. Every error names file, line and column; one error refuses the
+//! `CHECK_* YES|NO`; `NetClass:Key LABEL`; `RateWindow`, `RateBucket`,
+//! `IPv6Prefix` and `DryRun`. Every error names file, line and column; one error refuses the
 //! whole policy.
 
 use std::net::{IpAddr, Ipv4Addr};
@@ -8,9 +8,10 @@ use std::sync::Arc;
 
 use ipnet::{IpNet, Ipv4Net};
 
+use super::names;
 use super::table::{Entry, Key, Origin, Table};
 use super::{Diagnostic, Policy, PolicyError, PolicyFile};
-use crate::bounds::{cut, MAX_DIAGNOSTICS};
+use crate::bounds::{cut, text, MAX_DIAGNOSTICS, MAX_FIELD_BYTES};
 use crate::check::{Check, KeyKind, Switch};
 use crate::window::WindowConfig;
 
@@ -28,6 +29,7 @@ struct Builder {
     window_secs: Option<Setting<u32>>,
     bucket_secs: Option<Setting<u32>>,
     dry_run: Option<Setting<bool>>,
+    ipv6_prefix: Option<Setting<u8>>,
     errors: Kept,
     warnings: Kept,
 }
@@ -248,7 +250,8 @@ impl Builder {
         Ok(())
     }
 
-    /// `CHECK_* YES|NO`, `RateWindow N`, `RateBucket N`, `DryRun YES|NO`.
+    /// `CHECK_* YES|NO`, `RateWindow N`, `RateBucket N`, `DryRun YES|NO`,
+    /// `IPv6Prefix N`.
     fn directive(
         &mut self,
         p: &Place,
@@ -261,6 +264,7 @@ impl Builder {
             Window,
             Bucket,
             DryRun,
+            Ipv6Prefix,
         }
         let kind = if let Some(s) = Switch::from_name(word) {
             Kind::Switch(s)
@@ -270,6 +274,8 @@ impl Builder {
             Kind::Bucket
         } else if word.eq_ignore_ascii_case("DryRun") {
             Kind::DryRun
+        } else if word.eq_ignore_ascii_case("IPv6Prefix") {
+            Kind::Ipv6Prefix
         } else {
             return Err(p.diag(
                 start,
@@ -296,6 +302,10 @@ impl Builder {
             Kind::DryRun => {
                 let v = parse_yes_no(word, text).map_err(|m| p.diag(vstart, m))?;
                 set(&mut self.dry_run, v, at)
+            }
+            Kind::Ipv6Prefix => {
+                let bits = parse_prefix(text).map_err(|m| p.diag(vstart, m))?;
+                set(&mut self.ipv6_prefix, bits, at)
             }
             Kind::Window | Kind::Bucket => {
                 let secs = parse_seconds(text).map_err(|m| p.diag(vstart, m))?;
@@ -356,6 +366,9 @@ impl Builder {
             warnings: self.warnings.list,
             more_warnings: self.warnings.more,
             divisor: 1,
+            ipv6_prefix: self
+                .ipv6_prefix
+                .map_or(super::DEFAULT_IPV6_PREFIX, |s| s.value),
         })
     }
 
@@ -442,6 +455,18 @@ fn parse_seconds(text: &str) -> Result<u32, String> {
     }
 }
 
+/// `IPv6Prefix`: a prefix length of 1 to 128 bits.
+fn parse_prefix(text: &str) -> Result<u8, String> {
+    match text.parse::<u8>() {
+        Ok(n @ 1..=128) => Ok(n),
+        _ => Err(format!(
+            "expected an IPv6 prefix length from 1 to 128 (64: a /64 counts as one \
+             client, 128: each address), found {}",
+            cut(text)
+        )),
+    }
+}
+
 /// A limit: a decimal integer, optionally with `k` (x1000) or `m`
 /// (x1000000). 0 or negative is no limit (`None`).
 pub(crate) fn parse_limit(text: &str) -> Result<Option<u64>, String> {
@@ -492,35 +517,67 @@ fn is_default(key: &str) -> bool {
     key == "*" || key.eq_ignore_ascii_case("default")
 }
 
-/// Normalises a key for a check keyed by `kind`.
+/// Normalises a key for a check keyed by `kind`: the form of
+/// [`names`] that envelope values are also brought to.
 pub(crate) fn parse_key(kind: KeyKind, key: &str) -> Result<Key, String> {
     if is_default(key) {
         return Ok(Key::Default);
     }
-    let lower = key.to_ascii_lowercase();
-    match kind {
-        KeyKind::Client => parse_client_key(key, lower),
-        KeyKind::Sender => {
-            let ok = lower
-                .bytes()
-                .all(|b| b.is_ascii_graphic() && b != b'<' && b != b'>')
-                && lower.matches('@').count() <= 1;
-            if ok {
-                Ok(Key::Name(lower.into()))
-            } else {
-                Err(format!(
-                    "invalid sender key {}: expected an address, `@domain` or a domain",
-                    cut(key)
-                ))
-            }
-        }
-        KeyKind::AuthUser => Ok(Key::Name(lower.into())),
+    if let Some(c) = names::bad_char(key) {
+        return Err(format!(
+            "invalid key {}: it holds the control character U+{:04X}",
+            cut(key),
+            u32::from(c)
+        ));
     }
+    text("key", key, MAX_FIELD_BYTES).map_err(|e| e.to_string())?;
+    match kind {
+        KeyKind::Client => parse_client_key(key),
+        KeyKind::Sender => parse_sender_key(key),
+        KeyKind::AuthUser => Ok(Key::Name(key.to_ascii_lowercase().into())),
+    }
+}
+
+/// `user@domain`, `@domain`, `domain`, or `<>` for the null sender.
+fn parse_sender_key(key: &str) -> Result<Key, String> {
+    if key == names::NULL_SENDER {
+        return Ok(Key::Name(key.into()));
+    }
+    let bad = |why: &str| {
+        format!(
+            "invalid sender key {}: {why}; expected an address, `@domain`, a domain or `<>`",
+            cut(key)
+        )
+    };
+    if key.contains(['<', '>']) {
+        return Err(bad("angle brackets are only the null sender's (`<>`)"));
+    }
+    let (local, dom) = match key.split_once('@') {
+        Some((local, dom)) => (Some(local), dom),
+        None => (None, key),
+    };
+    if dom.contains('@') {
+        return Err(bad("more than one `@`"));
+    }
+    if dom.is_empty() {
+        return Err(bad("no domain after `@`"));
+    }
+    let dom = names::domain(dom).ok_or_else(|| bad("not a valid domain name"))?;
+    Ok(Key::Name(match local {
+        Some(local) => format!("{}@{dom}", local.to_ascii_lowercase()).into(),
+        None => dom.into(),
+    }))
 }
 
 /// An address, a ze-filter octet prefix (`1.1.1`), a CIDR network, a host
 /// or domain name, or a class label.
-fn parse_client_key(key: &str, lower: String) -> Result<Key, String> {
+fn parse_client_key(key: &str) -> Result<Key, String> {
+    // sendmail's form of an IPv6 address (`IPv6:2001:db8::1`, also of a
+    // network) is the address.
+    let key = match key.get(..5) {
+        Some(tag) if tag.eq_ignore_ascii_case("IPv6:") && key[5..].contains(':') => &key[5..],
+        _ => key,
+    };
     if key.contains('/') {
         let net: IpNet = key
             .parse()
@@ -551,13 +608,16 @@ fn parse_client_key(key: &str, lower: String) -> Result<Key, String> {
                 )
             });
     }
-    let name_ok = lower.split('.').all(|l| {
-        !l.is_empty()
-            && l.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    let name = names::domain(key);
+    let name_ok = name.as_deref().is_some_and(|n| {
+        n.split('.').all(|l| {
+            !l.is_empty()
+                && l.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
     });
-    if name_ok {
-        Ok(Key::Name(lower.into()))
+    if let (true, Some(name)) = (name_ok, name) {
+        Ok(Key::Name(name.into()))
     } else {
         Err(format!(
             "invalid key {}: expected an IP address, prefix or network, a host or domain \
@@ -632,5 +692,9 @@ mod tests {
         assert!(k("1.1.1.1.1").is_err());
         assert!(k("10.1.2.3/16").is_err());
         assert!(k("a..b").is_err());
+        // sendmail's form.
+        assert_eq!(k("IPv6:2001:DB8::1"), k("2001:db8::1"));
+        assert_eq!(k("ipv6:2001:db8:0:0:0:0:0:0/32"), k("2001:db8::/32"));
+        assert!(k("IPv6:").is_err());
     }
 }

@@ -27,8 +27,13 @@ pub fn summary(policy: &Policy) -> String {
         .map(|s| s.name())
         .collect();
     let w = policy.window();
+    let prefix = match policy.ipv6_prefix() {
+        super::DEFAULT_IPV6_PREFIX => String::new(),
+        128 => "; IPv6 clients counted per address".to_string(),
+        n => format!("; IPv6 clients counted per /{n}"),
+    };
     format!(
-        "{}: valid; {total} entries ({}); switches on: {}; window {}s in {}s buckets{}",
+        "{}: valid; {total} entries ({}); switches on: {}; window {}s in {}s buckets{prefix}{}",
         names.join(", "),
         if counts.is_empty() {
             "none".to_string()
