@@ -484,12 +484,17 @@ async fn report_health(node: Arc<Node>, health: tonic_health::server::HealthRepo
 }
 
 /// Compares this host's wall clock with the cluster's time every second:
-/// the offset goes to a metric, and one beyond a second is logged at
-/// WARN when it appears, once a minute while it lasts, and when it ends.
+/// the offset goes to a metric (and, when it moved by more than 0.5 s, to
+/// `node_meta` for the next start). An offset beyond a second is logged at
+/// WARN once it has lasted past the next heartbeat entry (a node catching
+/// up applies old stamps, and is behind until a new one comes), then once
+/// a minute while it lasts, and at INFO when it ends.
 async fn watch_clock(node: Arc<Node>) {
     const EVERY: Duration = Duration::from_secs(1);
     const REPEAT: Duration = Duration::from_secs(60);
     const STORE_CHANGE_MS: u64 = 500;
+    let patience = node.lease_ttl / 3 + Duration::from_secs(5);
+    let mut off_since: Option<Instant> = None;
     let mut warned: Option<Instant> = None;
     let mut stored = super::stored_clock_offset(&node.meta);
     loop {
@@ -499,24 +504,26 @@ async fn watch_clock(node: Arc<Node>) {
                 stored = Some(offset);
             }
             crate::metrics::set_clock_offset(offset);
-            let off = offset.unsigned_abs() > crate::clock::OFFSET_WARN_MS;
-            match (off, warned) {
-                (true, last) if last.is_none_or(|t| t.elapsed() >= REPEAT) => {
+            let seconds = offset as f64 / 1000.0;
+            if offset.unsigned_abs() > crate::clock::OFFSET_WARN_MS {
+                let since = *off_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= patience && warned.is_none_or(|t| t.elapsed() >= REPEAT) {
                     tracing::warn!(
-                        offset_seconds = offset as f64 / 1000.0,
+                        offset_seconds = seconds,
                         "this host's clock differs from the cluster's time by more than a second: \
                          entries are stamped with the cluster's time, but fix the host's clock (NTP)"
                     );
                     warned = Some(Instant::now());
                 }
-                (false, Some(_)) => {
+            } else {
+                if warned.is_some() {
                     tracing::info!(
-                        offset_seconds = offset as f64 / 1000.0,
+                        offset_seconds = seconds,
                         "this host's clock agrees with the cluster's time again"
                     );
-                    warned = None;
                 }
-                _ => {}
+                off_since = None;
+                warned = None;
             }
         }
         tokio::time::sleep(EVERY).await;
