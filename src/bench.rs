@@ -8,6 +8,10 @@
 //! when the last one ends. Open loop (`--rate R`): a session starts every
 //! 1/R seconds whatever the answers, at most C at once; this measures the
 //! latency at a given load.
+//!
+//! A run ends by the wall clock: no session starts after `--duration`,
+//! and sessions still waiting [`DRAIN`] after it are abandoned (counted
+//! apart), so a node that hangs cannot hold the run.
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::process::ExitCode;
@@ -27,6 +31,8 @@ use crate::terminal::{print_err, print_out, Escaped};
 
 /// A call not answered in this time counts as an error for its events.
 const CALL_DEADLINE: Duration = Duration::from_secs(5);
+/// How long sessions in flight at the end of the run may still take.
+pub const DRAIN: Duration = Duration::from_millis(500);
 /// How late tokio's millisecond timer may wake the open loop.
 const TIMER_SLACK: Duration = Duration::from_millis(2);
 
@@ -62,6 +68,9 @@ pub struct Report {
     pub allowed: u64,
     pub denied: u64,
     pub errors: u64,
+    /// Sessions still waiting for their Connect's verdict when the run
+    /// ended (its duration and [`DRAIN`]); not in the other counts.
+    pub abandoned: u64,
     pub per_second: f64,
     pub p50_us: u64,
     pub p99_us: u64,
@@ -79,6 +88,7 @@ struct Tally {
     allowed: u64,
     denied: u64,
     errors: u64,
+    abandoned: u64,
     latencies_us: Vec<u64>,
 }
 
@@ -87,6 +97,7 @@ impl Tally {
         self.allowed += other.allowed;
         self.denied += other.denied;
         self.errors += other.errors;
+        self.abandoned += other.abandoned;
         self.latencies_us.extend(other.latencies_us);
     }
 }
@@ -99,11 +110,12 @@ pub async fn run(args: BenchArgs) -> ExitCode {
                 print_out(&format!("{json}\n"));
             } else {
                 print_out(&format!(
-                    "decisions {}  allowed {}  denied {}  errors {}  {:.0}/s  p50 {} us  p99 {} us\n",
+                    "decisions {}  allowed {}  denied {}  errors {}  abandoned {}  {:.0}/s  p50 {} us  p99 {} us\n",
                     report.decisions,
                     report.allowed,
                     report.denied,
                     report.errors,
+                    report.abandoned,
                     report.per_second,
                     report.p50_us,
                     report.p99_us
@@ -151,6 +163,7 @@ pub async fn measure(args: &BenchArgs) -> Result<Report, String> {
         allowed: total.allowed,
         denied: total.denied,
         errors: total.errors,
+        abandoned: total.abandoned,
         per_second: decisions as f64 / elapsed,
         p50_us: pct(0.50),
         p99_us: pct(0.99),
@@ -178,7 +191,7 @@ async fn closed_loop(
                         conn: ((w as u64) << 40) | n,
                     };
                     n += 1;
-                    session(&client, conn, i, Instant::now(), &mut tally).await;
+                    session(&client, conn, i, Instant::now(), deadline, &mut tally).await;
                 }
                 tally
             })
@@ -221,14 +234,20 @@ async fn open_loop(
             true => woke,
             false => due,
         };
-        let permit = free.clone().acquire_owned().await.expect("never closed");
+        // Every session may hang: wait for a free one only until the end.
+        let Ok(permit) =
+            tokio::time::timeout_at(deadline.into(), free.clone().acquire_owned()).await
+        else {
+            break;
+        };
+        let permit = permit.expect("never closed");
         let client = clients[n as usize % clients.len()].clone();
         let done = done.clone();
         let conn = ConnId { owner: 0, conn: n };
         let i = n % keys;
         tokio::spawn(async move {
             let mut tally = Tally::default();
-            session(&client, conn, i, from, &mut tally).await;
+            session(&client, conn, i, from, deadline, &mut tally).await;
             let _ = done.send(tally);
             drop(permit);
         });
@@ -243,13 +262,25 @@ async fn open_loop(
 }
 
 /// One session: the Connect of the `i`-th address, timed from `from`, then
-/// its Close.
-async fn session(client: &BatchingClient, conn: ConnId, i: u64, from: Instant, tally: &mut Tally) {
+/// its Close; neither waited for past the run's `deadline` and [`DRAIN`].
+async fn session(
+    client: &BatchingClient,
+    conn: ConnId,
+    i: u64,
+    from: Instant,
+    deadline: Instant,
+    tally: &mut Tally,
+) {
+    let cutoff = tokio::time::Instant::from_std(deadline + DRAIN);
     let connect = Event::Connect {
         conn,
         client: Client::from_ip(key_address(i as u32)),
     };
-    match client.decide(&connect).await {
+    let Ok(answered) = tokio::time::timeout_at(cutoff, client.decide(&connect)).await else {
+        tally.abandoned += 1;
+        return;
+    };
+    match answered {
         Ok(verdict) => {
             tally.latencies_us.push(from.elapsed().as_micros() as u64);
             if verdict.is_allowed() {
@@ -263,7 +294,9 @@ async fn session(client: &BatchingClient, conn: ConnId, i: u64, from: Instant, t
             return;
         }
     }
-    if client.decide(&Event::Close { conn }).await.is_err() {
+    // A Close cut off at the end is not an error: the run is over.
+    let closed = tokio::time::timeout_at(cutoff, client.decide(&Event::Close { conn })).await;
+    if let Ok(Err(_)) = closed {
         tally.errors += 1;
     }
 }

@@ -7,6 +7,8 @@
 //! - [`policy`]: reads `ze-policy.txt` and answers "which limit applies to
 //!   this client" in a few hash probes.
 //! - [`window`]: the sliding-window counter (30 s buckets over 600 s).
+//! - [`clock`]: the cluster's time, carried forward from the log's
+//!   stamps, so that no leader's wall clock can end a window early.
 //! - [`engine`]: the limiter state; applies the events of SMTP sessions at
 //!   a given time and returns verdicts. Pure: no I/O, no clock.
 //! - [`inspect`]: who is near a limit, every count of one key (for the
@@ -28,6 +30,7 @@
 pub mod bench;
 pub mod bounds;
 pub mod check;
+pub mod clock;
 pub mod convert;
 pub mod engine;
 pub mod inspect;

@@ -233,6 +233,16 @@ fn describe() {
     describe_gauge!("relayrate_counters", "Windowed counters kept");
     describe_gauge!("relayrate_leases", "Open-connection leases held");
     describe_gauge!("relayrate_ready", "1 when this node decides events");
+    describe_gauge!(
+        "relayrate_clock_offset_seconds",
+        Unit::Seconds,
+        "How far this host's wall clock is ahead of the cluster's time (negative: behind)"
+    );
+}
+
+/// How far this host's wall clock is ahead of the cluster's time, in ms.
+pub fn set_clock_offset(offset_ms: i64) {
+    gauge!("relayrate_clock_offset_seconds").set(offset_ms as f64 / 1000.0);
 }
 
 pub fn event_name(e: &Event) -> &'static str {

@@ -2,6 +2,8 @@
 //! seed's policy: its figures add up and the built-in limits show, in the
 //! closed loop and the open loop (`--rate`).
 
+mod common;
+
 use std::net::SocketAddr;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -88,4 +90,43 @@ async fn bench_at_a_rate_offers_that_load() {
     assert!((80.0..=101.0).contains(&per_second), "{report}");
     assert!(0 < n("p50_us") && n("p50_us") <= n("p99_us"), "{report}");
     handle.shutdown().await;
+}
+
+/// A node that hangs (SIGSTOP: it takes connections and answers nothing)
+/// does not hold the run past `--duration`: sessions in flight at the end
+/// are abandoned, and counted as such. Both loops, 2 s runs, each ended
+/// within 2 s and a margin of 1.5 s (before: each Connect waited for its
+/// 5 s call deadline, then its Close for another).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_ends_on_time_against_a_node_that_hangs() {
+    let root = tempfile::tempdir().unwrap();
+    let node = common::NodeProc::start(root.path(), 1, Some("CHECK_CONN_RATE YES\n"), None);
+    node.wait_deciding().await;
+    node.signal("STOP");
+    for extra in [&[][..], &["--rate", "50"][..]] {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_relayrate"));
+        cmd.args(["bench", "--json", "--duration", "2", "--concurrency", "4"])
+            .arg("--target")
+            .arg(format!("http://{}", node.addr))
+            .args(extra);
+        let began = Instant::now();
+        let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
+            .await
+            .unwrap();
+        let took = began.elapsed();
+        eprintln!("{extra:?}: a 2 s run against a hung node took {took:?}");
+        assert!(
+            took < Duration::from_millis(3_500),
+            "{extra:?}: a 2 s run took {took:?}"
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(n(&report, "decisions"), 0, "{report}");
+        assert!(n(&report, "abandoned") >= 1, "{extra:?}: {report}");
+    }
+    node.signal("CONT");
 }

@@ -582,12 +582,54 @@ fn prestop_stays_when_it_cannot_read_the_replicas() {
     }
 }
 
+/// RELAYRATE_REMOVE_TIMEOUT is a least, whatever the fraction of a second
+/// the hook starts at. A `date` stand-in reads whole seconds as a hook
+/// started at 1000.99 s would, one call a second: 1000 (the start), 1001
+/// (the first refusal), 1002 (the second, 1.0 s after the start). Given
+/// 2 s, the hook must try a third time. (It gave up there when its
+/// deadline was the start's whole second plus the timeout.)
+#[test]
+fn prestop_keeps_trying_for_its_whole_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = dir.path().join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let reads = dir.path().join("date.calls");
+    std::fs::write(
+        bin.join("date"),
+        format!(
+            "#!/bin/sh\n\
+             [ \"$*\" = +%s ] || exit 64\n\
+             echo >> '{reads}'\n\
+             echo $((999 + $(wc -l < '{reads}')))\n",
+            reads = reads.display()
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(bin.join("date"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap());
+    let out = prestop_command(dir.path(), 3, &scale(3), &[1, 69, 1, 69, 0], "")
+        .env("PATH", path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(calls(dir.path(), "relayratectl").len(), 5);
+}
+
 #[test]
 fn prestop_tries_again_until_the_node_is_removed_or_the_deadline() {
     // Refused twice (another change in progress; `members` cannot tell
     // either), then done.
+    // A timeout far above the 2 s of pauses the three tries take.
     let dir = tempfile::tempdir().unwrap();
-    let out = prestop(dir.path(), 3, &scale(3), &[1, 69, 1, 69, 0]);
+    let out = prestop_command(dir.path(), 3, &scale(3), &[1, 69, 1, 69, 0], "")
+        .env("RELAYRATE_REMOVE_TIMEOUT", "10")
+        .output()
+        .unwrap();
     assert!(
         out.status.success(),
         "{}",

@@ -10,8 +10,9 @@
 # RELAYRATE_CLIENT (or RELAYRATE_PEER, whose host it defaults to),
 # RELAYRATE_DATA_DIR, RELAYRATECTL, RELAYRATE_ADMIN_TOKEN_FILE (read by
 # relayratectl: remove-node is an admin write); and
-#   RELAYRATE_REMOVE_TIMEOUT  seconds to keep trying remove-node (default 20;
-#                             one more try may take 2 x 5 s)
+#   RELAYRATE_REMOVE_TIMEOUT  seconds to keep trying remove-node, at least
+#                             (default 20; up to 1 s more, and one more
+#                             try may take 2 x 5 s)
 #   RELAYRATE_SCALE_JSON      a file holding the StatefulSet's Scale, read
 #                             instead of asking the Kubernetes API (tests)
 set -u
@@ -93,6 +94,9 @@ if [ -n "$client" ]; then
     seed="http://$(printf '%s' "$client" | sed "s/{ordinal}/0/g")"
 fi
 say "replicas=$replicas, ordinal $ordinal: scaled down, removing node $id"
+# date +%s reads whole seconds: the start may be up to 1 s later than it
+# reads, so the hook gives up only once the clock reads past the end, and
+# so tries for at least $timeout seconds (and less than one more).
 end=$(($(date +%s) + timeout))
 # Whether node $id has left the cluster, given remove-node's answer: a
 # removed node refuses everything with "removed from the cluster" (even
@@ -107,7 +111,7 @@ gone() {
 # the next one, so try again until the deadline.
 until answer=$("$ctl" --node "$node" --timeout-secs 5 remove-node "$id" 2>&1) || gone "$answer"; do
     say "not yet: $answer"
-    if [ "$(date +%s)" -ge "$end" ]; then
+    if [ "$(date +%s)" -gt "$end" ]; then
         say "node $id not removed within ${timeout}s; remove it by hand: relayratectl remove-node $id"
         exit 1
     fi

@@ -1,5 +1,5 @@
-//! Getting things done at the leader: writes (stamped with the leader's
-//! clock), linearizable reads, joins and policy changes. A follower
+//! Getting things done at the leader: writes (stamped with the cluster's
+//! time), linearizable reads, joins and policy changes. A follower
 //! forwards them in one RPC; this is the one place that knows how.
 
 use std::time::{Duration, Instant};
@@ -8,7 +8,7 @@ use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
 use openraft::ChangeMembers;
 use serde::{Deserialize, Serialize};
 
-use super::{now_ms, Node, NodeError};
+use super::{Node, NodeError};
 use crate::bounds::cut;
 use crate::check::Check;
 use crate::engine::CounterKey;
@@ -473,15 +473,16 @@ impl Node {
         }
     }
 
-    /// Appends a command stamped with this leader's clock; one out of
-    /// bounds is refused here, never proposed.
+    /// Appends a command stamped with the cluster's time (carried forward
+    /// from the log, not this leader's wall clock); one out of bounds is
+    /// refused here, never proposed.
     async fn write(&self, command: Command) -> ProposalReply {
         if let Err(e) = crate::raft::validate::proposable(&command) {
             return ProposalReply::Refused(e.to_string());
         }
         let name = command.name();
         let request = Request {
-            stamp_ms: now_ms(),
+            stamp_ms: self.stamp_ms(),
             command,
         };
         let started = Instant::now();

@@ -152,6 +152,20 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, NodeError> {
     let log = LogStore::open(&db).map_err(|e| storage(&e))?;
     let sm = StateMachine::open(&db).map_err(|e| storage(&e))?;
     let state = sm.shared();
+    let clock = sm.clock();
+    let meta = db.open_tree("node_meta").map_err(|e| storage(&e))?;
+    // After a stop, the log's last stamp is behind by the time the node was
+    // down: with the offset measured in the last run, this host's clock
+    // tells the cluster's time now (forward only; live stamps win after).
+    if let Some(offset) = super::stored_clock_offset(&meta) {
+        let now = i128::from(super::now_ms()) - i128::from(offset);
+        if let Ok(now) = u64::try_from(now) {
+            clock
+                .lock()
+                .expect("clock lock")
+                .observe(now, Instant::now());
+        }
+    }
     let raft = Raft::new(
         config.id,
         Arc::new(raft_config(&config.raft)?),
@@ -186,7 +200,6 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, NodeError> {
         .clone()
         .unwrap_or_else(|| peer_addr.to_string());
 
-    let meta = db.open_tree("node_meta").map_err(|e| storage(&e))?;
     let removed = meta
         .contains_key(super::REMOVED_KEY)
         .map_err(|e| storage(&e))?;
@@ -201,6 +214,7 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, NodeError> {
         seq: AtomicU64::new(1),
         raft: raft.clone(),
         state,
+        clock,
         batches: batch_tx,
         in_flight: batcher::InFlight::default(),
         draining: AtomicBool::new(false),
@@ -309,6 +323,7 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, NodeError> {
         }
     }
     tasks.push(tokio::spawn(heartbeat(node.clone())));
+    tasks.push(tokio::spawn(watch_clock(node.clone())));
     tasks.push(tokio::spawn(report_health(node.clone(), health)));
     if !policy_files.is_empty() {
         tasks.push(tokio::spawn(sync_policy(node.clone(), policy_files)));
@@ -473,6 +488,53 @@ async fn report_health(node: Arc<Node>, health: tonic_health::server::HealthRepo
             serving = Some(now);
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Compares this host's wall clock with the cluster's time every second:
+/// the offset goes to a metric (and, when it moved by more than 0.5 s, to
+/// `node_meta` for the next start). An offset beyond a second is logged at
+/// WARN once it has lasted past the next heartbeat entry (a node catching
+/// up applies old stamps, and is behind until a new one comes), then once
+/// a minute while it lasts, and at INFO when it ends.
+async fn watch_clock(node: Arc<Node>) {
+    const EVERY: Duration = Duration::from_secs(1);
+    const REPEAT: Duration = Duration::from_secs(60);
+    const STORE_CHANGE_MS: u64 = 500;
+    let patience = node.lease_ttl / 3 + Duration::from_secs(5);
+    let mut off_since: Option<Instant> = None;
+    let mut warned: Option<Instant> = None;
+    let mut stored = super::stored_clock_offset(&node.meta);
+    loop {
+        if let Some(offset) = node.clock_offset_ms() {
+            if stored.is_none_or(|s| s.abs_diff(offset) > STORE_CHANGE_MS) {
+                node.store_clock_offset(offset);
+                stored = Some(offset);
+            }
+            crate::metrics::set_clock_offset(offset);
+            let seconds = offset as f64 / 1000.0;
+            if offset.unsigned_abs() > crate::clock::OFFSET_WARN_MS {
+                let since = *off_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= patience && warned.is_none_or(|t| t.elapsed() >= REPEAT) {
+                    tracing::warn!(
+                        offset_seconds = seconds,
+                        "this host's clock differs from the cluster's time by more than a second: \
+                         entries are stamped with the cluster's time, but fix the host's clock (NTP)"
+                    );
+                    warned = Some(Instant::now());
+                }
+            } else {
+                if warned.is_some() {
+                    tracing::info!(
+                        offset_seconds = seconds,
+                        "this host's clock agrees with the cluster's time again"
+                    );
+                }
+                off_since = None;
+                warned = None;
+            }
+        }
+        tokio::time::sleep(EVERY).await;
     }
 }
 

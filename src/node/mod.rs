@@ -38,7 +38,7 @@ pub use services::validate_proposal;
 use crate::engine::{Event, Verdict};
 use crate::raft::network;
 use crate::raft::peer_auth::{host_of, PeerAuth};
-use crate::raft::state_machine::SharedState;
+use crate::raft::state_machine::{SharedClock, SharedState};
 use crate::raft::{Node as PeerNode, NodeId, Raft, RequestId, Sender};
 use crate::tls::Tls;
 
@@ -82,7 +82,19 @@ pub enum NodeError {
 /// Key of the removal mark in the `node_meta` tree.
 const REMOVED_KEY: &str = "removed";
 
-/// Milliseconds since the epoch: the leader's stamp on each entry.
+/// Key of this host's clock offset from the cluster's time (ms, i64 big
+/// endian) in the `node_meta` tree: at the next start it tells the
+/// cluster's time before any stamp arrives.
+const CLOCK_OFFSET_KEY: &str = "clock_offset_ms";
+
+/// The clock offset stored by the last run, if any.
+fn stored_clock_offset(meta: &sled::Tree) -> Option<i64> {
+    let bytes = meta.get(CLOCK_OFFSET_KEY).ok()??;
+    Some(i64::from_be_bytes(bytes.as_ref().try_into().ok()?))
+}
+
+/// Milliseconds since the epoch by this host's wall clock. Entries are
+/// stamped with the cluster's time instead ([`Node::cluster_now_ms`]).
 pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -97,6 +109,8 @@ pub struct Node {
     seq: AtomicU64,
     pub raft: Raft,
     state: SharedState,
+    /// The cluster's time, carried forward from the stamps applied.
+    clock: SharedClock,
     batches: mpsc::Sender<batcher::Pending>,
     /// Batches being written or forwarded.
     in_flight: batcher::InFlight,
@@ -284,8 +298,43 @@ impl Node {
     /// decided by a write, so a recheck may see a state a round behind.
     pub fn read_local<'a>(&self, events: impl Iterator<Item = &'a Event>) -> Vec<Verdict> {
         let state = self.state.read().expect("state lock");
-        let now = now_ms().max(state.now_ms()) / 1000;
+        let now = self.cluster_now_ms().max(state.now_ms()) / 1000;
         events.map(|e| state.engine().read(e, now)).collect()
+    }
+
+    /// The cluster's time now, in ms since the Unix epoch; this host's
+    /// wall clock while no stamp is known.
+    pub fn cluster_now_ms(&self) -> u64 {
+        let clock = self.clock.lock().expect("clock lock");
+        clock
+            .now_ms(std::time::Instant::now())
+            .unwrap_or_else(now_ms)
+    }
+
+    /// The stamp for an entry this leader writes now (ms since the Unix
+    /// epoch): the cluster's time; this host's wall clock starts it only
+    /// when no stamp is known at all (a new cluster).
+    fn stamp_ms(&self) -> u64 {
+        let mut clock = self.clock.lock().expect("clock lock");
+        clock.stamp(std::time::Instant::now(), now_ms())
+    }
+
+    /// How far this host's wall clock is ahead of the cluster's time, in
+    /// ms (negative: behind); `None` while no stamp is known.
+    pub fn clock_offset_ms(&self) -> Option<i64> {
+        let clock = self.clock.lock().expect("clock lock");
+        clock.offset_ms(std::time::Instant::now(), now_ms())
+    }
+
+    /// Keeps this host's clock offset (ms) for the next start.
+    fn store_clock_offset(&self, offset_ms: i64) {
+        let stored = self
+            .meta
+            .insert(CLOCK_OFFSET_KEY, &offset_ms.to_be_bytes())
+            .and_then(|_| self.meta.flush());
+        if let Err(e) = stored {
+            tracing::warn!(error = %e, "the clock offset was not stored");
+        }
     }
 
     /// This node as the sender of events.

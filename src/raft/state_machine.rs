@@ -5,6 +5,7 @@
 
 use std::io::Cursor;
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::Instant;
 
 use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{
@@ -15,6 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use super::state::{LimiterSnapshot, LimiterState, Response};
 use super::{Entry, Node, NodeId, TypeConfig};
+use crate::clock::ClusterClock;
 use crate::policy::Policy;
 
 type StoreResult<T> = Result<T, StorageError<NodeId>>;
@@ -31,6 +33,9 @@ struct StoredSnapshot {
 /// The state, readable by the node while Raft applies to it.
 pub type SharedState = Arc<RwLock<LimiterState>>;
 
+/// The cluster's time as this node knows it, fed with every stamp applied.
+pub type SharedClock = Arc<Mutex<ClusterClock>>;
+
 /// How far the log has been applied to the state. Changed only while the
 /// state's write lock is held, and read for a snapshot under its read
 /// lock: openraft builds a snapshot in a task of its own while applying
@@ -46,6 +51,7 @@ struct AppliedTo {
 pub struct StateMachine {
     state: SharedState,
     applied: Arc<Mutex<AppliedTo>>,
+    clock: SharedClock,
     snapshots: sled::Tree,
     db: sled::Db,
     /// Makes snapshot ids unique.
@@ -69,6 +75,7 @@ impl StateMachine {
         let mut sm = StateMachine {
             state: Arc::new(RwLock::new(initial_state())),
             applied: Arc::default(),
+            clock: Arc::default(),
             snapshots,
             db: db.clone(),
             builds: 0,
@@ -81,6 +88,18 @@ impl StateMachine {
 
     pub fn shared(&self) -> SharedState {
         self.state.clone()
+    }
+
+    pub fn clock(&self) -> SharedClock {
+        self.clock.clone()
+    }
+
+    /// Carries the cluster's time forward to the state's latest stamp.
+    fn observe_time(&self, state: &LimiterState) {
+        if state.now_ms() > 0 {
+            let mut clock = self.clock.lock().expect("clock lock");
+            clock.observe(state.now_ms(), Instant::now());
+        }
     }
 
     fn stored(&self) -> StoreResult<Option<StoredSnapshot>> {
@@ -121,6 +140,7 @@ impl StateMachine {
         let state = LimiterState::from_snapshot(snap).map_err(|e| bad(&e))?;
         let mut current = self.state.write().expect("state lock");
         *current = state;
+        self.observe_time(&current);
         *self.applied.lock().expect("applied lock") = AppliedTo {
             last: meta.last_log_id,
             membership: meta.last_membership.clone(),
@@ -191,6 +211,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 }
             });
         }
+        self.observe_time(&state);
         Ok(responses)
     }
 

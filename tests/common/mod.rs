@@ -61,6 +61,20 @@ pub fn sasl_available(test: &str) -> bool {
     found
 }
 
+/// libfaketime's preload library, as Debian's `faketime` package installs
+/// it.
+pub const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
+
+/// Whether libfaketime is here; when not, the test is skipped loudly
+/// ([`skip`]), or fails under `RELAYRATE_REQUIRE_MTA=1` (CI installs it).
+pub fn faketime_available(test: &str) -> bool {
+    let found = Path::new(LIBFAKETIME).exists();
+    if !found {
+        skip(test, "libfaketime is not installed (apt-get install faketime)");
+    }
+    found
+}
+
 /// A loopback port free now, below Linux's ephemeral range (32768 and
 /// up): a port from that range can be taken by any outgoing connection
 /// between this call and the bind of the process it is meant for (seen:
@@ -706,6 +720,19 @@ impl NodeProc {
         seed: Option<SocketAddr>,
         extra: &[&std::ffi::OsStr],
     ) -> NodeProc {
+        NodeProc::start_with_env(root, id, policy, seed, extra, &[])
+    }
+
+    /// As `start_with_args`, with `env` added to the process's environment
+    /// (such as libfaketime's `LD_PRELOAD` and `FAKETIME`).
+    pub fn start_with_env(
+        root: &Path,
+        id: u64,
+        policy: Option<&str>,
+        seed: Option<SocketAddr>,
+        extra: &[&std::ffi::OsStr],
+        env: &[(&str, &str)],
+    ) -> NodeProc {
         let dir = root.join(format!("node-{id}"));
         std::fs::create_dir_all(&dir).unwrap();
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
@@ -732,6 +759,7 @@ impl NodeProc {
             cmd.arg("--join").arg(seed.to_string());
         }
         cmd.args(extra);
+        cmd.envs(env.iter().copied());
         let child = spawn_logged(&mut cmd, &dir, relayrate::logs::DEFAULT_FILTER);
         NodeProc {
             addr,
