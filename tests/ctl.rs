@@ -478,7 +478,7 @@ fn show_gives_every_count_of_a_key(cluster: &Cluster) {
     assert!(
         text.lines()
             .any(|l| l.split_whitespace().collect::<Vec<_>>()
-                == ["ConnRate", "12", "20", "60.0", "600s", "yes"]),
+                == ["ConnRate", "12", "20", "60.0", "600s", "yes", "-"]),
         "{text}"
     );
 }

@@ -70,7 +70,10 @@ pub const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so
 pub fn faketime_available(test: &str) -> bool {
     let found = Path::new(LIBFAKETIME).exists();
     if !found {
-        skip(test, "libfaketime is not installed (apt-get install faketime)");
+        skip(
+            test,
+            "libfaketime is not installed (apt-get install faketime)",
+        );
     }
     found
 }
