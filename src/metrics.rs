@@ -16,7 +16,7 @@
 //!   `relayrate_milter_connections`,
 //!   `relayrate_milter_connections_cut_total{reason}` and
 //!   `relayrate_milter_accept_errors_total`: the milter;
-//! - `relayrate_raft_*`: term, leader, log, commit and apply indexes, apply
+//! - `relayrate_raft_*`: term, leader, log, commit, apply and snapshot indexes, apply
 //!   lag, members ([`watch_node`]);
 //! - where a write's time goes: `relayrate_raft_write_seconds{command}` (a
 //!   log write at the leader, until applied), `relayrate_forward_seconds
@@ -167,6 +167,10 @@ fn describe() {
     );
     describe_gauge!("relayrate_raft_applied_index", "Last applied log index");
     describe_gauge!(
+        "relayrate_raft_snapshot_index",
+        "Last log index of this node's snapshot (built or installed), 0 if none"
+    );
+    describe_gauge!(
         "relayrate_raft_apply_lag",
         "Log entries held but not yet applied"
     );
@@ -174,6 +178,10 @@ fn describe() {
     describe_gauge!("relayrate_counters", "Windowed counters kept");
     describe_gauge!("relayrate_leases", "Open-connection leases held");
     describe_gauge!("relayrate_ready", "1 when this node decides events");
+    describe_gauge!(
+        "relayrate_policy_differs",
+        "1 when this node's --policy is not the cluster's policy in force"
+    );
 }
 
 pub fn event_name(e: &Event) -> &'static str {
@@ -285,6 +293,7 @@ fn record_node(node: &Node) {
         gauge!("relayrate_raft_is_leader").set(if leading { 1.0 } else { 0.0 });
         gauge!("relayrate_raft_last_log_index").set(last as f64);
         gauge!("relayrate_raft_applied_index").set(applied as f64);
+        gauge!("relayrate_raft_snapshot_index").set(m.snapshot.map_or(0, |l| l.index) as f64);
         gauge!("relayrate_raft_apply_lag").set(last.saturating_sub(applied) as f64);
         let membership = m.membership_config.membership();
         gauge!("relayrate_raft_members").set(membership.nodes().count() as f64);
@@ -308,6 +317,8 @@ fn record_node(node: &Node) {
         }
     }
     gauge!("relayrate_ready").set(if node.is_ready() { 1.0 } else { 0.0 });
+    let differs = node.is_ready() && node.policy_differs().is_some();
+    gauge!("relayrate_policy_differs").set(if differs { 1.0 } else { 0.0 });
     let state = node.state().read().expect("state lock");
     let engine = state.engine();
     gauge!("relayrate_counters").set(engine.counters_len() as f64);

@@ -104,7 +104,9 @@ enum Command {
 
 #[derive(Args)]
 struct RunArgs {
-    /// Policy files (default: the seed's policy, built in).
+    /// Policy files to put in force if the cluster's policy differs
+    /// (default: a new cluster starts with the seed's policy, built in; a
+    /// restart keeps the cluster's policy).
     #[arg(long)]
     policy: Vec<PathBuf>,
     #[arg(long, default_value = "relayrate-data")]
@@ -226,7 +228,9 @@ struct NodeArgs {
     /// peers (with TLS, peers are also known by their certificates).
     #[arg(long)]
     cluster_secret_file: Option<PathBuf>,
-    /// Policy files to put in force if the cluster's policy differs.
+    /// Policy files to put in force if the cluster's policy differs
+    /// (at each start: it wins over a policy applied since, loudly).
+    /// Without it the node keeps the cluster's policy.
     #[arg(long)]
     policy: Vec<PathBuf>,
     /// Create a new cluster with this node (empty data dir only).
@@ -284,11 +288,10 @@ fn main() -> ExitCode {
     let threads = cli.threads;
     match cli.command {
         Command::Run(args) => {
+            // Without --policy, the built-in policy starts a new cluster;
+            // a restart keeps the cluster's (one applied since included).
             let policy = if args.policy.is_empty() {
-                vec![PolicyFile {
-                    name: "examples/ze-policy.txt (built in)".into(),
-                    text: DEFAULT_POLICY.into(),
-                }]
+                Vec::new()
             } else {
                 match load_policy(&args.policy) {
                     Some(p) => p.files().to_vec(),
@@ -302,6 +305,10 @@ fn main() -> ExitCode {
             let mut config = NodeConfig::new(args.id, args.listen, args.data_dir, start);
             config.advertise = args.advertise;
             config.policy = policy;
+            config.default_policy = vec![PolicyFile {
+                name: "examples/ze-policy.txt (built in)".into(),
+                text: DEFAULT_POLICY.into(),
+            }];
             if let Err(e) = secure(&mut config, &args.server) {
                 print_err(&format!("relayrate: {}\n", Escaped(e)));
                 return ExitCode::from(EXIT_CONFIG);

@@ -24,7 +24,7 @@ use crate::raft::log_store::LogStore;
 use crate::raft::network::{Network, MAX_MESSAGE_BYTES};
 use crate::raft::peer_auth::PeerAuth;
 use crate::raft::state::policy_hash;
-use crate::raft::state_machine::StateMachine;
+use crate::raft::state_machine::{initial_state, StateMachine};
 use crate::raft::{Command, Node as PeerNode, NodeId, Raft, Response};
 
 /// A started node: its addresses, and how to stop it.
@@ -127,7 +127,6 @@ async fn hand_over_leadership(node: &Node) {
 /// Starts a node and returns once it serves; joining and putting the
 /// policy in force go on in the background.
 pub async fn start(config: NodeConfig) -> Result<NodeHandle, NodeError> {
-    let policy_files = config.policy.clone();
     let auth = PeerAuth::new(
         config.id,
         config.cluster_secret.clone(),
@@ -158,6 +157,17 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, NodeError> {
     .await
     .map_err(|e| NodeError::Raft(e.to_string()))?;
 
+    let initialized = raft
+        .is_initialized()
+        .await
+        .map_err(|e| NodeError::Raft(e.to_string()))?;
+    // The operator's --policy at every start; the default one only for
+    // a new cluster: a restart keeps the cluster's policy.
+    let policy_files = match (config.policy.is_empty(), &config.start) {
+        (false, _) => config.policy.clone(),
+        (true, Start::Bootstrap) if !initialized => config.default_policy.clone(),
+        (true, _) => Vec::new(),
+    };
     if matches!(config.start, Start::Join(_)) && !auth.accepts_peers() {
         let _ = raft.shutdown().await;
         return Err(NodeError::NoPeerAuth);
@@ -199,7 +209,8 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, NodeError> {
         removed: tokio::sync::watch::Sender::new(removed),
         abandoned: AtomicU64::new(0),
         meta,
-        ready: AtomicBool::new(config.policy.is_empty()),
+        ready: AtomicBool::new(policy_files.is_empty()),
+        policy_hash: (!config.policy.is_empty()).then(|| policy_hash(&config.policy)),
         lease_ttl: config.lease_ttl,
         peers: Mutex::new(HashMap::new()),
         tls: config.tls.clone(),
@@ -267,11 +278,7 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, NodeError> {
         })
     };
 
-    if !raft
-        .is_initialized()
-        .await
-        .map_err(|e| NodeError::Raft(e.to_string()))?
-    {
+    if !initialized {
         match &config.start {
             Start::Bootstrap => {
                 let members = BTreeMap::from([(config.id, PeerNode::new(advertise.clone()))]);
@@ -440,7 +447,26 @@ async fn report_health(node: Arc<Node>, health: tonic_health::server::HealthRepo
         .set_service_status("liveness", ServingStatus::Serving)
         .await;
     let mut serving = None;
+    // Rounds the policies have differed (a node that just put its
+    // --policy in force may take a round to apply it).
+    let mut differs = 0u32;
     loop {
+        // Loudly, once each time it starts: the operator's --policy will
+        // put its own back at this node's next start.
+        differs = match node.is_ready() && node.policy_differs().is_some() {
+            true => differs.saturating_add(1),
+            false => 0,
+        };
+        if differs == 4 {
+            if let Some((mine, cluster)) = node.policy_differs() {
+                tracing::warn!(
+                    policy_hash = %mine,
+                    cluster_policy_hash = %cluster,
+                    "the cluster's policy is not this node's --policy: a restart of this node \
+                     puts its --policy back in force (change --policy, or start without it)"
+                );
+            }
+        }
         let now = node.is_ready() && {
             let metrics = node.raft.metrics();
             let m = metrics.borrow();
@@ -516,8 +542,28 @@ async fn sync_policy(node: Arc<Node>, files: Vec<PolicyFile>) {
             node.wait_member().await;
             backoff.reset();
         }
+        // The cluster's policy before, to say loudly what this one replaces.
+        let before = match node.at_leader(Proposal::Policy).await {
+            Ok(ProposalReply::Policy { hash, .. }) => Some(hash),
+            _ => None,
+        };
         match node.at_leader(Proposal::EnsurePolicy(files.clone())).await {
-            Ok(ProposalReply::Response(Response::Done) | ProposalReply::Unchanged) => {
+            Ok(ProposalReply::Response(Response::Done)) => {
+                let initial = initial_state().policy_hash().to_string();
+                match before.filter(|b| *b != initial && *b != hash) {
+                    Some(cluster) => tracing::warn!(
+                        policy_hash = %hash,
+                        cluster_policy_hash = %cluster,
+                        "this node's --policy differs from the cluster's policy and replaces it \
+                         (a policy applied since is undone; start without --policy to keep \
+                         the cluster's)"
+                    ),
+                    None => tracing::info!(%hash, "policy in force"),
+                }
+                node.ready.store(true, Ordering::Relaxed);
+                return;
+            }
+            Ok(ProposalReply::Unchanged) => {
                 tracing::info!(%hash, "policy in force");
                 node.ready.store(true, Ordering::Relaxed);
                 return;

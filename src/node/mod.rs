@@ -113,6 +113,8 @@ pub struct Node {
     /// Set once this node's `--policy` is in force (at once without one):
     /// until then no event is decided, so none is decided with no limits.
     ready: AtomicBool,
+    /// The hash of this node's `--policy`, if it was given one.
+    policy_hash: Option<String>,
     lease_ttl: Duration,
     /// Channels to the other nodes, by address.
     peers: Mutex<HashMap<String, Channel>>,
@@ -151,6 +153,19 @@ impl Node {
     /// Whether the node decides events: its policy is in force.
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Relaxed) && !self.is_removed()
+    }
+
+    /// Whether this node was given a `--policy` that is not the policy
+    /// in force (an operator applied another since it started).
+    pub fn policy_differs(&self) -> Option<(&str, String)> {
+        let mine = self.policy_hash.as_deref()?;
+        let cluster = self
+            .state
+            .read()
+            .expect("state lock")
+            .policy_hash()
+            .to_string();
+        (mine != cluster).then_some((mine, cluster))
     }
 
     /// Events this node dropped, unanswered, because every caller of
@@ -312,6 +327,14 @@ impl Node {
             .send(pending)
             .await
             .map_err(|_| NodeError::ShuttingDown)?;
-        answer.await.map_err(|_| NodeError::ShuttingDown)?
+        // Whatever becomes of the batch, the caller hears within the
+        // deadline; a batch no caller waits for any more is dropped.
+        match tokio::time::timeout(leader::PROPOSE_DEADLINE, answer).await {
+            Ok(answer) => answer.map_err(|_| NodeError::ShuttingDown)?,
+            Err(_) => Err(NodeError::NoLeader(format!(
+                "not decided within {} s",
+                leader::PROPOSE_DEADLINE.as_secs()
+            ))),
+        }
     }
 }
