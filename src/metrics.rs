@@ -179,6 +179,14 @@ fn describe() {
     describe_gauge!("relayrate_leases", "Open-connection leases held");
     describe_gauge!("relayrate_ready", "1 when this node decides events");
     describe_gauge!(
+        "relayrate_raft_stopped",
+        "1 once this node's Raft core stopped (a storage error, such as a full disk)"
+    );
+    describe_gauge!(
+        "relayrate_data_dir_writable",
+        "0 while the node waits for room in its data dir to start"
+    );
+    describe_gauge!(
         "relayrate_policy_differs",
         "1 when this node's --policy is not the cluster's policy in force"
     );
@@ -238,6 +246,10 @@ pub fn record_log_flush(appends: usize, elapsed: Duration) {
 }
 
 /// A call to the peer listener refused: no valid proof, or not a member.
+pub fn set_data_dir_writable(writable: bool) {
+    gauge!("relayrate_data_dir_writable").set(if writable { 1.0 } else { 0.0 });
+}
+
 pub fn record_peer_refusal(method: &'static str) {
     counter!("relayrate_peer_refusals_total", "method" => method).increment(1);
 }
@@ -317,6 +329,8 @@ fn record_node(node: &Node) {
         }
     }
     gauge!("relayrate_ready").set(if node.is_ready() { 1.0 } else { 0.0 });
+    let stopped = node.raft_stopped().is_some();
+    gauge!("relayrate_raft_stopped").set(if stopped { 1.0 } else { 0.0 });
     let differs = node.is_ready() && node.policy_differs().is_some();
     gauge!("relayrate_policy_differs").set(if differs { 1.0 } else { 0.0 });
     let state = node.state().read().expect("state lock");

@@ -6,6 +6,7 @@
 mod common;
 
 use std::net::SocketAddr;
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use common::{free_port, NodeProc};
@@ -72,6 +73,20 @@ async fn leads(peer: SocketAddr) -> bool {
         tokio::time::timeout(Duration::from_secs(2), call).await,
         Ok(Ok(ProposalReply::Members(_)))
     )
+}
+
+/// GET /metrics on loopback `port`, or `None` while nothing answers.
+async fn scrape_or_none(port: u16) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await
+        .ok()?;
+    let mut reply = String::new();
+    s.read_to_string(&mut reply).await.ok()?;
+    reply.starts_with("HTTP/1.1 200").then_some(reply)
 }
 
 /// A gauge's value in a /metrics text.
@@ -429,4 +444,208 @@ async fn a_restart_keeps_the_policy_applied_and_only_an_explicit_policy_replaces
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     run.stop().await;
+}
+
+/// A tmpfs of `size` mounted at `at` for as long as this lives.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &std::path::Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(at).unwrap();
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "mount a tmpfs at {} (needs root)", at.display());
+        Tmpfs(at.to_path_buf())
+    }
+
+    /// Fills it: a file grows until the disk is full.
+    fn fill(&self) -> std::path::PathBuf {
+        use std::io::Write;
+        let path = self.0.join("filler");
+        let mut f = std::fs::File::create(&path).unwrap();
+        let chunk = vec![0u8; 4096];
+        while f.write_all(&chunk).is_ok() {}
+        let _ = f.sync_all();
+        path
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// `relayrate node` joining `seed`, with its data dir `data` and fixed
+/// ports, so that it can be started again as a supervisor would.
+struct Supervised {
+    args: Vec<std::ffi::OsString>,
+    log_dir: std::path::PathBuf,
+    addr: SocketAddr,
+    metrics: u16,
+    runs: u32,
+    child: Option<Child>,
+}
+
+impl Supervised {
+    fn new(root: &std::path::Path, id: u64, data: &std::path::Path, seed: SocketAddr) -> Self {
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let metrics = free_port();
+        let log_dir = root.join(format!("supervised-{id}"));
+        std::fs::create_dir_all(&log_dir).unwrap();
+        let args: Vec<std::ffi::OsString> = vec![
+            "node".into(),
+            "--id".into(),
+            id.to_string().into(),
+            "--listen".into(),
+            addr.to_string().into(),
+            "--peer-listen".into(),
+            format!("127.0.0.1:{}", free_port()).into(),
+            "--metrics-listen".into(),
+            format!("127.0.0.1:{metrics}").into(),
+            "--cluster-secret-file".into(),
+            common::test_secret_file(root).into(),
+            "--data-dir".into(),
+            data.into(),
+            "--join".into(),
+            seed.to_string().into(),
+        ];
+        Supervised {
+            args,
+            log_dir,
+            addr,
+            metrics,
+            runs: 0,
+            child: None,
+        }
+    }
+
+    fn start(&mut self) {
+        self.runs += 1;
+        let child = Command::new(env!("CARGO_BIN_EXE_relayrate"))
+            .args(&self.args)
+            .env("RELAYRATE_LOG", "info,openraft=warn")
+            .env("NO_COLOR", "1")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(self.log_path()).unwrap())
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+    }
+
+    fn log_path(&self) -> std::path::PathBuf {
+        self.log_dir.join(format!("stderr-{}", self.runs))
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.as_mut().and_then(|c| c.try_wait().unwrap())
+    }
+
+    async fn wait_deciding(&mut self) {
+        let until = Instant::now() + STEP;
+        for conn in 0.. {
+            let (answer, _) = connect(self.addr, "10.68.0.1", conn, ANSWER_WITHIN).await;
+            if answer.is_ok() {
+                return;
+            }
+            assert!(
+                Instant::now() < until && self.exited().is_none(),
+                "never decided ({answer:?}, exit {:?}):\n{}",
+                self.exited(),
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+impl Drop for Supervised {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Issue 14, item 11. A follower's data dir is a small tmpfs that fills
+/// up: its Raft core stops, and the node says why and exits (70) instead
+/// of staying "ready"; started again as its supervisor would while the
+/// disk is still full, it waits, not ready, saying why (log, and
+/// `relayrate_data_dir_writable` 0); once there is room it starts and
+/// decides by itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_stops_the_node_and_it_resumes_by_itself_when_there_is_room() {
+    let root = common::temp_root();
+    let n1 = NodeProc::start(root.path(), 1, Some(CUT_POLICY), None);
+    n1.wait_deciding().await;
+    let n2 = NodeProc::start(root.path(), 2, None, Some(n1.peer));
+    n2.wait_deciding().await;
+    let disk = Tmpfs::mount(&root.path().join("disk-3"), "4m");
+    let data = disk.0.join("data");
+    let mut n3 = Supervised::new(root.path(), 3, &data, n1.peer);
+    n3.start();
+    n3.wait_deciding().await;
+
+    let filler = disk.fill();
+    // Writes through the leader reach node 3's log, which cannot grow.
+    let until = Instant::now() + STEP;
+    let mut conn = 0;
+    let status = loop {
+        if let Some(status) = n3.exited() {
+            break status;
+        }
+        for _ in 0..20 {
+            conn += 1;
+            let _ = connect(n1.addr, "10.68.0.2", conn, ANSWER_WITHIN).await;
+        }
+        assert!(
+            Instant::now() < until,
+            "node 3 still runs on a full disk:\n{}",
+            n3.log()
+        );
+    };
+    assert_eq!(status.code(), Some(70), "{}", n3.log());
+    assert!(
+        n3.log().contains("the Raft core stopped"),
+        "no reason given:\n{}",
+        n3.log()
+    );
+
+    // Started again while the disk is still full: it waits, not ready.
+    n3.start();
+    let until = Instant::now() + STEP;
+    loop {
+        let metrics = scrape_or_none(n3.metrics).await;
+        let waiting = metrics
+            .as_deref()
+            .and_then(|m| gauge(m, "relayrate_data_dir_writable"))
+            == Some(0.0);
+        if waiting && n3.log().contains("cannot write the data dir") {
+            break;
+        }
+        assert!(
+            Instant::now() < until && n3.exited().is_none(),
+            "no word of a full disk (exit {:?}):\n{}",
+            n3.exited(),
+            n3.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (answer, _) = connect(n3.addr, "10.68.0.3", 1, ANSWER_WITHIN).await;
+    assert!(answer.is_err(), "decided with a full disk: {answer:?}");
+
+    // Room again: it starts and decides, by itself (the same process).
+    std::fs::remove_file(filler).unwrap();
+    n3.wait_deciding().await;
+    assert_eq!(n3.runs, 2);
+    assert!(n3.exited().is_none());
 }

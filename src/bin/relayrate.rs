@@ -20,6 +20,9 @@ use tokio::signal::unix::{signal, Signal, SignalKind};
 const DEFAULT_POLICY: &str = include_str!("../../examples/ze-policy.txt");
 /// Exit code for a configuration that cannot be used (sysexits EX_USAGE).
 const EXIT_CONFIG: u8 = 64;
+/// The node's Raft core stopped (a storage error, such as a full disk, or
+/// a bug): the supervisor starts the process again.
+const EXIT_RAFT_STOPPED: u8 = 70;
 /// Where `relayrate run` serves its metrics unless told otherwise.
 const DEFAULT_METRICS: SocketAddr =
     SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9450);
@@ -616,14 +619,29 @@ fn serve(
             let task = tokio::spawn(milter::run(listener, config, stopped));
             milter_task = Some((stop, task));
         }
-        loop {
+        let node = handle.node.clone();
+        let raft_stopped = loop {
             tokio::select! {
-                () = stop.recv() => break,
+                () = stop.recv() => break None,
+                why = node.wait_raft_stopped() => break Some(why),
                 Some(()) = hangup.recv() => tokio::select! {
                     () = reload(&handle.node, &serving.policy_paths) => {}
-                    () = stop.recv() => break,
+                    () = stop.recv() => break None,
                 },
             }
+        };
+        if let Some(why) = raft_stopped {
+            // Nothing to hand over or flush: out at once, for the
+            // supervisor to start the node again (it waits for room in
+            // its data dir if the disk is full).
+            if let Some((stop, task)) = milter_task {
+                let _ = stop.send(());
+                task.abort();
+            }
+            gauges.abort();
+            tracing::error!(reason = %why, "exiting: the Raft core stopped");
+            handle.kill().await;
+            return ExitCode::from(EXIT_RAFT_STOPPED);
         }
         let drain = async {
             if let Some((stop, task)) = milter_task {

@@ -136,6 +136,7 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, NodeError> {
         path: config.data_dir.clone(),
         source,
     })?;
+    wait_writable(&config.data_dir).await?;
     let db = sled::open(config.data_dir.join("sled")).map_err(|e| NodeError::DataDir {
         path: config.data_dir.clone(),
         source: std::io::Error::other(e),
@@ -210,6 +211,7 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, NodeError> {
         abandoned: AtomicU64::new(0),
         meta,
         ready: AtomicBool::new(policy_files.is_empty()),
+        stopped: tokio::sync::watch::Sender::new(None),
         policy_hash: (!config.policy.is_empty()).then(|| policy_hash(&config.policy)),
         lease_ttl: config.lease_ttl,
         peers: Mutex::new(HashMap::new()),
@@ -323,6 +325,66 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, NodeError> {
         tasks,
         db,
     })
+}
+
+/// Bytes a node must be able to write in its data dir before it opens
+/// its log: room for sled to open and for a few log segments.
+const START_ROOM: usize = 1 << 20;
+
+/// Waits until [`START_ROOM`] bytes can be written (and synced) in the
+/// data dir: a node whose disk is full waits, saying why, instead of
+/// opening a log it cannot write; it starts by itself once there is room.
+/// Other errors (no permission) are returned.
+async fn wait_writable(dir: &std::path::Path) -> Result<(), NodeError> {
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(2));
+    let mut waited = false;
+    loop {
+        match write_probe(dir) {
+            Ok(()) => {
+                crate::metrics::set_data_dir_writable(true);
+                if waited {
+                    tracing::info!(data_dir = %dir.display(), "the data dir is writable again: starting");
+                }
+                return Ok(());
+            }
+            Err(e) if is_full(&e) => {
+                crate::metrics::set_data_dir_writable(false);
+                if !waited {
+                    tracing::error!(
+                        data_dir = %dir.display(),
+                        error = %e,
+                        "cannot write the data dir: waiting for room before starting (not ready)"
+                    );
+                }
+                waited = true;
+                backoff.wait().await;
+            }
+            Err(source) => {
+                return Err(NodeError::DataDir {
+                    path: dir.to_path_buf(),
+                    source,
+                })
+            }
+        }
+    }
+}
+
+fn is_full(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+    )
+}
+
+fn write_probe(dir: &std::path::Path) -> std::io::Result<()> {
+    use std::io::Write;
+    let path = dir.join("write-probe");
+    let written = std::fs::File::create(&path).and_then(|mut f| {
+        f.write_all(&vec![0u8; START_ROOM])?;
+        f.sync_all()
+    });
+    let _ = std::fs::remove_file(&path);
+    written
 }
 
 async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), NodeError> {
@@ -453,6 +515,16 @@ async fn report_health(node: Arc<Node>, health: tonic_health::server::HealthRepo
     loop {
         // Loudly, once each time it starts: the operator's --policy will
         // put its own back at this node's next start.
+        if node.raft_stopped().is_none() {
+            if let Some(why) = core_stopped(&node).await {
+                tracing::error!(
+                    reason = %why,
+                    "the Raft core stopped: this node is not ready, and its process exits \
+                     (its supervisor starts it again)"
+                );
+                node.stopped.send_replace(Some(why));
+            }
+        }
         differs = match node.is_ready() && node.policy_differs().is_some() {
             true => differs.saturating_add(1),
             false => 0,
@@ -491,6 +563,20 @@ async fn report_health(node: Arc<Node>, health: tonic_health::server::HealthRepo
             serving = Some(now);
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Why the Raft core stopped, if it has: a storage error it reported, or
+/// a core that no longer answers because it ended (a panic). A core busy
+/// for a moment is not stopped.
+async fn core_stopped(node: &Node) -> Option<String> {
+    if let Err(fatal) = &node.raft.metrics().borrow().running_state {
+        return Some(fatal.to_string());
+    }
+    let asked = node.raft.with_raft_state(|_| ());
+    match tokio::time::timeout(Duration::from_secs(1), asked).await {
+        Ok(Err(fatal)) => Some(fatal.to_string()),
+        Ok(Ok(())) | Err(_) => None,
     }
 }
 

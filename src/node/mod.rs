@@ -113,6 +113,10 @@ pub struct Node {
     /// Set once this node's `--policy` is in force (at once without one):
     /// until then no event is decided, so none is decided with no limits.
     ready: AtomicBool,
+    /// Why this node's Raft core stopped (a storage error, such as a full
+    /// disk, or a panic), once it has: the node is then not ready, and
+    /// its process exits for its supervisor to start it again.
+    stopped: watch::Sender<Option<String>>,
     /// The hash of this node's `--policy`, if it was given one.
     policy_hash: Option<String>,
     lease_ttl: Duration,
@@ -152,7 +156,27 @@ impl std::fmt::Debug for Node {
 impl Node {
     /// Whether the node decides events: its policy is in force.
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Relaxed) && !self.is_removed()
+        self.ready.load(Ordering::Relaxed) && !self.is_removed() && self.stopped.borrow().is_none()
+    }
+
+    /// Why the Raft core stopped, if it has.
+    pub fn raft_stopped(&self) -> Option<String> {
+        self.stopped.borrow().clone()
+    }
+
+    /// Returns, with the reason, once the Raft core has stopped (never
+    /// while it runs).
+    pub async fn wait_raft_stopped(&self) -> String {
+        let mut stopped = self.stopped.subscribe();
+        let why = match stopped.wait_for(|s| s.is_some()).await {
+            Ok(why) => why.clone(),
+            // The sender lives as long as `self`.
+            Err(_) => None,
+        };
+        match why {
+            Some(why) => why,
+            None => std::future::pending().await,
+        }
     }
 
     /// Whether this node was given a `--policy` that is not the policy
