@@ -493,8 +493,21 @@ struct Supervised {
 
 impl Supervised {
     fn new(root: &std::path::Path, id: u64, data: &std::path::Path, seed: SocketAddr) -> Self {
+        let join = ["--join".into(), seed.to_string().into()];
+        Supervised::with(root, id, data, &join)
+    }
+
+    /// Node `id` with `start` (`--bootstrap`, or `--join ADDR`, and any
+    /// other arguments).
+    fn with(
+        root: &std::path::Path,
+        id: u64,
+        data: &std::path::Path,
+        start: &[std::ffi::OsString],
+    ) -> Self {
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let metrics = free_port();
+        let peer: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let log_dir = root.join(format!("supervised-{id}"));
         std::fs::create_dir_all(&log_dir).unwrap();
         let args: Vec<std::ffi::OsString> = vec![
@@ -504,16 +517,15 @@ impl Supervised {
             "--listen".into(),
             addr.to_string().into(),
             "--peer-listen".into(),
-            format!("127.0.0.1:{}", free_port()).into(),
+            peer.to_string().into(),
             "--metrics-listen".into(),
             format!("127.0.0.1:{metrics}").into(),
             "--cluster-secret-file".into(),
             common::test_secret_file(root).into(),
             "--data-dir".into(),
             data.into(),
-            "--join".into(),
-            seed.to_string().into(),
         ];
+        let args = args.into_iter().chain(start.iter().cloned()).collect();
         Supervised {
             args,
             log_dir,

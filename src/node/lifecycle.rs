@@ -636,16 +636,16 @@ async fn sync_policy(node: Arc<Node>, files: Vec<PolicyFile>) {
         match node.at_leader(Proposal::EnsurePolicy(files.clone())).await {
             Ok(ProposalReply::Response(Response::Done)) => {
                 let initial = initial_state().policy_hash().to_string();
-                match before.filter(|b| *b != initial && *b != hash) {
-                    Some(cluster) => tracing::warn!(
+                if let Some(cluster) = before.filter(|b| *b != initial && *b != hash) {
+                    tracing::warn!(
                         policy_hash = %hash,
                         cluster_policy_hash = %cluster,
                         "this node's --policy differs from the cluster's policy and replaces it \
                          (a policy applied since is undone; start without --policy to keep \
                          the cluster's)"
-                    ),
-                    None => tracing::info!(%hash, "policy in force"),
+                    );
                 }
+                tracing::info!(%hash, "policy in force");
                 node.ready.store(true, Ordering::Relaxed);
                 return;
             }
