@@ -661,3 +661,65 @@ async fn a_full_disk_stops_the_node_and_it_resumes_by_itself_when_there_is_room(
     assert_eq!(n3.runs, 2);
     assert!(n3.exited().is_none());
 }
+
+/// The readiness probe's answer for the node at `addr`: the status of
+/// service `""`, or `None` when it does not answer.
+async fn health(addr: SocketAddr) -> Option<i32> {
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::HealthCheckRequest;
+    let channel = Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .ok()?;
+    let request = HealthCheckRequest {
+        service: String::new(),
+    };
+    let reply = HealthClient::new(channel).check(request).await.ok()?;
+    Some(reply.into_inner().status)
+}
+
+/// Issue 14, item 7: a Raft core that ends without a word (as after a
+/// panic) makes the node not ready: health NOT_SERVING, no verdicts, and
+/// the reason kept for the process to exit on (`relayrate` exits 70, as
+/// the full-disk test shows).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_raft_core_ended_is_not_ready() {
+    use relayrate::node::{self, NodeConfig, Start};
+    use tonic_health::pb::health_check_response::ServingStatus;
+    let dir = tempfile::TempDir::new().unwrap();
+    let listen: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let mut config = NodeConfig::new(1, listen, dir.path().to_path_buf(), Start::Bootstrap);
+    config.raft = common::fast_raft();
+    let handle = node::start(config).await.unwrap();
+    let serving = ServingStatus::Serving as i32;
+    common::eventually_async("ready", STEP, || async {
+        health(handle.addr).await == Some(serving)
+    })
+    .await;
+    assert!(connect(handle.addr, "10.69.0.1", 1, ANSWER_WITHIN)
+        .await
+        .0
+        .is_ok());
+
+    // The core ends behind the node's back.
+    handle.node.raft.shutdown().await.unwrap();
+    let not_serving = ServingStatus::NotServing as i32;
+    common::eventually_async("not ready", STEP, || async {
+        health(handle.addr).await == Some(not_serving)
+    })
+    .await;
+    let node = handle.node.clone();
+    common::eventually("the stop noticed", STEP, || {
+        node.raft_stopped().is_some() && !node.is_ready()
+    })
+    .await;
+    let (answer, took) = connect(handle.addr, "10.69.0.1", 2, ANSWER_WITHIN * 2).await;
+    assert!(
+        answer.is_err() && took <= ANSWER_WITHIN,
+        "{answer:?} after {took:?}"
+    );
+    let why = tokio::time::timeout(ANSWER_WITHIN, handle.node.wait_raft_stopped()).await;
+    assert!(why.is_ok(), "nothing tells the process the core stopped");
+    handle.kill().await;
+}
