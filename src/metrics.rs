@@ -16,8 +16,10 @@
 //!   `relayrate_milter_connections`,
 //!   `relayrate_milter_connections_cut_total{reason}` and
 //!   `relayrate_milter_accept_errors_total`: the milter;
-//! - `relayrate_raft_*`: term, leader, log, commit, apply and snapshot indexes, apply
-//!   lag, members ([`watch_node`]);
+//! - `relayrate_raft_*`: term, leader, log, commit, apply and snapshot
+//!   indexes, apply lag, members, whether the core stopped
+//!   ([`watch_node`]); `relayrate_ready`, `relayrate_policy_differs`,
+//!   `relayrate_data_dir_writable`;
 //! - where a write's time goes: `relayrate_raft_write_seconds{command}` (a
 //!   log write at the leader, until applied), `relayrate_forward_seconds
 //!   {proposal}` (a follower waiting for the leader),
@@ -245,11 +247,13 @@ pub fn record_log_flush(appends: usize, elapsed: Duration) {
     histogram!("relayrate_log_flush_appends").record(appends as f64);
 }
 
-/// A call to the peer listener refused: no valid proof, or not a member.
+/// Whether the node can write its data dir (0 while it waits for room
+/// to start).
 pub fn set_data_dir_writable(writable: bool) {
     gauge!("relayrate_data_dir_writable").set(if writable { 1.0 } else { 0.0 });
 }
 
+/// A call to the peer listener refused: no valid proof, or not a member.
 pub fn record_peer_refusal(method: &'static str) {
     counter!("relayrate_peer_refusals_total", "method" => method).increment(1);
 }

@@ -513,8 +513,6 @@ async fn report_health(node: Arc<Node>, health: tonic_health::server::HealthRepo
     // --policy in force may take a round to apply it).
     let mut differs = 0u32;
     loop {
-        // Loudly, once each time it starts: the operator's --policy will
-        // put its own back at this node's next start.
         if node.raft_stopped().is_none() {
             if let Some(why) = core_stopped(&node).await {
                 tracing::error!(
@@ -525,6 +523,8 @@ async fn report_health(node: Arc<Node>, health: tonic_health::server::HealthRepo
                 node.stopped.send_replace(Some(why));
             }
         }
+        // Loudly, once each time it starts: the operator's --policy will
+        // put its own back at this node's next start.
         differs = match node.is_ready() && node.policy_differs().is_some() {
             true => differs.saturating_add(1),
             false => 0,

@@ -154,7 +154,8 @@ impl std::fmt::Debug for Node {
 }
 
 impl Node {
-    /// Whether the node decides events: its policy is in force.
+    /// Whether the node decides events: its policy is in force, it is a
+    /// member, and its Raft core runs.
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Relaxed) && !self.is_removed() && self.stopped.borrow().is_none()
     }
