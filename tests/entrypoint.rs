@@ -1185,3 +1185,53 @@ async fn pod_0_that_lost_its_volume_joins_the_running_cluster() {
     // The cluster's counts, not a new cluster's.
     assert!(!connection(&pods.url(0), FULL).await.allowed);
 }
+
+/// Issue 14, item 7, as reported: pods 0 and 1 killed, pod 0's volume
+/// emptied, pod 0 started alone. It must not create a second cluster (pod
+/// 2 is a member: pod 0 joins through it, and waits for a leader); once
+/// pod 1 is back the three are one cluster again, with the counts made
+/// before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pod_0_without_its_volume_and_pod_1_down_creates_no_second_cluster() {
+    if relayratectl("pod 0 and pod 1 down").is_none() {
+        return;
+    }
+    let pods = Pods::new();
+    let _logs = LogsOnFailure(&pods);
+    let limit = conn_rate_limit(&pods.policy, FULL);
+    let mut running: Vec<Pod> = (0..3).map(|o| pods.start(o, 1)).collect();
+    wait_ready(&pods, &[0, 1, 2]).await;
+    wait_until("voters 1, 2, 3", || {
+        one_cluster(&pods, &[0, 1, 2], &[1, 2, 3])
+    })
+    .await;
+    for i in 0..limit {
+        assert!(connection(&pods.url(i as u32 % 3), FULL).await.allowed);
+    }
+
+    running[0].kill();
+    running[1].kill();
+    std::fs::remove_dir_all(pods.data(0)).unwrap();
+    running[0] = pods.start(0, 2);
+    let url = pods.url(0);
+    wait_until("pod 0 live", || serving(&url, "liveness")).await;
+    // Alone with pod 2 (no majority), pod 0 decides nothing: no count of
+    // a second cluster, and not ready.
+    let alone = verdict(&url, FULL).await;
+    assert!(alone.is_none(), "pod 0 decided alone: {alone:?}");
+    assert!(!serving(&url, "").await);
+
+    running[1] = pods.start(1, 2);
+    wait_ready(&pods, &[0, 1, 2]).await;
+    wait_until("voters 1, 2, 3 again", || {
+        one_cluster(&pods, &[0, 1, 2], &[1, 2, 3])
+    })
+    .await;
+    let log = running[0].log();
+    assert!(!log.contains("bootstrapped"), "a second cluster:\n{log}");
+    assert!(log.contains("a cluster exists: joining it"), "{log}");
+    // The cluster's counts: FULL is over its limit everywhere.
+    for o in 0..3 {
+        assert!(!connection(&pods.url(o), FULL).await.allowed, "pod {o}");
+    }
+}
