@@ -16,8 +16,10 @@
 //!   `relayrate_milter_connections`,
 //!   `relayrate_milter_connections_cut_total{reason}` and
 //!   `relayrate_milter_accept_errors_total`: the milter;
-//! - `relayrate_raft_*`: term, leader, log, commit and apply indexes, apply
-//!   lag, members ([`watch_node`]);
+//! - `relayrate_raft_*`: term, leader, log, commit, apply and snapshot
+//!   indexes, apply lag, members, whether the core stopped
+//!   ([`watch_node`]); `relayrate_ready`, `relayrate_policy_differs`,
+//!   `relayrate_data_dir_writable`;
 //! - where a write's time goes: `relayrate_raft_write_seconds{command}` (a
 //!   log write at the leader, until applied), `relayrate_forward_seconds
 //!   {proposal}` (a follower waiting for the leader),
@@ -226,6 +228,10 @@ fn describe() {
     );
     describe_gauge!("relayrate_raft_applied_index", "Last applied log index");
     describe_gauge!(
+        "relayrate_raft_snapshot_index",
+        "Last log index of this node's snapshot (built or installed), 0 if none"
+    );
+    describe_gauge!(
         "relayrate_raft_apply_lag",
         "Log entries held but not yet applied"
     );
@@ -233,6 +239,18 @@ fn describe() {
     describe_gauge!("relayrate_counters", "Windowed counters kept");
     describe_gauge!("relayrate_leases", "Open-connection leases held");
     describe_gauge!("relayrate_ready", "1 when this node decides events");
+    describe_gauge!(
+        "relayrate_raft_stopped",
+        "1 once this node's Raft core stopped (a storage error, such as a full disk)"
+    );
+    describe_gauge!(
+        "relayrate_data_dir_writable",
+        "0 while the node waits for room in its data dir to start"
+    );
+    describe_gauge!(
+        "relayrate_policy_differs",
+        "1 when this node's --policy is not the cluster's policy in force"
+    );
     describe_gauge!(
         "relayrate_clock_offset_seconds",
         Unit::Seconds,
@@ -298,6 +316,12 @@ pub fn record_log_flush(appends: usize, elapsed: Duration) {
     histogram!("relayrate_log_flush_appends").record(appends as f64);
 }
 
+/// Whether the node can write its data dir (0 while it waits for room
+/// to start).
+pub fn set_data_dir_writable(writable: bool) {
+    gauge!("relayrate_data_dir_writable").set(if writable { 1.0 } else { 0.0 });
+}
+
 /// A call to the peer listener refused: no valid proof, or not a member.
 pub fn record_peer_refusal(method: &'static str) {
     counter!("relayrate_peer_refusals_total", "method" => method).increment(1);
@@ -354,6 +378,7 @@ fn record_node(node: &Node) {
         gauge!("relayrate_raft_is_leader").set(if leading { 1.0 } else { 0.0 });
         gauge!("relayrate_raft_last_log_index").set(last as f64);
         gauge!("relayrate_raft_applied_index").set(applied as f64);
+        gauge!("relayrate_raft_snapshot_index").set(m.snapshot.map_or(0, |l| l.index) as f64);
         gauge!("relayrate_raft_apply_lag").set(last.saturating_sub(applied) as f64);
         let membership = m.membership_config.membership();
         gauge!("relayrate_raft_members").set(membership.nodes().count() as f64);
@@ -377,6 +402,10 @@ fn record_node(node: &Node) {
         }
     }
     gauge!("relayrate_ready").set(if node.is_ready() { 1.0 } else { 0.0 });
+    let stopped = node.raft_stopped().is_some();
+    gauge!("relayrate_raft_stopped").set(if stopped { 1.0 } else { 0.0 });
+    let differs = node.is_ready() && node.policy_differs().is_some();
+    gauge!("relayrate_policy_differs").set(if differs { 1.0 } else { 0.0 });
     let state = node.state().read().expect("state lock");
     let engine = state.engine();
     gauge!("relayrate_counters").set(engine.counters_len() as f64);

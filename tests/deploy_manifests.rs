@@ -820,6 +820,18 @@ fn entrypoint_argv(sts: &Value, pod: &str, namespace: &str) -> BTreeMap<String, 
             *value = file.display().to_string();
         }
     }
+    // Pod 0 with an empty volume asks the others, as many as the
+    // StatefulSet's Scale says: a first start, each in no cluster.
+    let scale = dir.path().join("scale.json");
+    let replicas = sts["spec"]["replicas"].as_u64().unwrap();
+    std::fs::write(
+        &scale,
+        format!(r#"{{"kind":"Scale","spec":{{"replicas":{replicas}}}}}"#),
+    )
+    .unwrap();
+    let ctl = dir.path().join("relayratectl");
+    std::fs::write(&ctl, "#!/bin/sh\necho '{\"members\":[]}'\n").unwrap();
+    std::fs::set_permissions(&ctl, std::fs::Permissions::from_mode(0o755)).unwrap();
     let out = Command::new("sh")
         .arg(repo().join("deploy/kubernetes/entrypoint.sh"))
         .args(&args)
@@ -827,7 +839,8 @@ fn entrypoint_argv(sts: &Value, pod: &str, namespace: &str) -> BTreeMap<String, 
         .env("PATH", std::env::var("PATH").unwrap())
         .envs(env)
         .env("RELAYRATE_BIN", &stub)
-        .env("RELAYRATECTL", dir.path().join("no-relayratectl"))
+        .env("RELAYRATECTL", &ctl)
+        .env("RELAYRATE_SCALE_JSON", &scale)
         .output()
         .unwrap();
     assert!(

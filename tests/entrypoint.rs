@@ -79,6 +79,8 @@ struct Pods {
     policy: PathBuf,
     /// The cluster secret every pod is given (the mounted Secret).
     secret: PathBuf,
+    /// The StatefulSet's Scale (3 replicas), which pod 0 reads.
+    scale: PathBuf,
 }
 
 /// Each test's pods get a network of their own: 127.0.NET.0/24 (all of
@@ -109,6 +111,8 @@ impl Pods {
         std::fs::write(&policy, configmap_policy()).unwrap();
         let secret = root.path().join("cluster-secret");
         write_secret(&secret);
+        let scale_file = root.path().join("scale.json");
+        std::fs::write(&scale_file, scale(3)).unwrap();
         let [port, peer_port, milter_port, metrics_port] = four_ports();
         Pods {
             root,
@@ -119,6 +123,7 @@ impl Pods {
             metrics_port,
             policy,
             secret,
+            scale: scale_file,
         }
     }
 
@@ -160,6 +165,8 @@ impl Pods {
                 format!("{}/data-{{ordinal}}", self.root.path().display()),
             ),
             ("RELAYRATE_POLICY", self.policy.display().to_string()),
+            // The StatefulSet's Scale, as the API would give it.
+            ("RELAYRATE_SCALE_JSON", self.scale.display().to_string()),
             ("RELAYRATE_REMOVE_TIMEOUT", "20".to_string()),
             ("RELAYRATE_LOG", "info,openraft=warn".to_string()),
             ("NO_COLOR", "1".to_string()),
@@ -725,7 +732,10 @@ fn entrypoint_with(
         .env("RELAYRATE_CLUSTER_SECRET_FILE", stub_secret(dir))
         .env("RELAYRATE_DATA_DIR", data)
         .env("RELAYRATE_BIN", &bin)
-        .env("RELAYRATECTL", dir.join("no-relayratectl"));
+        .env("RELAYRATECTL", dir.join("no-relayratectl"))
+        // A StatefulSet of one unless a test says otherwise: pod 0 has
+        // nobody to ask.
+        .env("RELAYRATE_SCALE_JSON", one_replica(dir));
     for (k, v) in env {
         match v.is_empty() {
             true => cmd.env_remove(k),
@@ -741,6 +751,12 @@ fn entrypoint_with(
             .collect()),
         false => Err(out),
     }
+}
+
+fn one_replica(dir: &Path) -> PathBuf {
+    let path = dir.join("scale-1.json");
+    std::fs::write(&path, scale(1)).unwrap();
+    path
 }
 
 fn flag<'a>(argv: &'a [String], name: &str) -> Option<&'a str> {
@@ -840,33 +856,216 @@ fn entrypoint_needs_the_cluster_secret_and_passes_the_admin_token() {
     assert!(out.stdout.is_empty());
 }
 
+/// A stand-in relayratectl for pod 0's questions: appends its arguments
+/// to `relayratectl.calls` and answers `status` for the pod of host H
+/// with the file `answers/H` (exit 0), or fails (no answer) when there is
+/// none.
+fn answering_ctl(dir: &Path) -> PathBuf {
+    let answers = dir.join("answers");
+    std::fs::create_dir_all(&answers).unwrap();
+    let path = dir.join("relayratectl");
+    let text = format!(
+        "#!/bin/sh\n\
+         echo \"$*\" >> '{calls}'\n\
+         host=${{2#http://}}\n\
+         host=${{host%:*}}\n\
+         [ -f '{answers}'/\"$host\" ] || exit 1\n\
+         cat '{answers}'/\"$host\"\n",
+        calls = dir.join("relayratectl.calls").display(),
+        answers = answers.display(),
+    );
+    std::fs::write(&path, text).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path
+}
+
+/// What pod `ordinal` answers to `status --json`: a voter of a cluster,
+/// or a node in none (a new pod waiting to join).
+fn answer(dir: &Path, ordinal: u32, member: bool) {
+    let json = match member {
+        true => r#"{"id":2,"members":[{"id":1,"voter":true},{"id":2,"voter":true}]}"#,
+        false => r#"{"id":2,"members":[]}"#,
+    };
+    let host = format!("relayrate-{ordinal}.peers.ns.svc.cluster.local");
+    std::fs::write(dir.join("answers").join(host), json).unwrap();
+}
+
+/// The environment of pod 0's decision: the stand-in relayratectl and a
+/// StatefulSet of `replicas`.
+fn deciding_env(dir: &Path, replicas: u32) -> Vec<(&'static str, String)> {
+    let ctl = answering_ctl(dir);
+    let scale_file = dir.join("scale.json");
+    std::fs::write(&scale_file, scale(replicas)).unwrap();
+    vec![
+        ("RELAYRATECTL", ctl.display().to_string()),
+        ("RELAYRATE_SCALE_JSON", scale_file.display().to_string()),
+        ("RELAYRATE_ASK_EVERY", "1".to_string()),
+    ]
+}
+
+fn peer(ordinal: u32) -> String {
+    format!("relayrate-{ordinal}.peers.ns.svc.cluster.local:7460")
+}
+
 #[test]
-fn pod_0_asks_pod_1_on_its_client_port() {
-    // Pod 0 with an empty volume asks pod 1 whether a cluster runs; the
-    // Admin service is on the client port, never the peer port.
-    for (client, asked) in [
+fn pod_0_asks_every_other_pod_on_its_client_port_before_creating_a_cluster() {
+    // Pod 0 with an empty volume asks every other pod of the StatefulSet
+    // whether it is in a cluster; the Admin service is on the client
+    // port, never the peer port.
+    for (client, host, port) in [
         // The default: RELAYRATE_PEER's host, RELAYRATE_LISTEN's port.
-        ("", "relayrate-1.peers.ns.svc.cluster.local:7450"),
+        ("", "relayrate-{o}.peers.ns.svc.cluster.local", 7450),
         (
-            "relayrate-{ordinal}.clients:7451",
-            "relayrate-1.clients:7451",
+            "relayrate-{ordinal}.peers.ns.svc.cluster.local:7451",
+            "relayrate-{o}.peers.ns.svc.cluster.local",
+            7451,
         ),
     ] {
         let dir = tempfile::tempdir().unwrap();
-        let ctl = stand_in(dir.path(), "relayratectl", &[1]);
-        let ctl = ctl.to_str().unwrap();
+        let mut env = deciding_env(dir.path(), 4);
+        env.push(("RELAYRATE_CLIENT", client.to_string()));
+        for o in 1..4 {
+            answer(dir.path(), o, false);
+        }
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
         let data = dir.path().join("data");
-        let env = [("RELAYRATECTL", ctl), ("RELAYRATE_CLIENT", client)];
         let argv = entrypoint_with(dir.path(), "relayrate-0", &data, &env).unwrap();
-        assert_eq!(
-            calls(dir.path(), "relayratectl"),
-            [format!(
-                "--node http://{asked} --timeout-secs 3 status --json"
-            )]
-        );
-        // Pod 1 is in no cluster (the stand-in fails): pod 0 creates one.
+        let asked: Vec<String> = (1..4)
+            .map(|o| {
+                let host = host.replace("{o}", &o.to_string());
+                format!("--node http://{host}:{port} --timeout-secs 3 status --json")
+            })
+            .collect();
+        assert_eq!(calls(dir.path(), "relayratectl"), asked);
+        // Every pod answered, in no cluster: pod 0 creates one.
         assert_eq!(flag(&argv, "--join"), None);
     }
+}
+
+#[test]
+fn pod_0_joins_a_cluster_that_any_other_pod_is_in() {
+    // The reported case: pods 0 and 1 down, pod 0's volume lost, pod 2
+    // still a member. Pod 0 must join, not create a second cluster.
+    let dir = tempfile::tempdir().unwrap();
+    let env = deciding_env(dir.path(), 3);
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    answer(dir.path(), 2, true);
+    let data = dir.path().join("data");
+    let argv = entrypoint_with(dir.path(), "relayrate-0", &data, &env).unwrap();
+    assert_eq!(flag(&argv, "--join"), Some(peer(2).as_str()));
+    // With data, nobody is asked: the node resumes as the member it was.
+    std::fs::create_dir_all(data.join("sled")).unwrap();
+    std::fs::remove_file(dir.path().join("relayratectl.calls")).unwrap();
+    let argv = entrypoint_with(dir.path(), "relayrate-0", &data, &env).unwrap();
+    assert_eq!(flag(&argv, "--join"), None);
+    assert!(calls(dir.path(), "relayratectl").is_empty());
+}
+
+/// Runs entrypoint.sh for pod 0 in the background, as
+/// [`entrypoint_with`] does.
+fn spawn_pod_0(dir: &Path, env: &[(&str, &str)]) -> Child {
+    let bin = dir.join("relayrate");
+    std::fs::write(&bin, "#!/bin/sh\nprintf '%s\\n' \"$@\"\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+    Command::new("sh")
+        .arg(script("entrypoint.sh"))
+        .env("RELAYRATE_POD_NAME", "relayrate-0")
+        .env(
+            "RELAYRATE_PEER",
+            "relayrate-{ordinal}.peers.ns.svc.cluster.local:7460",
+        )
+        .env_remove("RELAYRATE_CLIENT")
+        .env_remove("RELAYRATE_ADMIN_TOKEN_FILE")
+        .env("RELAYRATE_CLUSTER_SECRET_FILE", stub_secret(dir))
+        .env("RELAYRATE_DATA_DIR", dir.join("data"))
+        .env("RELAYRATE_BIN", &bin)
+        .envs(env.iter().copied())
+        .stdout(std::process::Stdio::piped())
+        .stderr(File::create(dir.join("pod-0.log")).unwrap())
+        .spawn()
+        .unwrap()
+}
+
+/// Waits until `child` has asked `rounds` rounds of `per_round`
+/// questions, checking that it still waits (it started nothing).
+fn still_waiting_after(dir: &Path, child: &mut Child, rounds: usize, per_round: usize) {
+    let until = Instant::now() + DEADLINE;
+    while calls(dir, "relayratectl").len() < rounds * per_round {
+        assert!(Instant::now() < until, "pod 0 stopped asking");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(child.try_wait().unwrap().is_none(), "pod 0 did not wait");
+}
+
+fn finished(child: Child) -> Vec<String> {
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "exit {:?}", out.status);
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect()
+}
+
+#[test]
+fn pod_0_waits_while_another_pod_cannot_be_asked() {
+    // Pod 1 is in no cluster, pod 2 does not answer: it may hold the
+    // cluster, so pod 0 waits and asks again, and creates nothing.
+    let dir = tempfile::tempdir().unwrap();
+    let env = deciding_env(dir.path(), 3);
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    answer(dir.path(), 1, false);
+    let mut child = spawn_pod_0(dir.path(), &env);
+    still_waiting_after(dir.path(), &mut child, 3, 2);
+    // Pod 2 comes back, a member: pod 0 joins through it.
+    answer(dir.path(), 2, true);
+    let argv = finished(child);
+    assert_eq!(argv[0], "run");
+    assert_eq!(flag(&argv, "--join"), Some(peer(2).as_str()));
+
+    // The same wait, and pod 2 comes back in no cluster (the first start
+    // of a StatefulSet, its pods starting together): pod 0 creates one.
+    let dir = tempfile::tempdir().unwrap();
+    let env = deciding_env(dir.path(), 3);
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    answer(dir.path(), 1, false);
+    let mut child = spawn_pod_0(dir.path(), &env);
+    still_waiting_after(dir.path(), &mut child, 2, 2);
+    answer(dir.path(), 2, false);
+    let argv = finished(child);
+    assert_eq!(argv[0], "run");
+    assert_eq!(flag(&argv, "--join"), None);
+}
+
+#[test]
+fn pod_0_waits_while_it_cannot_read_the_replicas() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut env = deciding_env(dir.path(), 3);
+    let scale_file = dir.path().join("scale.json");
+    std::fs::write(&scale_file, "not a Scale").unwrap();
+    env.retain(|(k, _)| *k != "RELAYRATE_SCALE_JSON");
+    env.push(("RELAYRATE_SCALE_JSON", scale_file.display().to_string()));
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let mut child = spawn_pod_0(dir.path(), &env);
+    let until = Instant::now() + DEADLINE;
+    let log = dir.path().join("pod-0.log");
+    let said = || std::fs::read_to_string(&log).unwrap_or_default();
+    while said()
+        .matches("cannot read the StatefulSet's replicas")
+        .count()
+        < 2
+    {
+        assert!(Instant::now() < until, "pod 0 did not say why it waits");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(child.try_wait().unwrap().is_none(), "pod 0 did not wait");
+    assert!(calls(dir.path(), "relayratectl").is_empty());
+    // A StatefulSet of one: nobody to ask.
+    std::fs::write(&scale_file, scale(1)).unwrap();
+    let argv = finished(child);
+    assert_eq!(flag(&argv, "--join"), None);
 }
 
 #[test]
@@ -1027,4 +1226,54 @@ async fn pod_0_that_lost_its_volume_joins_the_running_cluster() {
     assert!(!log.contains("bootstrapped"), "a second cluster:\n{log}");
     // The cluster's counts, not a new cluster's.
     assert!(!connection(&pods.url(0), FULL).await.allowed);
+}
+
+/// Issue 14, item 7, as reported: pods 0 and 1 killed, pod 0's volume
+/// emptied, pod 0 started alone. It must not create a second cluster (pod
+/// 2 is a member: pod 0 joins through it, and waits for a leader); once
+/// pod 1 is back the three are one cluster again, with the counts made
+/// before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pod_0_without_its_volume_and_pod_1_down_creates_no_second_cluster() {
+    if relayratectl("pod 0 and pod 1 down").is_none() {
+        return;
+    }
+    let pods = Pods::new();
+    let _logs = LogsOnFailure(&pods);
+    let limit = conn_rate_limit(&pods.policy, FULL);
+    let mut running: Vec<Pod> = (0..3).map(|o| pods.start(o, 1)).collect();
+    wait_ready(&pods, &[0, 1, 2]).await;
+    wait_until("voters 1, 2, 3", || {
+        one_cluster(&pods, &[0, 1, 2], &[1, 2, 3])
+    })
+    .await;
+    for i in 0..limit {
+        assert!(connection(&pods.url(i as u32 % 3), FULL).await.allowed);
+    }
+
+    running[0].kill();
+    running[1].kill();
+    std::fs::remove_dir_all(pods.data(0)).unwrap();
+    running[0] = pods.start(0, 2);
+    let url = pods.url(0);
+    wait_until("pod 0 live", || serving(&url, "liveness")).await;
+    // Alone with pod 2 (no majority), pod 0 decides nothing: no count of
+    // a second cluster, and not ready.
+    let alone = verdict(&url, FULL).await;
+    assert!(alone.is_none(), "pod 0 decided alone: {alone:?}");
+    assert!(!serving(&url, "").await);
+
+    running[1] = pods.start(1, 2);
+    wait_ready(&pods, &[0, 1, 2]).await;
+    wait_until("voters 1, 2, 3 again", || {
+        one_cluster(&pods, &[0, 1, 2], &[1, 2, 3])
+    })
+    .await;
+    let log = running[0].log();
+    assert!(!log.contains("bootstrapped"), "a second cluster:\n{log}");
+    assert!(log.contains("a cluster exists: joining it"), "{log}");
+    // The cluster's counts: FULL is over its limit everywhere.
+    for o in 0..3 {
+        assert!(!connection(&pods.url(o), FULL).await.allowed, "pod {o}");
+    }
 }

@@ -25,13 +25,20 @@
 #   RELAYRATE_DATA_DIR     sled data (default /var/lib/relayrate)
 #   RELAYRATE_POLICY       policy file (default /etc/relayrate/ze-policy.txt)
 #   RELAYRATE_BIN, RELAYRATECTL  the binaries (default /usr/local/bin/...)
+#   RELAYRATE_SCALE_JSON   a file holding the StatefulSet's Scale, read
+#                          instead of asking the Kubernetes API (tests)
+#   RELAYRATE_ASK_EVERY    seconds between two rounds of questions while
+#                          pod 0 waits (default 2)
 # {ordinal} may appear in the addresses and RELAYRATE_DATA_DIR too, so
 # that several "pods" can run on one host (tests/entrypoint.rs).
 #
 # The node's id is ordinal + 1 (ids start at 1: 0 means "no leader" in
-# the Admin API). With an empty data dir, pod 0 creates the cluster and
-# the others join it through the pods before them; with data, every pod rejoins as the
-# member its data says it is, and --join is ignored by the node.
+# the Admin API). With an empty data dir, the others join through the pods
+# before them, and pod 0 creates the cluster only once every other pod of
+# the StatefulSet has answered that it is in none: if one is in a cluster,
+# pod 0 joins it; while one does not answer (it may hold the cluster),
+# pod 0 waits. With data, every pod rejoins as the member its data says it
+# is, and --join is ignored by the node.
 set -eu
 
 bin=${RELAYRATE_BIN:-/usr/local/bin/relayrate}
@@ -91,12 +98,48 @@ if [ -e "$data/removed-from-cluster" ]; then
     find "$data" -mindepth 1 -maxdepth 1 ! -name lost+found -exec rm -rf {} +
 fi
 
-# Whether the pod of ordinal $1 is a member of a running cluster (asked
-# on its client port: the peer port serves only the Raft service).
-in_cluster() {
-    [ -x "$ctl" ] || return 1
-    "$ctl" --node "http://$(fill "$client_template" "$1")" --timeout-secs 3 status --json 2>/dev/null |
-        grep -q '"voter":true'
+# What the pod of ordinal $1 says of itself, asked on its client port
+# (the peer port serves only the Raft service): "member" (a voter of a
+# cluster, running or not), "none" (it answers and is in no cluster: a new
+# pod waiting to join) or "unknown" (no answer).
+membership() {
+    if [ ! -x "$ctl" ]; then
+        echo unknown
+        return
+    fi
+    if ! said=$("$ctl" --node "http://$(fill "$client_template" "$1")" --timeout-secs 3 status --json 2>/dev/null); then
+        echo unknown
+    elif printf '%s' "$said" | grep -q '"voter":true'; then
+        echo member
+    else
+        echo none
+    fi
+}
+
+# The StatefulSet's Scale subresource (RBAC: get statefulsets/scale).
+scale_json() {
+    if [ -n "${RELAYRATE_SCALE_JSON:-}" ]; then
+        cat "$RELAYRATE_SCALE_JSON"
+        return
+    fi
+    sa=/var/run/secrets/kubernetes.io/serviceaccount
+    curl --silent --show-error --fail --max-time 5 \
+        --cacert "$sa/ca.crt" \
+        --header "Authorization: Bearer $(cat "$sa/token")" \
+        "https://kubernetes.default.svc/apis/apps/v1/namespaces/$(cat "$sa/namespace")/statefulsets/${pod%-*}/scale"
+}
+
+# spec.replicas of the Scale read on stdin (left out when 0); fails on
+# anything else.
+desired_replicas() {
+    json=$(tr -d ' \t\r\n')
+    case $json in
+    *'"kind":"Scale"'*'"spec":{'*) ;;
+    *) return 1 ;;
+    esac
+    spec=$(printf '%s' "$json" | sed -n 's/.*"spec":{\([^}]*\)}.*/\1/p')
+    n=$(printf '%s' "$spec" | sed -n 's/.*"replicas":\([0-9][0-9]*\).*/\1/p')
+    echo "${n:-0}"
 }
 
 # Seeds to join through (their peer addresses): every lower ordinal, pod 0
@@ -107,11 +150,41 @@ while [ "$n" -lt "$ordinal" ]; do
     join=${join:+$join,}$(fill "$peer_template" "$n")
     n=$((n + 1))
 done
-if [ "$ordinal" -eq 0 ] && empty_data && in_cluster 1; then
-    # Pod 0 lost its volume while the others run: creating a cluster now
-    # would make a second one under the same names. Join the running one.
-    echo "relayrate-entrypoint: pod 0 has no data but pod 1 is in a cluster: joining it" >&2
-    join=$(fill "$peer_template" 1)
+
+# Pod 0 with no data creates the cluster, unless one exists: after a lost
+# volume, a second cluster under the same names would split the counts
+# and break the first when their members meet. It asks every other pod,
+# and waits rather than guess while one cannot be asked.
+if [ "$ordinal" -eq 0 ] && empty_data; then
+    every=${RELAYRATE_ASK_EVERY:-2}
+    while :; do
+        if ! replicas=$(scale_json | desired_replicas); then
+            echo "relayrate-entrypoint: cannot read the StatefulSet's replicas; waiting before creating a cluster" >&2
+            sleep "$every"
+            continue
+        fi
+        members=''
+        silent=''
+        n=1
+        while [ "$n" -lt "$replicas" ]; do
+            case $(membership "$n") in
+            member) members=${members:+$members,}$(fill "$peer_template" "$n") ;;
+            unknown) silent="${silent:+$silent }$n" ;;
+            esac
+            n=$((n + 1))
+        done
+        if [ -n "$members" ]; then
+            echo "relayrate-entrypoint: pod 0 has no data and a cluster exists: joining it through $members" >&2
+            join=$members
+            break
+        fi
+        if [ -z "$silent" ]; then
+            echo "relayrate-entrypoint: pods 1 to $((replicas - 1)) are in no cluster: creating one" >&2
+            break
+        fi
+        echo "relayrate-entrypoint: pod 0 has no data and pods $silent do not answer (one may hold the cluster): waiting" >&2
+        sleep "$every"
+    done
 fi
 
 set -- run \

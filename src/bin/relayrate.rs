@@ -20,6 +20,9 @@ use tokio::signal::unix::{signal, Signal, SignalKind};
 const DEFAULT_POLICY: &str = include_str!("../../examples/ze-policy.txt");
 /// Exit code for a configuration that cannot be used (sysexits EX_USAGE).
 const EXIT_CONFIG: u8 = 64;
+/// The node's Raft core stopped (a storage error, such as a full disk, or
+/// a bug): the supervisor starts the process again.
+const EXIT_RAFT_STOPPED: u8 = 70;
 /// Where `relayrate run` serves its metrics unless told otherwise.
 const DEFAULT_METRICS: SocketAddr =
     SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9450);
@@ -104,7 +107,9 @@ enum Command {
 
 #[derive(Args)]
 struct RunArgs {
-    /// Policy files (default: the seed's policy, built in).
+    /// Policy files to put in force if the cluster's policy differs
+    /// (default: a new cluster starts with the seed's policy, built in; a
+    /// restart keeps the cluster's policy).
     #[arg(long)]
     policy: Vec<PathBuf>,
     #[arg(long, default_value = "relayrate-data")]
@@ -231,7 +236,9 @@ struct NodeArgs {
     /// peers (with TLS, peers are also known by their certificates).
     #[arg(long)]
     cluster_secret_file: Option<PathBuf>,
-    /// Policy files to put in force if the cluster's policy differs.
+    /// Policy files to put in force if the cluster's policy differs
+    /// (at each start: it wins over a policy applied since, loudly).
+    /// Without it the node keeps the cluster's policy.
     #[arg(long)]
     policy: Vec<PathBuf>,
     /// Create a new cluster with this node (empty data dir only).
@@ -289,11 +296,10 @@ fn main() -> ExitCode {
     let threads = cli.threads;
     match cli.command {
         Command::Run(args) => {
+            // Without --policy, the built-in policy starts a new cluster;
+            // a restart keeps the cluster's (one applied since included).
             let policy = if args.policy.is_empty() {
-                vec![PolicyFile {
-                    name: "examples/ze-policy.txt (built in)".into(),
-                    text: DEFAULT_POLICY.into(),
-                }]
+                Vec::new()
             } else {
                 match load_policy(&args.policy) {
                     Some(p) => p.files().to_vec(),
@@ -307,6 +313,10 @@ fn main() -> ExitCode {
             let mut config = NodeConfig::new(args.id, args.listen, args.data_dir, start);
             config.advertise = args.advertise;
             config.policy = policy;
+            config.default_policy = vec![PolicyFile {
+                name: "examples/ze-policy.txt (built in)".into(),
+                text: DEFAULT_POLICY.into(),
+            }];
             if let Err(e) = secure(&mut config, &args.server) {
                 print_err(&format!("relayrate: {}\n", Escaped(e)));
                 return ExitCode::from(EXIT_CONFIG);
@@ -620,14 +630,29 @@ fn serve(
             let task = tokio::spawn(milter::run(listener, config, stopped));
             milter_task = Some((stop, task));
         }
-        loop {
+        let node = handle.node.clone();
+        let raft_stopped = loop {
             tokio::select! {
-                () = stop.recv() => break,
+                () = stop.recv() => break None,
+                why = node.wait_raft_stopped() => break Some(why),
                 Some(()) = hangup.recv() => tokio::select! {
                     () = reload(&handle.node, &serving.policy_paths) => {}
-                    () = stop.recv() => break,
+                    () = stop.recv() => break None,
                 },
             }
+        };
+        if let Some(why) = raft_stopped {
+            // Nothing to hand over or flush: out at once, for the
+            // supervisor to start the node again (it waits for room in
+            // its data dir if the disk is full).
+            if let Some((stop, task)) = milter_task {
+                let _ = stop.send(());
+                task.abort();
+            }
+            gauges.abort();
+            tracing::error!(reason = %why, "exiting: the Raft core stopped");
+            handle.kill().await;
+            return ExitCode::from(EXIT_RAFT_STOPPED);
         }
         let drain = async {
             if let Some((stop, task)) = milter_task {

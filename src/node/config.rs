@@ -67,8 +67,14 @@ pub struct NodeConfig {
     pub advertise: Option<String>,
     pub data_dir: PathBuf,
     /// Policy files (read and validated) to put in force if the
-    /// cluster's differs.
+    /// cluster's differs: the operator's explicit `--policy`, which wins
+    /// over the cluster's at each start (loudly when they differ).
     pub policy: Vec<PolicyFile>,
+    /// Policy files put in force only by the start that creates the
+    /// cluster (bootstrap of an empty data dir) when `policy` is empty:
+    /// a node that resumes or joins keeps the cluster's policy, so that a
+    /// restart never undoes `relayratectl policy apply`.
+    pub default_policy: Vec<PolicyFile>,
     pub start: Start,
     /// How long this node's open-connection leases outlive its silence.
     pub lease_ttl: Duration,
@@ -105,6 +111,7 @@ impl NodeConfig {
             advertise: None,
             data_dir,
             policy: Vec::new(),
+            default_policy: Vec::new(),
             start,
             lease_ttl: Duration::from_millis(DEFAULT_LEASE_TTL_MS),
             raft: RaftTuning::default(),

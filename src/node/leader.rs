@@ -180,8 +180,10 @@ impl std::fmt::Display for ProposalReply {
     }
 }
 
-/// How long a proposal may look for a leader before giving up.
-const PROPOSE_DEADLINE: Duration = Duration::from_secs(10);
+/// How long a proposal may take, looking for a leader and waiting for its
+/// answer, before it fails: a write never waits longer, whatever becomes
+/// of its entry (a leader cut off from its peers commits nothing).
+pub const PROPOSE_DEADLINE: Duration = Duration::from_secs(10);
 /// How long a new member may take to hold the leader's log before it is
 /// refused (silent) or told to ask again (catching up).
 const CATCH_UP: Duration = Duration::from_secs(5);
@@ -247,10 +249,23 @@ impl Node {
             if self.is_removed() {
                 return Err(NodeError::Removed);
             }
-            let reply = match self.leader_addr() {
-                Some((leader, _)) if leader == self.id => self.serve_local(proposal.clone()).await,
-                Some((_, addr)) => forward(self, &addr, &proposal).await,
-                None => ProposalReply::NotLeader,
+            let attempt = async {
+                match self.leader_addr() {
+                    Some((leader, _)) if leader == self.id => {
+                        self.serve_local(proposal.clone()).await
+                    }
+                    Some((_, addr)) => forward(self, &addr, &proposal).await,
+                    None => ProposalReply::NotLeader,
+                }
+            };
+            // An attempt ends by the deadline whatever it waits for (an
+            // entry a cut-off leader cannot commit).
+            let until = tokio::time::Instant::from_std(deadline);
+            let Ok(reply) = tokio::time::timeout_at(until, attempt).await else {
+                return Err(NodeError::NoLeader(format!(
+                    "no answer within {} s",
+                    PROPOSE_DEADLINE.as_secs()
+                )));
             };
             match reply {
                 ProposalReply::NotLeader => {}
@@ -486,7 +501,19 @@ impl Node {
             command,
         };
         let started = Instant::now();
-        let written = self.raft.client_write(request).await;
+        let term = self.raft.metrics().borrow().current_term;
+        // openraft answers an entry when it is applied or truncated, but
+        // never one that a snapshot overtook (installed once this node
+        // follows again): a write ends when this node leaves office, and
+        // is asked again at the new leader (its request ids keep it from
+        // being counted twice).
+        let written = tokio::select! {
+            written = self.raft.client_write(request) => written,
+            left = self.left_office(term) => {
+                crate::metrics::record_raft_write(name, started.elapsed());
+                return left;
+            }
+        };
         crate::metrics::record_raft_write(name, started.elapsed());
         match written {
             Ok(r) => ProposalReply::Response(r.data),
@@ -494,6 +521,25 @@ impl Node {
                 ProposalReply::NotLeader
             }
             Err(e) => ProposalReply::Failed(e.to_string()),
+        }
+    }
+
+    /// Returns once this node no longer leads in `term` (another term, or
+    /// another leader), or its Raft core stopped: what a write waiting at
+    /// this node then answers.
+    async fn left_office(&self, term: u64) -> ProposalReply {
+        let mut metrics = self.raft.metrics();
+        let id = self.id;
+        let stopped = metrics
+            .wait_for(|m| {
+                m.current_term != term || m.current_leader != Some(id) || m.running_state.is_err()
+            })
+            .await
+            .map(|m| m.running_state.as_ref().err().map(|e| e.to_string()));
+        match stopped {
+            Ok(None) => ProposalReply::NotLeader,
+            Ok(Some(fatal)) => ProposalReply::Failed(format!("the Raft core stopped: {fatal}")),
+            Err(_) => ProposalReply::Failed("the Raft core stopped".into()),
         }
     }
 

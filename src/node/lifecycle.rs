@@ -24,7 +24,7 @@ use crate::raft::log_store::LogStore;
 use crate::raft::network::{Network, MAX_MESSAGE_BYTES};
 use crate::raft::peer_auth::PeerAuth;
 use crate::raft::state::policy_hash;
-use crate::raft::state_machine::StateMachine;
+use crate::raft::state_machine::{initial_state, StateMachine};
 use crate::raft::{Command, Node as PeerNode, NodeId, Raft, Response};
 
 /// A started node: its addresses, and how to stop it.
@@ -134,7 +134,6 @@ async fn hand_over_leadership(node: &Node) {
 /// Starts a node and returns once it serves; joining and putting the
 /// policy in force go on in the background.
 pub async fn start(config: NodeConfig) -> Result<NodeHandle, NodeError> {
-    let policy_files = config.policy.clone();
     let auth = PeerAuth::new(
         config.id,
         config.cluster_secret.clone(),
@@ -144,6 +143,7 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, NodeError> {
         path: config.data_dir.clone(),
         source,
     })?;
+    wait_writable(&config.data_dir).await?;
     let db = sled::open(config.data_dir.join("sled")).map_err(|e| NodeError::DataDir {
         path: config.data_dir.clone(),
         source: std::io::Error::other(e),
@@ -180,6 +180,17 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, NodeError> {
     .await
     .map_err(|e| NodeError::Raft(e.to_string()))?;
 
+    let initialized = raft
+        .is_initialized()
+        .await
+        .map_err(|e| NodeError::Raft(e.to_string()))?;
+    // The operator's --policy at every start; the default one only for
+    // a new cluster: a restart keeps the cluster's policy.
+    let policy_files = match (config.policy.is_empty(), &config.start) {
+        (false, _) => config.policy.clone(),
+        (true, Start::Bootstrap) if !initialized => config.default_policy.clone(),
+        (true, _) => Vec::new(),
+    };
     if matches!(config.start, Start::Join(_)) && !auth.accepts_peers() {
         let _ = raft.shutdown().await;
         return Err(NodeError::NoPeerAuth);
@@ -221,7 +232,9 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, NodeError> {
         removed: tokio::sync::watch::Sender::new(removed),
         abandoned: AtomicU64::new(0),
         meta,
-        ready: AtomicBool::new(config.policy.is_empty()),
+        ready: AtomicBool::new(policy_files.is_empty()),
+        stopped: tokio::sync::watch::Sender::new(None),
+        policy_hash: (!config.policy.is_empty()).then(|| policy_hash(&config.policy)),
         lease_ttl: config.lease_ttl,
         peers: Mutex::new(HashMap::new()),
         tls: config.tls.clone(),
@@ -289,11 +302,7 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, NodeError> {
         })
     };
 
-    if !raft
-        .is_initialized()
-        .await
-        .map_err(|e| NodeError::Raft(e.to_string()))?
-    {
+    if !initialized {
         match &config.start {
             Start::Bootstrap => {
                 let members = BTreeMap::from([(config.id, PeerNode::new(advertise.clone()))]);
@@ -339,6 +348,66 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, NodeError> {
         tasks,
         db,
     })
+}
+
+/// Bytes a node must be able to write in its data dir before it opens
+/// its log: room for sled to open and for a few log segments.
+const START_ROOM: usize = 1 << 20;
+
+/// Waits until [`START_ROOM`] bytes can be written (and synced) in the
+/// data dir: a node whose disk is full waits, saying why, instead of
+/// opening a log it cannot write; it starts by itself once there is room.
+/// Other errors (no permission) are returned.
+async fn wait_writable(dir: &std::path::Path) -> Result<(), NodeError> {
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(2));
+    let mut waited = false;
+    loop {
+        match write_probe(dir) {
+            Ok(()) => {
+                crate::metrics::set_data_dir_writable(true);
+                if waited {
+                    tracing::info!(data_dir = %dir.display(), "the data dir is writable again: starting");
+                }
+                return Ok(());
+            }
+            Err(e) if is_full(&e) => {
+                crate::metrics::set_data_dir_writable(false);
+                if !waited {
+                    tracing::error!(
+                        data_dir = %dir.display(),
+                        error = %e,
+                        "cannot write the data dir: waiting for room before starting (not ready)"
+                    );
+                }
+                waited = true;
+                backoff.wait().await;
+            }
+            Err(source) => {
+                return Err(NodeError::DataDir {
+                    path: dir.to_path_buf(),
+                    source,
+                })
+            }
+        }
+    }
+}
+
+fn is_full(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+    )
+}
+
+fn write_probe(dir: &std::path::Path) -> std::io::Result<()> {
+    use std::io::Write;
+    let path = dir.join("write-probe");
+    let written = std::fs::File::create(&path).and_then(|mut f| {
+        f.write_all(&vec![0u8; START_ROOM])?;
+        f.sync_all()
+    });
+    let _ = std::fs::remove_file(&path);
+    written
 }
 
 async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), NodeError> {
@@ -463,7 +532,36 @@ async fn report_health(node: Arc<Node>, health: tonic_health::server::HealthRepo
         .set_service_status("liveness", ServingStatus::Serving)
         .await;
     let mut serving = None;
+    // Rounds the policies have differed (a node that just put its
+    // --policy in force may take a round to apply it).
+    let mut differs = 0u32;
     loop {
+        if node.raft_stopped().is_none() {
+            if let Some(why) = core_stopped(&node).await {
+                tracing::error!(
+                    reason = %why,
+                    "the Raft core stopped: this node is not ready, and its process exits \
+                     (its supervisor starts it again)"
+                );
+                node.stopped.send_replace(Some(why));
+            }
+        }
+        // Loudly, once each time it starts: the operator's --policy will
+        // put its own back at this node's next start.
+        differs = match node.is_ready() && node.policy_differs().is_some() {
+            true => differs.saturating_add(1),
+            false => 0,
+        };
+        if differs == 4 {
+            if let Some((mine, cluster)) = node.policy_differs() {
+                tracing::warn!(
+                    policy_hash = %mine,
+                    cluster_policy_hash = %cluster,
+                    "the cluster's policy is not this node's --policy: a restart of this node \
+                     puts its --policy back in force (change --policy, or start without it)"
+                );
+            }
+        }
         let now = node.is_ready() && {
             let metrics = node.raft.metrics();
             let m = metrics.borrow();
@@ -538,6 +636,20 @@ async fn watch_clock(node: Arc<Node>) {
     }
 }
 
+/// Why the Raft core stopped, if it has: a storage error it reported, or
+/// a core that no longer answers because it ended (a panic). A core busy
+/// for a moment is not stopped.
+async fn core_stopped(node: &Node) -> Option<String> {
+    if let Err(fatal) = &node.raft.metrics().borrow().running_state {
+        return Some(fatal.to_string());
+    }
+    let asked = node.raft.with_raft_state(|_| ());
+    match tokio::time::timeout(Duration::from_secs(1), asked).await {
+        Ok(Err(fatal)) => Some(fatal.to_string()),
+        Ok(Ok(())) | Err(_) => None,
+    }
+}
+
 /// Tells the cluster this node is alive, every third of its lease TTL.
 /// A removed node waits, silent, to be added back.
 async fn heartbeat(node: Arc<Node>) {
@@ -586,8 +698,28 @@ async fn sync_policy(node: Arc<Node>, files: Vec<PolicyFile>) {
             node.wait_member().await;
             backoff.reset();
         }
+        // The cluster's policy before, to say loudly what this one replaces.
+        let before = match node.at_leader(Proposal::Policy).await {
+            Ok(ProposalReply::Policy { hash, .. }) => Some(hash),
+            _ => None,
+        };
         match node.at_leader(Proposal::EnsurePolicy(files.clone())).await {
-            Ok(ProposalReply::Response(Response::Done) | ProposalReply::Unchanged) => {
+            Ok(ProposalReply::Response(Response::Done)) => {
+                let initial = initial_state().policy_hash().to_string();
+                if let Some(cluster) = before.filter(|b| *b != initial && *b != hash) {
+                    tracing::warn!(
+                        policy_hash = %hash,
+                        cluster_policy_hash = %cluster,
+                        "this node's --policy differs from the cluster's policy and replaces it \
+                         (a policy applied since is undone; start without --policy to keep \
+                         the cluster's)"
+                    );
+                }
+                tracing::info!(%hash, "policy in force");
+                node.ready.store(true, Ordering::Relaxed);
+                return;
+            }
+            Ok(ProposalReply::Unchanged) => {
                 tracing::info!(%hash, "policy in force");
                 node.ready.store(true, Ordering::Relaxed);
                 return;

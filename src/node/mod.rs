@@ -127,6 +127,12 @@ pub struct Node {
     /// Set once this node's `--policy` is in force (at once without one):
     /// until then no event is decided, so none is decided with no limits.
     ready: AtomicBool,
+    /// Why this node's Raft core stopped (a storage error, such as a full
+    /// disk, or a panic), once it has: the node is then not ready, and
+    /// its process exits for its supervisor to start it again.
+    stopped: watch::Sender<Option<String>>,
+    /// The hash of this node's `--policy`, if it was given one.
+    policy_hash: Option<String>,
     lease_ttl: Duration,
     /// Channels to the other nodes, by address.
     peers: Mutex<HashMap<String, Channel>>,
@@ -162,9 +168,43 @@ impl std::fmt::Debug for Node {
 }
 
 impl Node {
-    /// Whether the node decides events: its policy is in force.
+    /// Whether the node decides events: its policy is in force, it is a
+    /// member, and its Raft core runs.
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Relaxed) && !self.is_removed()
+        self.ready.load(Ordering::Relaxed) && !self.is_removed() && self.stopped.borrow().is_none()
+    }
+
+    /// Why the Raft core stopped, if it has.
+    pub fn raft_stopped(&self) -> Option<String> {
+        self.stopped.borrow().clone()
+    }
+
+    /// Returns, with the reason, once the Raft core has stopped (never
+    /// while it runs).
+    pub async fn wait_raft_stopped(&self) -> String {
+        let mut stopped = self.stopped.subscribe();
+        let why = match stopped.wait_for(|s| s.is_some()).await {
+            Ok(why) => why.clone(),
+            // The sender lives as long as `self`.
+            Err(_) => None,
+        };
+        match why {
+            Some(why) => why,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Whether this node was given a `--policy` that is not the policy
+    /// in force (an operator applied another since it started).
+    pub fn policy_differs(&self) -> Option<(&str, String)> {
+        let mine = self.policy_hash.as_deref()?;
+        let cluster = self
+            .state
+            .read()
+            .expect("state lock")
+            .policy_hash()
+            .to_string();
+        (mine != cluster).then_some((mine, cluster))
     }
 
     /// Events this node dropped, unanswered, because every caller of
@@ -361,6 +401,14 @@ impl Node {
             .send(pending)
             .await
             .map_err(|_| NodeError::ShuttingDown)?;
-        answer.await.map_err(|_| NodeError::ShuttingDown)?
+        // Whatever becomes of the batch, the caller hears within the
+        // deadline; a batch no caller waits for any more is dropped.
+        match tokio::time::timeout(leader::PROPOSE_DEADLINE, answer).await {
+            Ok(answer) => answer.map_err(|_| NodeError::ShuttingDown)?,
+            Err(_) => Err(NodeError::NoLeader(format!(
+                "not decided within {} s",
+                leader::PROPOSE_DEADLINE.as_secs()
+            ))),
+        }
     }
 }

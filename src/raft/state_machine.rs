@@ -235,7 +235,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             meta: meta.clone(),
             data,
         })
-        .await
+        .await?;
+        tracing::info!(
+            last_log_index = meta.last_log_id.map_or(0, |l| l.index),
+            "snapshot installed from the leader"
+        );
+        Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> StoreResult<Option<Snapshot<TypeConfig>>> {
