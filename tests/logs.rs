@@ -263,7 +263,7 @@ async fn admin_fields_cannot_forge_log_lines() {
         .await;
     eventually("the requests logged", Duration::from_secs(30), || {
         let log = node.log();
-        log.contains("counts reset") && log.contains("admin: add node")
+        log.contains("admin: reset") && log.contains("admin: add node")
     })
     .await;
     let log = node.log();
