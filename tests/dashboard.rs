@@ -207,5 +207,87 @@ async fn the_api_needs_the_admin_token_when_the_node_has_one() {
     assert_eq!(status["ready"], true, "{status}");
     // /metrics is Prometheus's, as before.
     assert_eq!(get(port, "/metrics", "").await.0, 200);
+
+    // In a browser, the page asks for the token and shows no data.
+    let Some(browser) = on_path("chromium") else {
+        skip(
+            "the_api_needs_the_admin_token_when_the_node_has_one",
+            "chromium is not installed (apt-get install chromium)",
+        );
+        return;
+    };
+    let url = format!("http://127.0.0.1:{port}/");
+    let profile = root.path().join("chromium");
+    let (dom, stderr) = chromium(&browser, &profile, &url, &["--dump-dom"]);
+    assert!(
+        dom.contains("<form id=\"login\">"),
+        "the token asked:\n{dom}"
+    );
+    assert!(!dom.contains("leader"), "data without the token:\n{dom}");
+    let console = console_lines(&stderr);
+    assert!(console.is_empty(), "console: {console:#?}");
+}
+
+/// A CA and a certificate for 127.0.0.1 it signed, as PEM files in `dir`:
+/// (certificate, key, CA).
+fn make_certs(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let params =
+        CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    let paths = (
+        dir.join("cert.pem"),
+        dir.join("key.pem"),
+        dir.join("ca.pem"),
+    );
+    std::fs::write(&paths.0, cert.pem()).unwrap();
+    std::fs::write(&paths.1, key.serialize_pem()).unwrap();
+    std::fs::write(&paths.2, ca_cert.pem()).unwrap();
+    paths
+}
+
+/// A node whose gRPC reads need a client certificate does not hand them
+/// out over the plain metrics port to anyone: without an admin token its
+/// API refuses; with one, the token opens it.
+#[tokio::test]
+async fn a_tls_node_serves_its_data_only_with_the_admin_token() {
+    let root = tempfile::tempdir().unwrap();
+    let (cert, key, ca) = make_certs(root.path());
+    let tls: Vec<&OsStr> = vec![
+        "--tls-cert".as_ref(),
+        cert.as_os_str(),
+        "--tls-key".as_ref(),
+        key.as_os_str(),
+        "--tls-client-ca".as_ref(),
+        ca.as_os_str(),
+    ];
+    let policy = "CHECK_CONN_RATE YES\n";
+    let open = Relayrate::run_with(root.path(), "tls", policy, &tls);
+    open.wait_ready().await;
+    for path in ["/api/status", "/api/top", "/api/history", "/api/refusals"] {
+        let (code, body) = get(open.metrics_port, path, "").await;
+        assert_eq!(code, 403, "{path}: {body}");
+        assert!(body.contains("admin token"), "{body}");
+    }
+    assert_eq!(get(open.metrics_port, "/", "").await.0, 200);
+    drop(open);
+
+    let token_file = root.path().join("token");
+    std::fs::write(&token_file, "tls-node-admin-token\n").unwrap();
+    let mut args = tls.clone();
+    args.extend(["--admin-token-file".as_ref(), token_file.as_os_str()]);
+    let guarded = Relayrate::run_with(root.path(), "tls-token", policy, &args);
+    guarded.wait_ready().await;
+    let port = guarded.metrics_port;
+    assert_eq!(get(port, "/api/status", "").await.0, 401);
+    let right = "Authorization: Bearer tls-node-admin-token\r\n";
+    let (code, body) = get(port, "/api/status", right).await;
+    assert_eq!(code, 200, "{body}");
     let _ = Duration::ZERO;
 }
