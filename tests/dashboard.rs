@@ -156,6 +156,9 @@ async fn the_page_shows_a_key_over_its_limit_and_the_latest_refusal() {
     );
     assert!(!dom.contains("<img"), "markup from a client:\n{dom}");
     assert!(dom.contains("MsgRateFrom"), "{dom}");
+    // The cluster and the policy in force.
+    assert!(dom.contains("1 (leader)"), "{dom}");
+    assert!(dom.contains("MsgRateFrom:default 1"), "the policy:\n{dom}");
     let console = console_lines(&stderr);
     assert!(console.is_empty(), "console: {console:#?}");
 
@@ -191,7 +194,13 @@ async fn the_api_needs_the_admin_token_when_the_node_has_one() {
     let (code, page) = get(port, "/", "").await;
     assert_eq!(code, 200);
     assert!(page.contains("dashboard.js"), "{page}");
-    for path in ["/api/status", "/api/top", "/api/history", "/api/refusals"] {
+    for path in [
+        "/api/status",
+        "/api/policy",
+        "/api/top",
+        "/api/history",
+        "/api/refusals",
+    ] {
         assert_eq!(get(port, path, "").await.0, 401, "{path} without a token");
         let wrong = "Authorization: Bearer s3cret-token-of-the-admiN\r\n";
         assert_eq!(get(port, path, wrong).await.0, 401, "{path}, wrong token");
@@ -270,7 +279,13 @@ async fn a_tls_node_serves_its_data_only_with_the_admin_token() {
     let policy = "CHECK_CONN_RATE YES\n";
     let open = Relayrate::run_with(root.path(), "tls", policy, &tls);
     open.wait_ready().await;
-    for path in ["/api/status", "/api/top", "/api/history", "/api/refusals"] {
+    for path in [
+        "/api/status",
+        "/api/policy",
+        "/api/top",
+        "/api/history",
+        "/api/refusals",
+    ] {
         let (code, body) = get(open.metrics_port, path, "").await;
         assert_eq!(code, 403, "{path}: {body}");
         assert!(body.contains("admin token"), "{body}");

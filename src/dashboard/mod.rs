@@ -1,7 +1,7 @@
 //! The live dashboard every node serves on its metrics port: the page at
 //! `/` (HTML, JS and CSS built in: nothing is fetched from elsewhere) and
-//! the JSON it refreshes itself from, `/api/status`, `/api/top`,
-//! `/api/history` and `/api/refusals`. The API reads what `relayratectl`
+//! the JSON it refreshes itself from, `/api/status`, `/api/policy`,
+//! `/api/top`, `/api/history` and `/api/refusals`. The API reads what `relayratectl`
 //! reads, through the node's Admin service called in-process.
 //!
 //! Who may read: with an admin token, the API needs it
@@ -112,6 +112,7 @@ pub fn router(dashboard: Arc<Dashboard>) -> Router {
             get(|| async { asset(STYLE, "text/css; charset=utf-8") }),
         )
         .route("/api/status", get(status))
+        .route("/api/policy", get(policy))
         .route("/api/top", get(top))
         .route("/api/history", get(history_json))
         .route("/api/refusals", get(refusals))
@@ -186,23 +187,6 @@ async fn status(State(d): State<Arc<Dashboard>>, headers: HeaderMap) -> Response
         Ok(s) => s.into_inner(),
         Err(e) => return failed(e),
     };
-    // The policy in force, from the leader; its absence is no failure of
-    // the rest.
-    let policy = match admin
-        .show_policy(Request::new(pb::ShowPolicyRequest {}))
-        .await
-    {
-        Ok(p) => {
-            let p = p.into_inner();
-            let files: Vec<Value> = p
-                .files
-                .iter()
-                .map(|f| json!({ "name": f.name, "text": f.text }))
-                .collect();
-            json!({ "hash": p.hash, "applied_unix_ms": p.applied_unix_ms, "files": files })
-        }
-        Err(e) => json!({ "error": e.message() }),
-    };
     let members: Vec<Value> = s
         .members
         .iter()
@@ -230,8 +214,29 @@ async fn status(State(d): State<Arc<Dashboard>>, headers: HeaderMap) -> Response
         "policy_applied_unix_ms": s.policy_applied_unix_ms,
         "counters": s.counters,
         "leases": s.leases,
-        "policy": policy,
     }))
+}
+
+/// The policy in force, from the leader: its files' text, which the page
+/// fetches when the hash in `/api/status` changes.
+async fn policy(State(d): State<Arc<Dashboard>>, headers: HeaderMap) -> Response {
+    let admin = match d.allow(&headers) {
+        Ok(a) => a,
+        Err((code, why)) => return error(code, why),
+    };
+    let p = match admin
+        .show_policy(Request::new(pb::ShowPolicyRequest {}))
+        .await
+    {
+        Ok(p) => p.into_inner(),
+        Err(e) => return failed(e),
+    };
+    let files: Vec<Value> = p
+        .files
+        .iter()
+        .map(|f| json!({ "name": f.name, "text": f.text }))
+        .collect();
+    data(json!({ "hash": p.hash, "applied_unix_ms": p.applied_unix_ms, "files": files }))
 }
 
 async fn top(State(d): State<Arc<Dashboard>>, headers: HeaderMap) -> Response {

@@ -68,15 +68,23 @@ function showStatus(s) {
     members.appendChild(row([m.id, m.addr, m.voter ? "yes" : "no",
       el("td", m.health, "health-" + m.health), m.matched_index]));
   }
-  const p = s.policy || {};
+}
+
+// The policy's files, fetched again only when its hash changes.
+let policyHash = null;
+
+async function showPolicy(s) {
+  if (s.policy_hash === policyHash) return;
+  const p = await api("api/policy");
+  policyHash = s.policy_hash;
   definitions(document.getElementById("policy"), [
-    ["hash", p.hash || s.policy_hash],
-    ["applied", time(p.applied_unix_ms || s.policy_applied_unix_ms)],
-    ["files", p.files ? p.files.map((f) => f.name).join(", ") : (p.error || "-")],
+    ["hash", p.hash],
+    ["applied", time(p.applied_unix_ms)],
+    ["files", p.files.map((f) => f.name).join(", ")],
   ]);
   const files = document.getElementById("policy-files");
   clear(files);
-  for (const f of p.files || []) {
+  for (const f of p.files) {
     const d = el("details");
     d.appendChild(el("summary", f.name));
     d.appendChild(el("pre", f.text, "policy"));
@@ -192,6 +200,7 @@ async function refresh() {
     ]);
     document.getElementById("login").hidden = true;
     showStatus(status);
+    await showPolicy(status);
     showTop(top);
     showHistory(hist);
     showRefusals(refusals);
