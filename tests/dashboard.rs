@@ -146,6 +146,13 @@ async fn the_page_shows_a_key_over_its_limit_and_the_latest_refusal() {
     let url = format!("http://127.0.0.1:{}/", relay.metrics_port);
     let profile = root.path().join("chromium");
     let (dom, stderr) = chromium(&browser, &profile, &url, &["--dump-dom"]);
+    // The script ran, and every part loaded (a failed part, or an
+    // exception in showing it, is written in #problem).
+    assert!(dom.contains("updated "), "never refreshed:\n{dom}");
+    assert!(
+        dom.contains("<p id=\"problem\" hidden=\"\"></p>"),
+        "a problem shown:\n{dom}"
+    );
     assert!(dom.contains("10.88.0.1"), "the key over its limit:\n{dom}");
     assert!(dom.contains("ConnRate"), "{dom}");
     // The refusal, with the sender as text: escaped in the DOM, and no

@@ -193,26 +193,26 @@ function showRefusals(r) {
   }
 }
 
+// Each part is shown on its own: a leader out of reach leaves this node's
+// own status and history on the page, with the reason above.
 async function refresh() {
-  try {
-    const [status, top, hist, refusals] = await Promise.all([
-      api("api/status"), api("api/top"), api("api/history"), api("api/refusals"),
-    ]);
-    document.getElementById("login").hidden = true;
-    showStatus(status);
-    await showPolicy(status);
-    showTop(top);
-    showHistory(hist);
-    showRefusals(refusals);
-    showProblem("");
+  const parts = [
+    ["api/status", async (s) => { showStatus(s); await showPolicy(s); }],
+    ["api/top", showTop],
+    ["api/history", showHistory],
+    ["api/refusals", showRefusals],
+  ];
+  const results = await Promise.allSettled(parts.map(async ([path, show]) => show(await api(path))));
+  const failures = results.filter((r) => r.status === "rejected").map((r) => r.reason);
+  if (failures.some((e) => e instanceof NeedToken)) {
+    document.getElementById("login").hidden = false;
+    showProblem(token ? "wrong admin token" : "");
+    return;
+  }
+  document.getElementById("login").hidden = true;
+  showProblem(failures.map((e) => String(e.message || e)).join("; "));
+  if (failures.length < parts.length) {
     document.getElementById("updated").textContent = "updated " + new Date().toLocaleTimeString();
-  } catch (e) {
-    if (e instanceof NeedToken) {
-      document.getElementById("login").hidden = false;
-      showProblem(token ? "wrong admin token" : "");
-    } else {
-      showProblem(String(e.message || e));
-    }
   }
 }
 
