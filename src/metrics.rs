@@ -91,6 +91,8 @@ async fn http(listener: TcpListener, handle: PrometheusHandle, dashboard: Option
         tokio::spawn(crate::dashboard::sample_history());
         app = app.merge(crate::dashboard::router(dashboard));
     }
+    // The dashboard's API asks who is calling (loopback or not).
+    let app = app.into_make_service_with_connect_info::<SocketAddr>();
     if let Err(e) = axum::serve(listener, app).await {
         tracing::error!(error = %e, "metrics endpoint failed");
     }

@@ -5,7 +5,8 @@
 //! reads, through the node's Admin service called in-process.
 //!
 //! Who may read: with an admin token, the API needs it
-//! (`Authorization: Bearer TOKEN`; the page asks for it once). A node with
+//! (`Authorization: Bearer TOKEN`; the page asks for it once). Without
+//! one, only this host's own connections (loopback) get data. A node with
 //! TLS guards its reads with client certificates, which this plain-HTTP
 //! port cannot: without an admin token it serves no data (403).
 
@@ -13,7 +14,9 @@ pub mod history;
 
 use std::sync::{Arc, OnceLock};
 
-use axum::extract::State;
+use std::net::SocketAddr;
+
+use axum::extract::{ConnectInfo, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -63,36 +66,47 @@ impl Dashboard {
         let _ = self.admin.set(AdminService::new(node, self.token.clone()));
     }
 
-    /// Whether `headers` may read the API; the refusal otherwise.
-    fn allow(&self, headers: &HeaderMap) -> Result<&AdminService, Denied> {
-        match (&self.token, self.tls) {
-            (None, true) => {
+    /// Whether a request from `peer` with `headers` may read the API;
+    /// the refusal otherwise.
+    fn allow(&self, peer: SocketAddr, headers: &HeaderMap) -> Result<&AdminService, Denied> {
+        self.check(peer, headers)?;
+        self.admin
+            .get()
+            .ok_or((StatusCode::SERVICE_UNAVAILABLE, "the node is starting"))
+    }
+
+    /// Who may read: with a token, whoever gives it; without one, this
+    /// host only (the metrics port is often open to the scrapers, the
+    /// client port's reads are not), and nobody where TLS guards them.
+    fn check(&self, peer: SocketAddr, headers: &HeaderMap) -> Result<(), Denied> {
+        let Some(token) = &self.token else {
+            if self.tls {
                 return Err((
                     StatusCode::FORBIDDEN,
                     "this node uses TLS and has no admin token: the dashboard serves no data \
                      in clear without one (see --admin-token-file)",
-                ))
+                ));
             }
-            (None, false) => {}
-            (Some(token), _) => {
-                let given = headers
-                    .get(header::AUTHORIZATION)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.strip_prefix("Bearer "));
-                match given {
-                    Some(g) if same_secret(g.as_bytes(), token.as_bytes()) => {}
-                    _ => {
-                        return Err((
-                            StatusCode::UNAUTHORIZED,
-                            "this node needs its admin token (Authorization: Bearer TOKEN)",
-                        ))
-                    }
-                }
+            if !peer.ip().to_canonical().is_loopback() {
+                return Err((
+                    StatusCode::FORBIDDEN,
+                    "this node has no admin token: the dashboard serves its data to this \
+                     host only (see --admin-token-file)",
+                ));
             }
+            return Ok(());
+        };
+        let given = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        match given {
+            Some(g) if same_secret(g.as_bytes(), token.as_bytes()) => Ok(()),
+            _ => Err((
+                StatusCode::UNAUTHORIZED,
+                "this node needs its admin token (Authorization: Bearer TOKEN)",
+            )),
         }
-        self.admin
-            .get()
-            .ok_or((StatusCode::SERVICE_UNAVAILABLE, "the node is starting"))
     }
 }
 
@@ -178,8 +192,12 @@ fn failed(status: tonic::Status) -> Response {
     error(StatusCode::BAD_GATEWAY, &message)
 }
 
-async fn status(State(d): State<Arc<Dashboard>>, headers: HeaderMap) -> Response {
-    let admin = match d.allow(&headers) {
+async fn status(
+    State(d): State<Arc<Dashboard>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Response {
+    let admin = match d.allow(peer, &headers) {
         Ok(a) => a,
         Err((code, why)) => return error(code, why),
     };
@@ -219,8 +237,12 @@ async fn status(State(d): State<Arc<Dashboard>>, headers: HeaderMap) -> Response
 
 /// The policy in force, from the leader: its files' text, which the page
 /// fetches when the hash in `/api/status` changes.
-async fn policy(State(d): State<Arc<Dashboard>>, headers: HeaderMap) -> Response {
-    let admin = match d.allow(&headers) {
+async fn policy(
+    State(d): State<Arc<Dashboard>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Response {
+    let admin = match d.allow(peer, &headers) {
         Ok(a) => a,
         Err((code, why)) => return error(code, why),
     };
@@ -239,8 +261,12 @@ async fn policy(State(d): State<Arc<Dashboard>>, headers: HeaderMap) -> Response
     data(json!({ "hash": p.hash, "applied_unix_ms": p.applied_unix_ms, "files": files }))
 }
 
-async fn top(State(d): State<Arc<Dashboard>>, headers: HeaderMap) -> Response {
-    let admin = match d.allow(&headers) {
+async fn top(
+    State(d): State<Arc<Dashboard>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Response {
+    let admin = match d.allow(peer, &headers) {
         Ok(a) => a,
         Err((code, why)) => return error(code, why),
     };
@@ -273,8 +299,12 @@ async fn top(State(d): State<Arc<Dashboard>>, headers: HeaderMap) -> Response {
     data(json!({ "keys": keys }))
 }
 
-async fn history_json(State(d): State<Arc<Dashboard>>, headers: HeaderMap) -> Response {
-    if let Err((code, why)) = d.allow(&headers) {
+async fn history_json(
+    State(d): State<Arc<Dashboard>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err((code, why)) = d.allow(peer, &headers) {
         return error(code, why);
     }
     let mut samples = history::samples();
@@ -287,9 +317,71 @@ async fn history_json(State(d): State<Arc<Dashboard>>, headers: HeaderMap) -> Re
     }))
 }
 
-async fn refusals(State(d): State<Arc<Dashboard>>, headers: HeaderMap) -> Response {
-    if let Err((code, why)) = d.allow(&headers) {
+async fn refusals(
+    State(d): State<Arc<Dashboard>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err((code, why)) = d.allow(peer, &headers) {
         return error(code, why);
     }
     data(json!({ "refusals": history::latest_refusals() }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn from(ip: &str) -> SocketAddr {
+        SocketAddr::new(ip.parse().unwrap(), 40000)
+    }
+
+    fn bearer(token: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_str(&format!("Bearer {token}")).unwrap(),
+        );
+        h
+    }
+
+    fn code(r: Result<(), Denied>) -> Option<StatusCode> {
+        r.err().map(|(c, _)| c)
+    }
+
+    #[test]
+    fn without_a_token_only_this_host_reads() {
+        let d = Dashboard::new(None, false);
+        let none = HeaderMap::new();
+        assert_eq!(code(d.check(from("127.0.0.1"), &none)), None);
+        assert_eq!(code(d.check(from("::1"), &none)), None);
+        assert_eq!(code(d.check(from("::ffff:127.0.0.1"), &none)), None);
+        for outside in ["10.1.2.3", "192.0.2.7", "2001:db8::1", "::ffff:10.1.2.3"] {
+            assert_eq!(
+                code(d.check(from(outside), &none)),
+                Some(StatusCode::FORBIDDEN),
+                "{outside}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_token_opens_the_api_to_whoever_gives_it() {
+        let d = Dashboard::new(Some("tok-en".into()), true);
+        for peer in ["127.0.0.1", "10.1.2.3"] {
+            let p = from(peer);
+            assert_eq!(code(d.check(p, &bearer("tok-en"))), None, "{peer}");
+            let wrong = code(d.check(p, &bearer("tok-eN")));
+            assert_eq!(wrong, Some(StatusCode::UNAUTHORIZED));
+            let none = code(d.check(p, &HeaderMap::new()));
+            assert_eq!(none, Some(StatusCode::UNAUTHORIZED));
+        }
+    }
+
+    #[test]
+    fn tls_without_a_token_serves_nobody() {
+        let d = Dashboard::new(None, true);
+        let denied = code(d.check(from("127.0.0.1"), &HeaderMap::new()));
+        assert_eq!(denied, Some(StatusCode::FORBIDDEN));
+    }
 }
