@@ -32,6 +32,7 @@ pub mod bounds;
 pub mod check;
 pub mod clock;
 pub mod convert;
+pub mod dashboard;
 pub mod engine;
 pub mod inspect;
 pub mod limiter_client;

@@ -1,7 +1,8 @@
 //! Prometheus metrics. The code records through the `metrics` facade
 //! (a no-op until a recorder is installed, as in tests that run nodes in
 //! process); [`serve`] installs the Prometheus recorder and answers
-//! `GET /metrics` on its own port.
+//! `GET /metrics` on its own port, and a node's live dashboard beside it
+//! ([`crate::dashboard`]).
 //!
 //! What is measured, and where:
 //! - `relayrate_decisions_total{event,verdict,check}`: the Limiter service;
@@ -36,6 +37,7 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
 
 use crate::check::Check;
+use crate::dashboard::Dashboard;
 use crate::engine::{Event, Verdict};
 use crate::node::Node;
 
@@ -47,8 +49,12 @@ const LATENCY_BUCKETS: [f64; 12] = [
 const BATCH_BUCKETS: [f64; 10] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 256.0, 1024.0, 2048.0];
 
 /// Installs the Prometheus recorder for this process and serves it on
-/// `listen` until the process ends; returns the bound address.
-pub async fn serve(listen: SocketAddr) -> std::io::Result<SocketAddr> {
+/// `listen` until the process ends, with the live dashboard at `/` when
+/// given one; returns the bound address.
+pub async fn serve(
+    listen: SocketAddr,
+    dashboard: Option<Arc<Dashboard>>,
+) -> std::io::Result<SocketAddr> {
     let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &LATENCY_BUCKETS)
         .and_then(|b| {
@@ -70,17 +76,23 @@ pub async fn serve(listen: SocketAddr) -> std::io::Result<SocketAddr> {
     zero_known_series();
     let listener = TcpListener::bind(listen).await?;
     let addr = listener.local_addr()?;
-    tokio::spawn(http(listener, handle));
+    tokio::spawn(http(listener, handle, dashboard));
     Ok(addr)
 }
 
-async fn http(listener: TcpListener, handle: PrometheusHandle) {
+async fn http(listener: TcpListener, handle: PrometheusHandle, dashboard: Option<Arc<Dashboard>>) {
     use axum::routing::get;
     let render = move || {
         let handle = handle.clone();
         async move { handle.render() }
     };
-    let app = axum::Router::new().route("/metrics", get(render));
+    let mut app = axum::Router::new().route("/metrics", get(render));
+    if let Some(dashboard) = dashboard {
+        tokio::spawn(crate::dashboard::sample_history());
+        app = app.merge(crate::dashboard::router(dashboard));
+    }
+    // The dashboard's API asks who is calling (loopback or not).
+    let app = app.into_make_service_with_connect_info::<SocketAddr>();
     if let Err(e) = axum::serve(listener, app).await {
         tracing::error!(error = %e, "metrics endpoint failed");
     }
@@ -277,6 +289,8 @@ pub fn event_name(e: &Event) -> &'static str {
 /// Counts a Decide call's events by verdict, and its latency.
 pub fn record_decisions(kinds: &[&'static str], verdicts: &[Verdict], elapsed: Duration) {
     histogram!("relayrate_decision_seconds").record(elapsed.as_secs_f64());
+    let refused = verdicts.iter().filter(|v| v.refusal().is_some()).count() as u64;
+    crate::dashboard::history::count_decisions(verdicts.len() as u64 - refused, refused);
     for (kind, verdict) in kinds.iter().zip(verdicts) {
         let (verdict, check) = match verdict.refusal() {
             None => ("allow", "none"),

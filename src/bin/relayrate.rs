@@ -3,10 +3,12 @@
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use relayrate::check::Check;
+use relayrate::dashboard::Dashboard;
 use relayrate::milter::{self, FailMode, ListenAddr, MilterConfig, MilterListener};
 use relayrate::node::{self, NodeConfig, NodeHandle, Start};
 use relayrate::policy::report::{explain, explain_check, summary};
@@ -540,14 +542,19 @@ struct Serving {
     threads: Option<u16>,
 }
 
-/// Starts the metrics endpoint, if asked; false if it cannot listen.
-async fn start_metrics(listen: Option<SocketAddr>) -> bool {
+/// Starts the metrics endpoint, if asked, with a node's dashboard; false
+/// if it cannot listen.
+async fn start_metrics(listen: Option<SocketAddr>, dashboard: Option<Arc<Dashboard>>) -> bool {
     let Some(listen) = listen else {
         return true;
     };
-    match relayrate::metrics::serve(listen).await {
+    let with_dashboard = dashboard.is_some();
+    match relayrate::metrics::serve(listen, dashboard).await {
         Ok(addr) => {
             print_out(&format!("relayrate metrics on http://{addr}/metrics\n"));
+            if with_dashboard {
+                print_out(&format!("relayrate dashboard on http://{addr}/\n"));
+            }
             true
         }
         Err(e) => {
@@ -588,7 +595,8 @@ fn serve(
                 return ExitCode::FAILURE;
             }
         };
-        if !start_metrics(serving.metrics).await {
+        let dashboard = Dashboard::new(config.admin_token.clone(), config.tls.is_some());
+        if !start_metrics(serving.metrics, Some(dashboard.clone())).await {
             return ExitCode::from(EXIT_CONFIG);
         }
         let started = tokio::select! {
@@ -609,6 +617,7 @@ fn serve(
             "relayrate node {} listening on {} (peers on {})\n",
             handle.node.id, handle.addr, handle.peer_addr
         ));
+        dashboard.attach(handle.node.clone());
         let gauges = tokio::spawn(relayrate::metrics::watch_node(
             handle.node.clone(),
             Duration::from_secs(1),
@@ -723,7 +732,7 @@ fn serve_milter(
                 return ExitCode::FAILURE;
             }
         };
-        if !start_metrics(metrics).await {
+        if !start_metrics(metrics, None).await {
             return ExitCode::from(EXIT_CONFIG);
         }
         let listener = match MilterListener::bind(&listen).await {

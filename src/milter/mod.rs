@@ -558,16 +558,32 @@ fn log_refusal(
 ) {
     crate::metrics::record_milter_refusal(r.check, stage, dry_run);
     let client = s.client.ip.map_or("-".to_string(), |ip| ip.to_string());
+    let counted = if r.check.measure() == crate::check::Measure::PerConnection {
+        "-"
+    } else {
+        counted.unwrap_or("-")
+    };
+    crate::dashboard::history::record_refusal(crate::dashboard::history::RefusalEvent {
+        unix_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64),
+        client: client.clone(),
+        host: s.client.host.as_deref().unwrap_or("-").to_string(),
+        check: r.check.name(),
+        counted: counted.to_string(),
+        count: r.count,
+        limit: r.limit,
+        stage,
+        sender: s.client.sender.as_deref().unwrap_or("-").to_string(),
+        auth: s.client.auth.as_deref().unwrap_or("-").to_string(),
+        dry_run,
+    });
     tracing::warn!(
         target: "relayrate::refusal",
         client = %client,
         host = s.client.host.as_deref().unwrap_or("-"),
         check = r.check.name(),
-        counted = if r.check.measure() == crate::check::Measure::PerConnection {
-            "-"
-        } else {
-            counted.unwrap_or("-")
-        },
+        counted,
         count = r.count,
         limit = r.limit,
         stage,

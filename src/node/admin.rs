@@ -81,7 +81,7 @@ impl AdminService {
 }
 
 /// Compares secrets in time independent of where they differ.
-pub(super) fn same_secret(a: &[u8], b: &[u8]) -> bool {
+pub fn same_secret(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 

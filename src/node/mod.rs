@@ -30,6 +30,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, oneshot, watch};
 use tonic::transport::Channel;
 
+pub use admin::{same_secret, AdminService};
 pub use config::{default_peer_listen, NodeConfig, RaftTuning, Start, PEER_PORT_OFFSET};
 pub use leader::{Forwarded, Proposal, ProposalReply};
 pub use lifecycle::{start, NodeHandle};

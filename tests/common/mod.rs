@@ -4,6 +4,7 @@
 //! its source address (127.0.0.11, 127.0.0.12, ...).
 #![allow(dead_code)]
 
+use std::ffi::OsStr;
 use std::net::{SocketAddr, TcpListener as StdListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -412,6 +413,11 @@ pub struct Relayrate {
 
 impl Relayrate {
     pub fn run(root: &Path, name: &str, policy: &str) -> Relayrate {
+        Relayrate::run_with(root, name, policy, &[])
+    }
+
+    /// [`Relayrate::run`] with more arguments.
+    pub fn run_with(root: &Path, name: &str, policy: &str, args: &[&OsStr]) -> Relayrate {
         let dir = root.join(format!("relayrate-{name}"));
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("policy.txt"), policy).unwrap();
@@ -429,7 +435,8 @@ impl Relayrate {
             .arg("--data-dir")
             .arg(dir.join("data"))
             .arg("--policy")
-            .arg(dir.join("policy.txt"));
+            .arg(dir.join("policy.txt"))
+            .args(args);
         let child = spawn_logged(&mut cmd, &dir, relayrate::logs::DEFAULT_FILTER);
         Relayrate {
             node,
