@@ -1,0 +1,206 @@
+//! `relayrate replay` and `relayrate suggest` over mail logs: a real
+//! Postfix's log replayed gives the refusals the milter gave live; the
+//! hand-written logs cover sendmail, gzip, the year rollover of classic
+//! stamps and lines that cannot be read; suggest's policy is valid and
+//! keeps its promise when replayed.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use common::{eventually, postfix_available, temp_root, Postfix, Relayrate, Sink, Smtp};
+
+fn relayrate(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_relayrate"))
+        .args(args)
+        .output()
+        .expect("relayrate runs");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/replay")
+        .join(name)
+}
+
+/// `replay --json` of `logs` under `policy`: the whole report.
+fn replay_json(policy: &Path, logs: &[&Path], extra: &[&str]) -> serde_json::Value {
+    let mut args = vec![
+        "replay",
+        "--json",
+        "--policy",
+        policy.to_str().unwrap(),
+        "--maillog",
+    ];
+    args.extend(logs.iter().map(|p| p.to_str().unwrap()));
+    args.extend(extra);
+    let (ok, out, err) = relayrate(&args);
+    assert!(ok, "replay failed: {err}");
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
+}
+
+/// Refusals by check and kind, from a replay report:
+/// {"MsgRate": (connections, messages, recipients)}.
+fn totals(report: &serde_json::Value) -> BTreeMap<String, (u64, u64, u64)> {
+    report["totals"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(c, t)| {
+            let n = |k: &str| t[k].as_u64().unwrap();
+            (
+                c.clone(),
+                (n("connections"), n("messages"), n("recipients")),
+            )
+        })
+        .collect()
+}
+
+/// The policy of the live test, its replay fixture's too.
+const LIVE_POLICY: &str = "\
+CHECK_CONN_RATE YES
+CHECK_NB_RCPT YES
+CHECK_MSG_RATE YES
+CHECK_NB_MSGS YES
+CHECK_RCPT_RATE YES
+ConnRate:127.0.0.21 6
+MsgRate:127.0.0.21 4
+MaxRcpt:default 3
+MaxMsgs:default 2
+RcptRate:127.0.0.22 5
+MsgRateFrom:busy@a.test 3
+";
+
+/// What the milter refused live, by check, read from its log lines
+/// (`check=MsgRate ... stage=mail`): connect stage as connections, mail
+/// as messages, rcpt as recipients.
+fn live_refusals(log: &str) -> BTreeMap<String, (u64, u64, u64)> {
+    let mut out: BTreeMap<String, (u64, u64, u64)> = BTreeMap::new();
+    for line in log.lines().filter(|l| l.contains("relayrate::refusal")) {
+        let field = |k: &str| {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(k))
+                .unwrap_or_default()
+                .trim_matches('"')
+                .to_string()
+        };
+        let e = out.entry(field("check=")).or_default();
+        match field("stage=").as_str() {
+            "connect" => e.0 += 1,
+            "mail" => e.1 += 1,
+            "rcpt" => e.2 += 1,
+            other => panic!("stage {other}: {line}"),
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_of_a_real_postfix_log_gives_the_live_refusals() {
+    if !postfix_available("replay_of_a_real_postfix_log_gives_the_live_refusals") {
+        return;
+    }
+    let root = temp_root();
+    let sink = Sink::start(root.path());
+    let rr = Relayrate::run(root.path(), "live", LIVE_POLICY);
+    rr.wait_ready().await;
+    let pf = Postfix::start(root.path(), "relay-r", &rr.milter(), sink.port);
+    pf.wait_ready().await;
+    let queued = |pf: &Postfix| pf.maillog().matches("(queue active)").count();
+    let mut accepted = queued(&pf);
+    // Each message accepted is waited for in qmgr's log, so the log holds
+    // the messages in the order they were sent.
+    macro_rules! send {
+        ($c:expr, $from:expr, $rcpts:expr) => {{
+            let (mail, rcpts, end) = $c.send($from, $rcpts, "s").await;
+            if end.starts_with("250") {
+                accepted += 1;
+                eventually("qmgr logs the message", Duration::from_secs(20), || {
+                    queued(&pf) >= accepted
+                })
+                .await;
+            }
+            (mail, rcpts, end)
+        }};
+    }
+    // A (127.0.0.21): 8 connections of one message each: MsgRate 4 refuses
+    // messages 5 and 6, ConnRate 6 refuses connections 7 and 8.
+    for _ in 0..8 {
+        let mut c = Smtp::connect("127.0.0.21", pf.port).await.unwrap();
+        if c.banner.starts_with("220") {
+            c.ehlo().await;
+            send!(c, "web@a.test", &["r1@x.test"]);
+            let _ = c.quit().await;
+        }
+    }
+    // B (127.0.0.22): MaxRcpt 3 refuses the 4th recipient, MaxMsgs 2 the
+    // third MAIL; RcptRate 5 refuses the 6th, 7th and 8th recipients it counts.
+    for _ in 0..2 {
+        let mut c = Smtp::connect("127.0.0.22", pf.port).await.unwrap();
+        c.ehlo().await;
+        send!(
+            c,
+            "b@b.test",
+            &["r1@x.test", "r2@x.test", "r3@x.test", "r4@x.test"]
+        );
+        send!(c, "b@b.test", &["r5@x.test"]);
+        send!(c, "b@b.test", &["r6@x.test"]);
+        let _ = c.quit().await;
+    }
+    // C (127.0.0.23): MsgRateFrom 3 refuses busy@a.test's 4th and 5th.
+    let mut c = Smtp::connect("127.0.0.23", pf.port).await.unwrap();
+    c.ehlo().await;
+    for _ in 0..2 {
+        for _ in 0..2 {
+            send!(c, "busy@a.test", &["r1@x.test"]);
+        }
+        let _ = c.cmd("RSET").await;
+        // MaxMsgs 2: a new connection for the next two.
+        let _ = c.quit().await;
+        c = Smtp::connect("127.0.0.23", pf.port).await.unwrap();
+        c.ehlo().await;
+    }
+    send!(c, "busy@a.test", &["r1@x.test"]);
+    let _ = c.quit().await;
+    eventually("every disconnect logged", Duration::from_secs(20), || {
+        pf.maillog().matches(" disconnect from ").count() >= 13
+    })
+    .await;
+    let live = live_refusals(&rr.log());
+    let expected: BTreeMap<String, (u64, u64, u64)> = [
+        ("ConnRate", (2, 0, 0)),
+        ("MaxMsgs", (0, 2, 0)),
+        ("MaxRcpt", (0, 0, 2)),
+        ("MsgRate", (0, 2, 0)),
+        ("MsgRateFrom", (0, 2, 0)),
+        ("RcptRate", (0, 0, 3)),
+    ]
+    .into_iter()
+    .map(|(c, t)| (c.to_string(), t))
+    .collect();
+    assert_eq!(live, expected, "live milter log:\n{}", rr.log());
+
+    let log = root.path().join("maillog");
+    std::fs::write(&log, pf.maillog()).unwrap();
+    if std::env::var_os("RELAYRATE_SAVE_FIXTURE").is_some() {
+        std::fs::write(fixture("postfix-live.maillog"), pf.maillog()).unwrap();
+    }
+    let policy = root.path().join("policy.txt");
+    std::fs::write(&policy, LIVE_POLICY).unwrap();
+    let report = replay_json(&policy, &[&log], &[]);
+    assert_eq!(report["malformed"], 0, "{report}");
+    assert_eq!(
+        totals(&report),
+        live,
+        "replay:\n{report}\nmaillog:\n{}",
+        pf.maillog()
+    );
+}
