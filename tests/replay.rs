@@ -204,3 +204,155 @@ async fn replay_of_a_real_postfix_log_gives_the_live_refusals() {
         pf.maillog()
     );
 }
+
+fn expected(entries: &[(&str, (u64, u64, u64))]) -> BTreeMap<String, (u64, u64, u64)> {
+    entries.iter().map(|(c, t)| (c.to_string(), *t)).collect()
+}
+
+fn write_policy(root: &Path, text: &str) -> PathBuf {
+    let path = root.join("policy.txt");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn the_kept_postfix_log_replays_to_the_live_refusals() {
+    let root = temp_root();
+    let policy = write_policy(root.path(), LIVE_POLICY);
+    let report = replay_json(
+        &policy,
+        &[&fixture("postfix-live.maillog")],
+        &["--year", "2026"],
+    );
+    assert_eq!(report["malformed"], 0, "{report}");
+    assert_eq!(
+        totals(&report),
+        expected(&[
+            ("ConnRate", (2, 0, 0)),
+            ("MaxMsgs", (0, 2, 0)),
+            ("MaxRcpt", (0, 0, 2)),
+            ("MsgRate", (0, 2, 0)),
+            ("MsgRateFrom", (0, 2, 0)),
+            ("RcptRate", (0, 0, 3)),
+        ])
+    );
+    // Per key: the sender's refusals are the sender's, with first, last
+    // and the queue wait of the retry model (300 s, the first retry).
+    let keys = report["keys"].as_array().unwrap();
+    let busy = keys
+        .iter()
+        .find(|k| k["kind"] == "sender" && k["key"] == "busy@a.test")
+        .unwrap_or_else(|| panic!("{report}"));
+    let c = &busy["checks"]["MsgRateFrom"];
+    assert_eq!(
+        (c["messages"].as_u64(), c["waits"].as_u64()),
+        (Some(2), Some(2))
+    );
+    assert!(c["first"].as_u64() <= c["last"].as_u64());
+    assert!(c["wait_max"].as_u64().unwrap() >= 300, "{c}");
+}
+
+#[test]
+fn sendmail_lines_are_one_connection_per_message() {
+    let root = temp_root();
+    // MsgRate 2 refuses web1's third message; MaxRcpt 3 the 4th recipient
+    // of the IPv6 client (sendmail's `IPv6:` form); ConnRate 2 counts each
+    // message as a connection. The local submission (no relay address) is
+    // no client; dovecot's line is skipped.
+    let policy = write_policy(
+        root.path(),
+        "CHECK_MSG_RATE YES\nCHECK_NB_RCPT YES\nCHECK_CONN_RATE YES\nMsgRate:default 2\nMaxRcpt:default 3\nConnRate:default 2\n",
+    );
+    let report = replay_json(
+        &policy,
+        &[&fixture("sendmail.maillog")],
+        &["--year", "2026"],
+    );
+    assert_eq!(
+        totals(&report),
+        expected(&[("ConnRate", (1, 1, 0)), ("MaxRcpt", (0, 0, 1))])
+    );
+    assert_eq!(report["skipped"], 1, "{report}");
+    assert_eq!(report["malformed"], 0, "{report}");
+}
+
+#[test]
+fn the_year_moves_on_at_new_year() {
+    let root = temp_root();
+    // Three connections in 15 s across midnight: ConnRate 2 refuses the
+    // third only if January 1st follows December 31st.
+    let policy = write_policy(root.path(), "CHECK_CONN_RATE YES\nConnRate:default 2\n");
+    let report = replay_json(
+        &policy,
+        &[&fixture("rollover.maillog")],
+        &["--year", "2025"],
+    );
+    assert_eq!(totals(&report), expected(&[("ConnRate", (1, 0, 0))]));
+    // 2025-12-31T23:59:50Z and 2026-01-01T00:00:05Z.
+    assert_eq!(report["first"], 1_767_225_590u64);
+    assert_eq!(report["last"], 1_767_225_605u64);
+}
+
+#[test]
+fn a_gzipped_log_is_read_as_it_is() {
+    use std::io::Write;
+    let root = temp_root();
+    let policy = write_policy(root.path(), "CHECK_CONN_RATE YES\nConnRate:default 2\n");
+    let gz = root.path().join("mail.log.2.gz");
+    let mut enc = flate2::write::GzEncoder::new(
+        std::fs::File::create(&gz).unwrap(),
+        flate2::Compression::default(),
+    );
+    enc.write_all(&std::fs::read(fixture("rollover.maillog")).unwrap())
+        .unwrap();
+    enc.finish().unwrap();
+    let plain = replay_json(
+        &policy,
+        &[&fixture("rollover.maillog")],
+        &["--year", "2025"],
+    );
+    let zipped = replay_json(&policy, &[&gz], &["--year", "2025"]);
+    assert_eq!(zipped["lines"], 6);
+    assert_eq!(totals(&zipped), totals(&plain));
+    assert_eq!(zipped["keys"], plain["keys"]);
+}
+
+#[test]
+fn lines_that_cannot_be_read_are_reported_with_file_and_line() {
+    let root = temp_root();
+    let policy = write_policy(root.path(), "CHECK_CONN_RATE YES\nConnRate:default 2\n");
+    let log = fixture("malformed.maillog");
+    let (ok, out, err) = relayrate(&[
+        "replay",
+        "--policy",
+        policy.to_str().unwrap(),
+        "--maillog",
+        log.to_str().unwrap(),
+        "--year",
+        "2026",
+    ]);
+    assert!(ok, "{err}");
+    let at = |n: u32| format!("{}:{n}: ", log.display());
+    for n in [2, 3, 6, 7] {
+        assert!(err.contains(&at(n)), "line {n} not reported:\n{err}");
+    }
+    for n in [1, 4, 5, 8] {
+        assert!(!err.contains(&at(n)), "line {n} reported:\n{err}");
+    }
+    assert!(out.contains("8 lines (2 skipped, 4 not readable)"), "{out}");
+}
+
+#[test]
+fn a_log_that_cannot_be_opened_is_an_error() {
+    let root = temp_root();
+    let policy = write_policy(root.path(), "CHECK_CONN_RATE YES\n");
+    let (ok, _, err) = relayrate(&[
+        "replay",
+        "--policy",
+        policy.to_str().unwrap(),
+        "--maillog",
+        "/nonexistent/mail.log",
+    ]);
+    assert!(!ok);
+    assert!(err.contains("cannot read the mail logs"), "{err}");
+}

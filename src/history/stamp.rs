@@ -27,9 +27,7 @@ impl YearGuess {
         if self.last_month != 0 && month + 6 <= self.last_month {
             self.year += 1;
         }
-        if self.last_month == 0 || month + 6 > self.last_month {
-            self.last_month = month;
-        }
+        self.last_month = month;
         self.year
     }
 }
@@ -188,6 +186,7 @@ mod tests {
         // A line slightly out of order keeps the year.
         assert_eq!(t(&mut y, "Dec 31 23:59:58 h p: x"), "2025-12-31T23:59:58Z");
         assert_eq!(t(&mut y, "Jan  1 00:00:01 h p: x"), "2026-01-01T00:00:01Z");
+        assert_eq!(t(&mut y, "Jan  1 00:00:02 h p: x"), "2026-01-01T00:00:02Z");
         assert_eq!(t(&mut y, "Dec 31 23:59:59 h p: x"), "2026-12-31T23:59:59Z");
         assert_eq!(t(&mut y, "Jan  1 00:00:00 h p: x"), "2027-01-01T00:00:00Z");
     }
