@@ -356,3 +356,61 @@ fn a_log_that_cannot_be_opened_is_an_error() {
     assert!(!ok);
     assert!(err.contains("cannot read the mail logs"), "{err}");
 }
+
+#[test]
+fn suggest_writes_a_valid_policy_that_keeps_its_delay_share() {
+    let root = temp_root();
+    // Three days of 40 clients, a few much busier than the rest.
+    let log = root.path().join("mail.log");
+    let mut file = std::io::BufWriter::new(std::fs::File::create(&log).unwrap());
+    relayrate::history::synth::write_log(&mut file, 120_000, 1_795_824_000, 40, 7).unwrap();
+    drop(file);
+    let share = 0.05;
+    let (ok, policy_text, err) = relayrate(&[
+        "suggest",
+        "--maillog",
+        log.to_str().unwrap(),
+        "--year",
+        "2026",
+        "--delay-share",
+        &share.to_string(),
+    ]);
+    assert!(ok, "{err}");
+    // Every check has a default, and entries carry their figures.
+    for check in relayrate::check::Check::ALL {
+        assert!(
+            policy_text.contains(&format!("\n{check}:default ")),
+            "{check}:\n{policy_text}"
+        );
+    }
+    assert!(policy_text.contains("# peak "), "{policy_text}");
+    let policy = write_policy(root.path(), &policy_text);
+    let (ok, out, err) = relayrate(&["policy", "check", policy.to_str().unwrap()]);
+    assert!(ok, "policy check: {out}{err}\n{policy_text}");
+
+    let report = replay_json(&policy, &[&log], &["--year", "2026"]);
+    let keys = report["keys"].as_array().unwrap();
+    let mut delayed_any = false;
+    for k in keys {
+        let (windows, delayed) = (
+            k["windows"].as_u64().unwrap(),
+            k["delayed_windows"].as_u64().unwrap(),
+        );
+        assert!(
+            delayed as f64 <= share * windows as f64,
+            "{} {}: {delayed} of {windows} windows delayed\n{policy_text}",
+            k["kind"],
+            k["key"]
+        );
+        delayed_any |= delayed > 0;
+    }
+    // Not the peaks: traffic is delayed from time to time.
+    assert!(delayed_any, "nothing delayed:\n{policy_text}");
+}
+
+#[test]
+fn suggest_refuses_a_share_out_of_range() {
+    let (ok, _, err) = relayrate(&["suggest", "--maillog", "x", "--delay-share", "2"]);
+    assert!(!ok);
+    assert!(err.contains("a share from 0 to 1"), "{err}");
+}

@@ -17,6 +17,7 @@ pub mod sendmail;
 pub mod sessions;
 pub mod stamp;
 pub mod suggest;
+pub mod synth;
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
