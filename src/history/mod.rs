@@ -121,7 +121,21 @@ pub struct ReadOptions {
 pub fn read_logs(
     paths: &[PathBuf],
     options: &ReadOptions,
+    sink: impl FnMut(&LogEvent),
+) -> std::io::Result<ReadStats> {
+    read_logs_with_progress(paths, options, sink, |_, _| {})
+}
+
+/// Lines between two calls of a progress callback.
+pub const PROGRESS_EVERY: u64 = 1 << 18;
+
+/// As [`read_logs`], calling `progress` with the file and the lines read
+/// so far (all files) every [`PROGRESS_EVERY`] lines.
+pub fn read_logs_with_progress(
+    paths: &[PathBuf],
+    options: &ReadOptions,
     mut sink: impl FnMut(&LogEvent),
+    mut progress: impl FnMut(&Path, u64),
 ) -> std::io::Result<ReadStats> {
     let mut stats = ReadStats::default();
     let mut sessions = sessions::Sessions::default();
@@ -132,6 +146,9 @@ pub fn read_logs(
         while let Some((line, cut)) = lines.next_line()? {
             number += 1;
             stats.lines += 1;
+            if stats.lines % PROGRESS_EVERY == 0 {
+                progress(path, stats.lines);
+            }
             let years = years
                 .get_or_insert_with(|| stamp::YearGuess::new(first_year(path, &line, options)));
             let Some((time, rest)) = stamp::parse(&line, years) else {

@@ -9,7 +9,30 @@ use std::sync::Arc;
 use relayrate::history::replay::{KeyReport, Replay, RETRY_MODEL};
 use relayrate::history::stamp::time_text;
 use relayrate::history::suggest::Suggest;
-use relayrate::history::{read_logs, ReadOptions, ReadStats};
+use relayrate::history::{read_logs_with_progress, ReadOptions, ReadStats};
+
+/// Reads the logs, with a progress line on stderr when it is a terminal.
+fn read(
+    logs: &[PathBuf],
+    year: Option<i32>,
+    sink: impl FnMut(&relayrate::history::LogEvent),
+) -> std::io::Result<ReadStats> {
+    use std::io::IsTerminal;
+    let terminal = std::io::stderr().is_terminal();
+    let result = read_logs_with_progress(logs, &ReadOptions { year }, sink, |path, lines| {
+        if terminal {
+            print_err(&format!(
+                "\r{} lines read, now {}",
+                lines,
+                Escaped(path.display())
+            ));
+        }
+    });
+    if terminal {
+        print_err("\r\x1b[K");
+    }
+    result
+}
 use relayrate::terminal::{escape_json, print_err, print_out, Escaped};
 
 /// Says on stderr what could not be read; `false` if the logs could not
@@ -40,7 +63,7 @@ pub fn replay(policy: &[PathBuf], logs: &[PathBuf], year: Option<i32>, json: boo
         return ExitCode::from(super::EXIT_CONFIG);
     };
     let mut replay = Replay::new(Arc::new(policy));
-    let read = read_logs(logs, &ReadOptions { year }, |e| replay.apply(e));
+    let read = read(logs, year, |e| replay.apply(e));
     if !report_read(&read) {
         return ExitCode::FAILURE;
     }
@@ -167,7 +190,7 @@ pub fn replay(policy: &[PathBuf], logs: &[PathBuf], year: Option<i32>, json: boo
 
 pub fn suggest(logs: &[PathBuf], year: Option<i32>, share: f64) -> ExitCode {
     let mut suggest = Suggest::new();
-    let read = read_logs(logs, &ReadOptions { year }, |e| suggest.apply(e));
+    let read = read(logs, year, |e| suggest.apply(e));
     if !report_read(&read) {
         return ExitCode::FAILURE;
     }
