@@ -300,3 +300,72 @@ fn flush(
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(lines: &[&str]) -> Vec<LogEvent> {
+        let mut s = Sessions::default();
+        let mut out = Vec::new();
+        for (i, l) in lines.iter().enumerate() {
+            assert_eq!(
+                s.line(i as Time, l, &mut |e| out.push(e.clone())),
+                Outcome::Read,
+                "{l}"
+            );
+        }
+        out
+    }
+
+    #[test]
+    fn recipients_refused_before_a_queue_file_are_a_message() {
+        let ev = run(&[
+            "mx postfix/smtpd[5]: connect from h[192.0.2.1]",
+            "mx postfix/smtpd[5]: NOQUEUE: milter-reject: RCPT from h[192.0.2.1]: 451 4.3.2 x; from=<a@b.test> to=<c@d.test> proto=ESMTP helo=<h>",
+            "mx postfix/smtpd[5]: NOQUEUE: milter-reject: RCPT from h[192.0.2.1]: 451 4.3.2 x; from=<a@b.test> to=<e@d.test> proto=ESMTP helo=<h>",
+            "mx postfix/smtpd[5]: disconnect from h[192.0.2.1] ehlo=1 mail=1 rcpt=0/2 quit=1",
+        ]);
+        let mails: Vec<_> = ev
+            .iter()
+            .filter_map(|e| match e {
+                LogEvent::Mail { rcpts, sender, .. } => Some((sender.as_str(), *rcpts)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(mails, [("a@b.test", 2)]);
+        assert!(matches!(ev.last(), Some(LogEvent::Close { .. })));
+    }
+
+    #[test]
+    fn a_queued_message_counts_its_refused_recipients() {
+        let ev = run(&[
+            "mx postfix/smtpd[5]: connect from h[192.0.2.1]",
+            "mx postfix/smtpd[5]: 4ZQ1: client=h[192.0.2.1], sasl_method=PLAIN, sasl_username=joe",
+            "mx postfix/smtpd[5]: 4ZQ1: milter-reject: RCPT from h[192.0.2.1]: 451 4.3.2 x; from=<a@b.test> to=<c@d.test> proto=ESMTP helo=<h>",
+            "mx postfix/qmgr[7]: 4ZQ1: from=<a@b.test>, size=3, nrcpt=2 (queue active)",
+            // qmgr again after a deferral: not the client's.
+            "mx postfix/qmgr[7]: 4ZQ1: from=<a@b.test>, size=3, nrcpt=2 (queue active)",
+        ]);
+        let mails: Vec<_> = ev
+            .iter()
+            .filter_map(|e| match e {
+                LogEvent::Mail { rcpts, auth, .. } => Some((auth.clone(), *rcpts)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(mails, [(Some("joe".to_string()), 3)]);
+    }
+
+    #[test]
+    fn sessions_held_stay_within_their_bound() {
+        let mut s = Sessions::default();
+        let n = MAX_SESSIONS as u32 + 1000;
+        for pid in 0..n {
+            let line = format!("mx postfix/smtpd[{pid}]: connect from h[192.0.2.1]");
+            s.line(Time::from(pid), &line, &mut |_| {});
+        }
+        assert!(s.by_pid.len() <= MAX_SESSIONS);
+        assert!(s.evicted > 0);
+    }
+}
