@@ -158,10 +158,14 @@ pub fn replay(policy: &[PathBuf], logs: &[PathBuf], year: Option<i32>, json: boo
     );
     for (kind, key, r) in &keys {
         for (check, c) in &r.checks {
-            let avg = c.wait_total.checked_div(c.waits).unwrap_or(0);
+            // Waits are of delayed messages; a refused connection that
+            // carried none has no wait to show.
+            let wait = |secs: Option<u64>| secs.map_or("-".to_string(), |s| format!("{s}s"));
+            let max = wait((c.waits > 0).then_some(c.wait_max));
+            let avg = wait(c.wait_total.checked_div(c.waits));
             let _ = writeln!(
                 out,
-                "{:<7} {:<32} {:<13} {:>5} {:>5} {:>5} {:<20} {:<20} {:>7}s {:>7}s {:>4}/{}",
+                "{:<7} {:<32} {:<13} {:>5} {:>5} {:>5} {:<20} {:<20} {:>8} {:>8} {:>4}/{}",
                 kind,
                 Escaped(key).to_string(),
                 check,
@@ -170,7 +174,7 @@ pub fn replay(policy: &[PathBuf], logs: &[PathBuf], year: Option<i32>, json: boo
                 c.recipients,
                 time_text(c.first),
                 time_text(c.last),
-                c.wait_max,
+                max,
                 avg,
                 r.delayed_windows,
                 r.windows,
