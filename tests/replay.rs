@@ -414,3 +414,18 @@ fn suggest_refuses_a_share_out_of_range() {
     assert!(!ok);
     assert!(err.contains("a share from 0 to 1"), "{err}");
 }
+
+#[test]
+fn rfc3339_stamps_are_read_with_their_offset() {
+    let root = temp_root();
+    // Two addresses of one /64 are one client: ConnRate 1 refuses the
+    // second connection, one second after the first (11:00 at +01:00).
+    let policy = write_policy(root.path(), "CHECK_CONN_RATE YES\nConnRate:default 1\n");
+    let report = replay_json(&policy, &[&fixture("rfc3339.maillog")], &[]);
+    assert_eq!(totals(&report), expected(&[("ConnRate", (1, 0, 0))]));
+    // 2026-11-30T10:00:00Z.
+    assert_eq!(report["first"], 1_796_032_800u64);
+    assert_eq!(report["last"], 1_796_032_801u64);
+    let keys = report["keys"].as_array().unwrap();
+    assert_eq!(keys[0]["key"], "2001:db8:1:2::/64", "{report}");
+}

@@ -157,6 +157,12 @@ impl Replay {
         }
     }
 
+    /// How a client key (a counted address) is shown: an IPv6 client's
+    /// network as `ADDRESS/N`.
+    pub fn client_text(&self, counted: IpAddr) -> String {
+        self.policy.counted_text(counted)
+    }
+
     fn tracked(&self) -> usize {
         self.clients.len() + self.senders.len() + self.auths.len()
     }

@@ -73,7 +73,7 @@ pub fn replay(policy: &[PathBuf], logs: &[PathBuf], year: Option<i32>, json: boo
         replay
             .clients
             .iter()
-            .map(|(ip, r)| ("client", ip.to_string(), r)),
+            .map(|(ip, r)| ("client", replay.client_text(*ip), r)),
     );
     keys.extend(
         replay
