@@ -11,6 +11,8 @@
 //!   stamps, so that no leader's wall clock can end a window early.
 //! - [`engine`]: the limiter state; applies the events of SMTP sessions at
 //!   a given time and returns verdicts. Pure: no I/O, no clock.
+//! - [`history`]: mail logs read back into sessions, replayed through the
+//!   engine (`relayrate replay`) or counted to choose limits (`suggest`).
 //! - [`inspect`]: who is near a limit, every count of one key (for the
 //!   admin service).
 //! - [`limiter_client`]: a node client that sends concurrent callers' events
@@ -34,6 +36,7 @@ pub mod clock;
 pub mod convert;
 pub mod dashboard;
 pub mod engine;
+pub mod history;
 pub mod inspect;
 pub mod limiter_client;
 pub mod logs;

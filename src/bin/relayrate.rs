@@ -7,6 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+
+#[path = "relayrate/history_cli.rs"]
+mod history_cli;
 use relayrate::check::Check;
 use relayrate::dashboard::Dashboard;
 use relayrate::milter::{self, FailMode, ListenAddr, MilterConfig, MilterListener};
@@ -105,6 +108,49 @@ enum Command {
     Milter(MilterArgs),
     /// Load generator for the Limiter service.
     Bench(relayrate::bench::BenchArgs),
+    /// Replay mail logs through a policy: what it would have refused.
+    Replay(ReplayArgs),
+    /// Print a ze-policy.txt with limits chosen from mail logs.
+    Suggest(SuggestArgs),
+}
+
+#[derive(Args)]
+struct LogArgs {
+    /// Mail logs (Postfix or sendmail; plain or gzipped), oldest first.
+    #[arg(long = "maillog", required = true, num_args = 1..)]
+    maillog: Vec<PathBuf>,
+    /// The year of the first classic (year-less) time stamp of each log
+    /// [default: the year of the file's last change].
+    #[arg(long, value_parser = clap::value_parser!(i32).range(1970..=9999))]
+    year: Option<i32>,
+}
+
+#[derive(Args)]
+struct ReplayArgs {
+    /// The policy to replay.
+    #[arg(long, required = true, num_args = 1..)]
+    policy: Vec<PathBuf>,
+    #[command(flatten)]
+    logs: LogArgs,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct SuggestArgs {
+    #[command(flatten)]
+    logs: LogArgs,
+    /// The share of each key's windows that may see a refusal (0 to 1).
+    #[arg(long, default_value_t = 0.01, value_parser = parse_share)]
+    delay_share: f64,
+}
+
+fn parse_share(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(p) if (0.0..=1.0).contains(&p) => Ok(p),
+        _ => Err("a share from 0 to 1, such as 0.01".to_string()),
+    }
 }
 
 #[derive(Args)]
@@ -413,6 +459,12 @@ fn main() -> ExitCode {
             serve(config, args.milter.config(), serving)
         }
         Command::Bench(args) => block_on(threads.or(Some(1)), relayrate::bench::run(args)),
+        Command::Replay(args) => {
+            history_cli::replay(&args.policy, &args.logs.maillog, args.logs.year, args.json)
+        }
+        Command::Suggest(args) => {
+            history_cli::suggest(&args.logs.maillog, args.logs.year, args.delay_share)
+        }
         Command::Policy(PolicyCommand::Check { files }) => {
             let Some(policy) = load_policy(&files) else {
                 return ExitCode::FAILURE;

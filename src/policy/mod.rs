@@ -2,7 +2,7 @@
 //! and the answer to "which limit applies to this client for this check"
 //! (`docs/policy.md` §3).
 
-mod address;
+pub mod address;
 mod encoding;
 pub mod names;
 mod parse;
