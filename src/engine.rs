@@ -483,15 +483,36 @@ impl Engine {
         self.unusual
     }
 
-    /// Whether a windowed counter is unusual now.
-    pub fn is_unusual(&self, id: &CounterId) -> bool {
-        self.counters.get(id).is_some_and(|c| c.unusual)
+    /// Whether a windowed counter is unusual at `now`: flagged, and
+    /// counting in this bucket or the one before (a flag is cleared at the
+    /// first event of a later bucket; one seen before then is not shown).
+    pub fn is_unusual(&self, id: &CounterId, now: Time) -> bool {
+        let bucket = self.window.bucket_of(now);
+        self.counters
+            .get(id)
+            .is_some_and(|c| c.unusual && c.window.newest() + 1 >= bucket)
     }
 
     /// The usual count per bucket of a (check, key) at `now`, if it has
     /// a history.
     pub fn usual(&self, id: &CounterId, now: Time) -> Option<f32> {
         self.baselines.get(id).and_then(|b| b.usual(now))
+    }
+
+    /// Events of a windowed counter in the bucket of `now`.
+    pub fn bucket_count(&self, id: &CounterId, now: Time) -> u64 {
+        let bucket = self.window.bucket_of(now);
+        self.counters
+            .get(id)
+            .map_or(0, |c| u64::from(c.window.bucket_count(bucket)))
+    }
+
+    /// The windowed counter a check counts `client` by, if it has a key.
+    pub fn counted_id(&self, check: Check, client: &Client) -> Option<CounterId> {
+        counter_key(&self.policy, check, client).map(|key| CounterId {
+            check,
+            key: key.to_owned(),
+        })
     }
 
     /// How many baselines are kept.
@@ -986,7 +1007,7 @@ mod tests {
             check: Check::ConnRate,
             key: CounterKey::Ip("10.0.0.6".parse().unwrap()),
         };
-        assert!(r.is_unusual(&id));
+        assert!(r.is_unusual(&id, 1100 * 30 + 29));
         assert_eq!(r.usual(&id, 1100 * 30), e.usual(&id, 1100 * 30));
     }
 }

@@ -184,6 +184,11 @@ impl Window {
         self.counts[self.slot(bucket)]
     }
 
+    /// The newest bucket the ring has reached.
+    pub fn newest(&self) -> u64 {
+        self.newest
+    }
+
     /// The events in the newest bucket the ring has reached.
     pub fn newest_count(&self) -> u32 {
         self.counts[self.slot(self.newest)]
