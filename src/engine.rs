@@ -588,10 +588,16 @@ impl Engine {
                         check,
                         key: lookup.key.to_owned(),
                     };
-                    let usual = self.baselines.get(&id).and_then(|b| b.usual(now));
+                    let config = self.policy.unusual();
+                    let trip = match self.baselines.get(&id) {
+                        Some(b) => config.trip(b.usual(now)),
+                        // No room to learn it: not judged.
+                        None if self.baselines.len() >= config.keys as usize => u32::MAX,
+                        None => config.trip(None),
+                    };
                     let c = Counter {
                         window: Window::new(window),
-                        trip: self.policy.unusual().trip(usual),
+                        trip,
                         unusual: false,
                     };
                     self.counters.entry(id).or_insert(c)
@@ -802,38 +808,87 @@ impl Engine {
             !idle
         });
         self.swept = bucket;
-        if self.baselines.len() > config.keys as usize {
+        if self.baselines.len() >= config.keys as usize {
             self.forget_least_recent(config.keys as usize);
         }
     }
 
     /// Learns the buckets from the last sweep's to the one before `bucket`
-    /// of every live counter; sets trips and flags for `now`.
+    /// of every live counter; sets trips and flags for `now`. Counters new
+    /// to the baselines are taken in key order while there is room, so
+    /// that every node keeps the same ones whatever its maps' order.
     fn learn(&mut self, config: UnusualConfig, bucket: u64, now: Time) {
         let size = u64::from(self.window.bucket_secs());
         // Every counter made since the last sweep was made in its bucket.
         let from = self
             .swept
             .max(bucket.saturating_sub(u64::from(self.window.buckets())));
-        let last = bucket - 1;
+        let buckets = (from..bucket, size);
+        let mut new = Vec::new();
         for (id, c) in &mut self.counters {
-            let b = match self.baselines.get_mut(id) {
-                Some(b) => b,
-                None => self.baselines.entry(id.clone()).or_default(),
+            let Some(b) = self.baselines.get_mut(id) else {
+                new.push(id.clone());
+                continue;
             };
-            for k in from..bucket {
-                b.learn(k, k * size, c.window.bucket_count(k), c.unusual);
-            }
-            c.trip = config.trip(b.usual(now));
-            if c.unusual && c.window.bucket_count(last) < config.trip(b.usual(last * size)) {
-                c.unusual = false;
-                self.unusual[id.check.index()] -= 1;
+            let n = &mut self.unusual[id.check.index()];
+            Self::learn_one(config, b, c, n, buckets.clone(), now);
+        }
+        if new.is_empty() {
+            return;
+        }
+        let room = (config.keys as usize).saturating_sub(self.baselines.len());
+        if new.len() > room {
+            new.sort_unstable_by(|a, b| {
+                a.check
+                    .cmp(&b.check)
+                    .then_with(|| key_order(&a.key, &b.key))
+            });
+        }
+        for (i, id) in new.into_iter().enumerate() {
+            let Some(c) = self.counters.get_mut(&id) else {
+                continue;
+            };
+            let n = &mut self.unusual[id.check.index()];
+            if i < room {
+                let b = self.baselines.entry(id).or_default();
+                Self::learn_one(config, b, c, n, buckets.clone(), now);
+            } else {
+                // Full: not judged until the least recent baselines make
+                // room (a tenth of them at each bucket start when full).
+                c.trip = u32::MAX;
+                if c.unusual {
+                    c.unusual = false;
+                    *n -= 1;
+                }
             }
         }
     }
 
+    /// Learns `buckets` (of `size` seconds) of one counter into its
+    /// baseline, sets its trip for `now`, and clears its flag if the last
+    /// bucket was not unusual.
+    fn learn_one(
+        config: UnusualConfig,
+        b: &mut Baseline,
+        c: &mut Counter,
+        unusual: &mut u64,
+        (buckets, size): (std::ops::Range<u64>, u64),
+        now: Time,
+    ) {
+        let last = buckets.end - 1;
+        for k in buckets {
+            b.learn(k, k * size, c.window.bucket_count(k), c.unusual);
+        }
+        c.trip = config.trip(b.usual(now));
+        if c.unusual && c.window.bucket_count(last) < config.trip(b.usual(last * size)) {
+            c.unusual = false;
+            *unusual -= 1;
+        }
+    }
+
     /// Keeps the `keep * 9 / 10` baselines learned most recently (ties in
-    /// key order, so that every node keeps the same).
+    /// key order, so that every node keeps the same): idle keys' go first,
+    /// as live ones are learned every bucket.
     fn forget_least_recent(&mut self, keep: usize) {
         let keep = keep - keep / 10;
         let mut all: Vec<(u64, &CounterId)> = self
@@ -992,6 +1047,26 @@ mod tests {
             key: CounterKey::Ip("10.1.0.29".parse().unwrap()),
         };
         assert!(e.baselines.contains_key(&newest));
+    }
+
+    #[test]
+    fn a_key_with_no_room_for_a_baseline_is_not_judged() {
+        let mut e = engine("UnusualKeys 2\n");
+        for ip in ["10.2.0.3", "10.2.0.1", "10.2.0.2"] {
+            drive(&mut e, ip, 100..101, |_| 4);
+        }
+        // The sweep at bucket 101 has room for two: the first in key order.
+        drive(&mut e, "10.2.0.1", 101..102, |_| 4);
+        let has = |e: &Engine, ip: &str| {
+            let id = CounterId {
+                check: Check::ConnRate,
+                key: CounterKey::Ip(ip.parse().unwrap()),
+            };
+            e.baselines.contains_key(&id)
+        };
+        assert!(has(&e, "10.2.0.1") && has(&e, "10.2.0.2") && !has(&e, "10.2.0.3"));
+        // Sending far above the floor, 10.2.0.3 is not flagged as new.
+        assert!(drive(&mut e, "10.2.0.3", 101..102, |_| 30).is_empty());
     }
 
     #[test]
