@@ -2,8 +2,9 @@
 //! its counts per bucket, one pair per hour of the day (UTC), and when a
 //! count is unusual against it. Pure: hours and counts in, numbers out.
 //!
-//! A baseline costs 200 bytes (24 × two `f32`, a mask of the hours
-//! learned, the last bucket learned), plus its key in the engine's map.
+//! A baseline is 200 bytes (24 × two `f32`, a mask of the hours learned,
+//! the last bucket learned); with its key and the engine's hash table,
+//! 316 to 551 bytes (`BENCHMARKS.md`).
 
 use serde::{Deserialize, Serialize};
 
@@ -23,9 +24,10 @@ const ALPHA_UNUSUAL: f32 = ALPHA / 16.0;
 pub const DEFAULT_FACTOR: u32 = 4;
 /// `UnusualFloor` when the policy does not set it.
 pub const DEFAULT_FLOOR: u32 = 10;
-/// `UnusualKeys` when the policy does not set it: about 50 MB of baselines.
+/// `UnusualKeys` when the policy does not set it: about 65 to 110 MB of
+/// baselines (316 to 551 bytes each with its key, `BENCHMARKS.md`).
 pub const DEFAULT_KEYS: u32 = 200_000;
-/// The largest `UnusualKeys`: about 2.5 GB.
+/// The largest `UnusualKeys`: about 3 to 5.5 GB.
 pub const MAX_KEYS: u32 = 10_000_000;
 /// The largest `UnusualFactor` and `UnusualFloor`.
 pub const MAX_FACTOR: u32 = 1_000;
