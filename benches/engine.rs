@@ -412,6 +412,49 @@ fn hot_path(c: &mut Criterion) {
     bench_run(c, "session_mix_100k_keys", || {
         Run::new(allowing.clone(), sessions(&ips), true).warm(WARM)
     });
+
+    // The same four with baselines off (`UnusualFactor 0`): no learning at
+    // bucket starts, no flag to trip.
+    let off = policy(&format!("{POLICY}UnusualFactor 0\n"));
+    bench_run(c, "message_100k_keys_baselines_off", || {
+        Run::new(off.clone(), messages(&ips), true).warm(WARM)
+    });
+    bench_run(c, "rcpt_100k_keys_baselines_off", || {
+        Run::new(off.clone(), rcpts(&ips), true).warm(WARM)
+    });
+    bench_run(c, "connect_close_100k_keys_baselines_off", || {
+        Run::new(off.clone(), connect_close(&ips), true).warm(WARM)
+    });
+    bench_run(c, "session_mix_100k_keys_baselines_off", || {
+        Run::new(off.clone(), sessions(&ips), true).warm(WARM)
+    });
+}
+
+/// Fills a fresh engine with `events` at one instant, then, counting, one
+/// event a bucket later, whose sweep learns a baseline for every counter:
+/// prints the live heap bytes per baseline, and per million keys.
+fn measure_baselines(label: &str, policy: &Arc<Policy>, events: &[Event]) {
+    let mut engine = Engine::new(policy.clone());
+    for e in events {
+        black_box(engine.apply(e, START));
+    }
+    for n in [&ASKED, &HELD, &BLOCKS] {
+        n.store(0, Ordering::SeqCst);
+    }
+    COUNTING.store(true, Ordering::SeqCst);
+    black_box(engine.apply(&events[0], START + 30));
+    COUNTING.store(false, Ordering::SeqCst);
+    let [asked, held] = [&ASKED, &HELD].map(|n| n.load(Ordering::SeqCst));
+    let n = engine.baselines_len().max(1) as f64;
+    println!(
+        "memory: {:.0} bytes per baseline over {} baselines [{label}]: {:.0} B asked \
+         of the allocator; {:.0} MB per million keys",
+        held as f64 / n,
+        engine.baselines_len(),
+        asked as f64 / n,
+        held as f64 / n,
+    );
+    drop(black_box(engine));
 }
 
 /// Fills a fresh engine with `events` at one instant and prints the live
@@ -489,6 +532,17 @@ fn memory(_: &mut Criterion) {
         "sender keys, 1 check, 114,689 keys: table just grown",
         &allowing,
         &messages(&sender_clients(worst, false)),
+    );
+    measure_baselines("IP keys, 1 check (MsgRate)", &allowing, &messages(&ips));
+    measure_baselines(
+        "sender keys, 1 check (MsgRateFrom), senders of 23-29 bytes",
+        &allowing,
+        &messages(&senders),
+    );
+    measure_baselines(
+        "IP keys, 1 check, 114,689 keys: table just grown",
+        &allowing,
+        &messages(&many_ips),
     );
 }
 

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use hashbrown::{Equivalent, HashMap};
 use serde::{Deserialize, Serialize};
 
+use crate::baseline::{Baseline, UnusualConfig};
 use crate::check::{Check, Measure, Reply};
 use crate::policy::{Client, Policy};
 use crate::window::{Window, WindowConfig};
@@ -240,14 +241,49 @@ pub struct EngineState {
     pub counters: Vec<(CounterId, Window)>,
     pub leases: Vec<(ConnId, IpAddr)>,
     pub swept: u64,
+    /// What is usual for each key, and the counters unusual now.
+    pub baselines: Vec<(CounterId, Baseline)>,
+    pub unusual: Vec<CounterId>,
 }
+
+/// A windowed counter and where it stands against its baseline.
+#[derive(Clone, Debug)]
+struct Counter {
+    window: Window,
+    /// The count in one bucket at which the key becomes unusual, for the
+    /// current bucket (`u32::MAX`: never).
+    trip: u32,
+    unusual: bool,
+}
+
+/// A key that became unusual: its count in the window and in the bucket
+/// that tripped, and its usual count per bucket (`None`: no history).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Flag {
+    pub check: Check,
+    pub key: CounterKey,
+    pub count: u64,
+    pub bucket_count: u64,
+    pub usual: Option<f32>,
+    pub limit: Option<u64>,
+}
+
+/// Flags kept until the caller takes them; more are counted, not kept.
+const MAX_PENDING_FLAGS: usize = 1024;
 
 /// The limiter state.
 #[derive(Clone, Debug)]
 pub struct Engine {
     policy: Arc<Policy>,
     window: WindowConfig,
-    counters: HashMap<CounterId, Window>,
+    counters: HashMap<CounterId, Counter>,
+    /// What is usual per (check, key), kept after a counter goes idle; at
+    /// most `UnusualKeys` of them after each sweep.
+    baselines: HashMap<CounterId, Baseline>,
+    /// Counters unusual now, by check.
+    unusual: [u64; Check::ALL.len()],
+    /// Keys that became unusual, for the caller to log.
+    flags: Vec<Flag>,
     /// Open connections and the address each counts against.
     leases: HashMap<ConnId, IpAddr>,
     /// Open connections per address; an address with none has no entry.
@@ -272,6 +308,9 @@ impl Engine {
             open: HashMap::new(),
             swept: 0,
             near_limit: [0; Check::ALL.len()],
+            baselines: HashMap::new(),
+            unusual: [0; Check::ALL.len()],
+            flags: Vec::new(),
         }
     }
 
@@ -287,16 +326,35 @@ impl Engine {
     pub fn set_policy(&mut self, policy: Arc<Policy>) {
         let (from, to) = (self.window, policy.window());
         if from != to {
-            for w in self.counters.values_mut() {
-                *w = w.rebucket(from, to);
+            for c in self.counters.values_mut() {
+                c.window = c.window.rebucket(from, to);
             }
+            // Usual counts are per bucket: a bigger bucket holds more.
+            let ratio = to.bucket_secs() as f32 / from.bucket_secs() as f32;
+            self.baselines.values_mut().for_each(|b| b.rescale(ratio));
+            self.swept = self.swept * u64::from(from.bucket_secs()) / u64::from(to.bucket_secs());
         }
         if policy.ipv6_prefix() != self.policy.ipv6_prefix() {
-            self.counters
-                .retain(|id, _| !matches!(id.key, CounterKey::Ip(IpAddr::V6(_))));
+            let v4 = |id: &CounterId| !matches!(id.key, CounterKey::Ip(IpAddr::V6(_)));
+            self.counters.retain(|id, _| v4(id));
+            self.baselines.retain(|id, _| v4(id));
         }
         self.window = to;
         self.policy = policy;
+        self.retrip();
+    }
+
+    /// Sets every counter's trip for the bucket last swept, and recounts
+    /// the unusual ones (after a policy change or a restore).
+    fn retrip(&mut self) {
+        let config = self.policy.unusual();
+        let at = self.swept * u64::from(self.window.bucket_secs());
+        self.unusual = [0; Check::ALL.len()];
+        for (id, c) in &mut self.counters {
+            c.trip = config.trip(self.baselines.get(id).and_then(|b| b.usual(at)));
+            c.unusual &= config.is_on();
+            self.unusual[id.check.index()] += u64::from(c.unusual);
+        }
     }
 
     /// Applies one event at `now` and returns its verdict.
@@ -373,22 +431,99 @@ impl Engine {
             counters: self
                 .counters
                 .iter()
-                .map(|(id, w)| (id.clone(), w.clone()))
+                .map(|(id, c)| (id.clone(), c.window.clone()))
                 .collect(),
             leases: self.leases.iter().map(|(c, ip)| (*c, *ip)).collect(),
             swept: self.swept,
+            baselines: self
+                .baselines
+                .iter()
+                .map(|(id, b)| (id.clone(), b.clone()))
+                .collect(),
+            unusual: self
+                .counters
+                .iter()
+                .filter(|(_, c)| c.unusual)
+                .map(|(id, _)| id.clone())
+                .collect(),
         }
     }
 
     /// An engine with a snapshot's state, deciding with `policy`.
     pub fn from_state(policy: Arc<Policy>, state: EngineState) -> Engine {
         let mut engine = Engine::new(policy);
-        engine.counters = state.counters.into_iter().collect();
+        engine.counters = state
+            .counters
+            .into_iter()
+            .map(|(id, window)| {
+                let c = Counter {
+                    window,
+                    trip: u32::MAX,
+                    unusual: false,
+                };
+                (id, c)
+            })
+            .collect();
         for (conn, ip) in state.leases {
             engine.acquire(conn, ip);
         }
         engine.swept = state.swept;
+        engine.baselines = state.baselines.into_iter().collect();
+        for id in state.unusual {
+            if let Some(c) = engine.counters.get_mut(&id) {
+                c.unusual = true;
+            }
+        }
+        engine.retrip();
         engine
+    }
+
+    /// Counters unusual now, per check (in [`Check::ALL`] order).
+    pub fn unusual_counts(&self) -> [u64; Check::ALL.len()] {
+        self.unusual
+    }
+
+    /// Whether a windowed counter is unusual at `now`: flagged, and
+    /// counting in this bucket or the one before (a flag is cleared at the
+    /// first event of a later bucket; one seen before then is not shown).
+    pub fn is_unusual(&self, id: &CounterId, now: Time) -> bool {
+        let bucket = self.window.bucket_of(now);
+        self.counters
+            .get(id)
+            .is_some_and(|c| c.unusual && c.window.newest() + 1 >= bucket)
+    }
+
+    /// The usual count per bucket of a (check, key) at `now`, if it has
+    /// a history.
+    pub fn usual(&self, id: &CounterId, now: Time) -> Option<f32> {
+        self.baselines.get(id).and_then(|b| b.usual(now))
+    }
+
+    /// Events of a windowed counter in the bucket of `now`.
+    pub fn bucket_count(&self, id: &CounterId, now: Time) -> u64 {
+        let bucket = self.window.bucket_of(now);
+        self.counters
+            .get(id)
+            .map_or(0, |c| u64::from(c.window.bucket_count(bucket)))
+    }
+
+    /// The windowed counter a check counts `client` by, if it has a key.
+    pub fn counted_id(&self, check: Check, client: &Client) -> Option<CounterId> {
+        counter_key(&self.policy, check, client).map(|key| CounterId {
+            check,
+            key: key.to_owned(),
+        })
+    }
+
+    /// How many baselines are kept.
+    pub fn baselines_len(&self) -> usize {
+        self.baselines.len()
+    }
+
+    /// The keys that became unusual since the last call, oldest first
+    /// (at most 1024; the others are only counted in the gauge).
+    pub fn take_flags(&mut self) -> Vec<Flag> {
+        std::mem::take(&mut self.flags)
     }
 
     pub fn lease_ids(&self) -> impl Iterator<Item = &ConnId> {
@@ -400,7 +535,7 @@ impl Engine {
         match check.measure() {
             Measure::Window => counter_key(&self.policy, check, client)
                 .and_then(|key| self.counters.get(&CounterIdRef { check, key }))
-                .map_or(0, |w| u64::from(w.count(self.window, now))),
+                .map_or(0, |c| u64::from(c.window.count(self.window, now))),
             Measure::Open => client
                 .ip
                 .map_or(0, |ip| self.open_count(self.policy.counted_address(ip))),
@@ -446,26 +581,66 @@ impl Engine {
             };
             let window = self.window;
             let lookup = CounterIdRef { check, key };
-            let count = match self.counters.get_mut(&lookup) {
-                Some(w) => w.add(window, now, 1),
+            let c = match self.counters.get_mut(&lookup) {
+                Some(c) => c,
                 None => {
-                    let mut w = Window::new(window);
-                    let count = w.add(window, now, 1);
-                    self.counters.insert(
-                        CounterId {
-                            check,
-                            key: lookup.key.to_owned(),
-                        },
-                        w,
-                    );
-                    count
+                    let id = CounterId {
+                        check,
+                        key: lookup.key.to_owned(),
+                    };
+                    let config = self.policy.unusual();
+                    let trip = match self.baselines.get(&id) {
+                        Some(b) => config.trip(b.usual(now)),
+                        // No room to learn it: not judged.
+                        None if self.baselines.len() >= config.keys as usize => u32::MAX,
+                        None => config.trip(None),
+                    };
+                    let c = Counter {
+                        window: Window::new(window),
+                        trip,
+                        unusual: false,
+                    };
+                    self.counters.entry(id).or_insert(c)
                 }
             };
+            let count = c.window.add(window, now, 1);
+            // One comparison per event; the trip is set at bucket starts.
+            let newly_unusual = !c.unusual && c.window.newest_count() >= c.trip;
+            if newly_unusual {
+                c.unusual = true;
+                let bucket_count = u64::from(c.window.newest_count());
+                self.became_unusual(check, &lookup.key, client, count, bucket_count, now);
+            }
             if let Some(limit) = self.policy.limit(check, client) {
                 if crosses_near_limit(u64::from(count), limit) {
                     self.near_limit[check.index()] += 1;
                 }
             }
+        }
+    }
+
+    fn became_unusual(
+        &mut self,
+        check: Check,
+        key: &CounterKeyRef<'_>,
+        client: &Client,
+        count: u32,
+        bucket_count: u64,
+        now: Time,
+    ) {
+        self.unusual[check.index()] += 1;
+        if self.flags.len() < MAX_PENDING_FLAGS {
+            let key = key.to_owned();
+            let id = CounterId { check, key };
+            let usual = self.usual(&id, now);
+            self.flags.push(Flag {
+                check,
+                key: id.key,
+                count: u64::from(count),
+                bucket_count,
+                usual,
+                limit: self.policy.limit(check, client),
+            });
         }
     }
 
@@ -479,8 +654,8 @@ impl Engine {
             let Some(key) = counter_key(&self.policy, check, client) else {
                 continue;
             };
-            if let Some(w) = self.counters.get_mut(&CounterIdRef { check, key }) {
-                w.take_back(self.window, at, now);
+            if let Some(c) = self.counters.get_mut(&CounterIdRef { check, key }) {
+                c.window.take_back(self.window, at, now);
             }
         }
     }
@@ -496,7 +671,7 @@ impl Engine {
     pub fn counts(&self, now: Time) -> impl Iterator<Item = (&CounterId, u64)> + '_ {
         self.counters
             .iter()
-            .map(move |(id, w)| (id, u64::from(w.count(self.window, now))))
+            .map(move |(id, c)| (id, u64::from(c.window.count(self.window, now))))
     }
 
     /// Open connections by client address.
@@ -518,9 +693,13 @@ impl Engine {
             other => other,
         };
         let before = self.counters.len();
-        self.counters
-            .retain(|id, _| !(&id.key == key && check.is_none_or(|c| c == id.check)));
-        before - self.counters.len()
+        let gone = |id: &CounterId| &id.key == key && check.is_none_or(|c| c == id.check);
+        self.counters.retain(|id, _| !gone(id));
+        // A reset key starts anew: no history, not unusual.
+        self.baselines.retain(|id, _| !gone(id));
+        let cleared = before - self.counters.len();
+        self.retrip();
+        cleared
     }
 
     fn acquire(&mut self, conn: ConnId, ip: IpAddr) {
@@ -581,9 +760,9 @@ impl Engine {
         }
         let (window, retry_after) = match check.measure() {
             Measure::Window => {
-                let w = counter_key(&self.policy, check, client)
+                let c = counter_key(&self.policy, check, client)
                     .and_then(|key| self.counters.get(&CounterIdRef { check, key }));
-                let retry = w.map_or(0, |w| w.retry_after(self.window, now, limit));
+                let retry = c.map_or(0, |c| c.window.retry_after(self.window, now, limit));
                 (Some(self.window.window_secs()), retry)
             }
             // Nobody knows when a connection will close; a bucket is a fair wait.
@@ -605,12 +784,305 @@ impl Engine {
 
     /// Forgets counters with nothing left in their window, once per bucket,
     /// so memory follows the active clients, not every client ever seen.
+    ///
+    /// With baselines on, each live counter's buckets completed since the
+    /// last sweep are learned first (at most a window of them), its trip
+    /// for the new bucket is set, and it stays unusual only if the last
+    /// completed bucket was unusual against its updated baseline.
     fn sweep_if_due(&mut self, now: Time) {
         let bucket = self.window.bucket_of(now);
-        if bucket > self.swept {
-            let window = self.window;
-            self.counters.retain(|_, w| !w.is_idle(window, now));
-            self.swept = bucket;
+        if bucket <= self.swept {
+            return;
         }
+        let window = self.window;
+        let config = self.policy.unusual();
+        if config.is_on() {
+            self.learn(config, bucket, now);
+        }
+        let unusual = &mut self.unusual;
+        self.counters.retain(|id, c| {
+            let idle = c.window.is_idle(window, now);
+            if idle && c.unusual {
+                unusual[id.check.index()] -= 1;
+            }
+            !idle
+        });
+        self.swept = bucket;
+        if self.baselines.len() >= config.keys as usize {
+            self.forget_least_recent(config.keys as usize);
+        }
+    }
+
+    /// Learns the buckets from the last sweep's to the one before `bucket`
+    /// of every live counter; sets trips and flags for `now`. Counters new
+    /// to the baselines are taken in key order while there is room, so
+    /// that every node keeps the same ones whatever its maps' order.
+    fn learn(&mut self, config: UnusualConfig, bucket: u64, now: Time) {
+        let size = u64::from(self.window.bucket_secs());
+        // Every counter made since the last sweep was made in its bucket.
+        let from = self
+            .swept
+            .max(bucket.saturating_sub(u64::from(self.window.buckets())));
+        let buckets = (from..bucket, size);
+        let mut new = Vec::new();
+        for (id, c) in &mut self.counters {
+            let Some(b) = self.baselines.get_mut(id) else {
+                new.push(id.clone());
+                continue;
+            };
+            let n = &mut self.unusual[id.check.index()];
+            Self::learn_one(config, b, c, n, buckets.clone(), now);
+        }
+        if new.is_empty() {
+            return;
+        }
+        let room = (config.keys as usize).saturating_sub(self.baselines.len());
+        if new.len() > room {
+            new.sort_unstable_by(|a, b| {
+                a.check
+                    .cmp(&b.check)
+                    .then_with(|| key_order(&a.key, &b.key))
+            });
+        }
+        for (i, id) in new.into_iter().enumerate() {
+            let Some(c) = self.counters.get_mut(&id) else {
+                continue;
+            };
+            let n = &mut self.unusual[id.check.index()];
+            if i < room {
+                let b = self.baselines.entry(id).or_default();
+                Self::learn_one(config, b, c, n, buckets.clone(), now);
+            } else {
+                // Full: not judged until the least recent baselines make
+                // room (a tenth of them at each bucket start when full).
+                c.trip = u32::MAX;
+                if c.unusual {
+                    c.unusual = false;
+                    *n -= 1;
+                }
+            }
+        }
+    }
+
+    /// Learns `buckets` (of `size` seconds) of one counter into its
+    /// baseline, sets its trip for `now`, and clears its flag if the last
+    /// bucket was not unusual.
+    fn learn_one(
+        config: UnusualConfig,
+        b: &mut Baseline,
+        c: &mut Counter,
+        unusual: &mut u64,
+        (buckets, size): (std::ops::Range<u64>, u64),
+        now: Time,
+    ) {
+        let last = buckets.end - 1;
+        for k in buckets {
+            b.learn(k, k * size, c.window.bucket_count(k), c.unusual);
+        }
+        c.trip = config.trip(b.usual(now));
+        if c.unusual && c.window.bucket_count(last) < config.trip(b.usual(last * size)) {
+            c.unusual = false;
+            *unusual -= 1;
+        }
+    }
+
+    /// Keeps the `keep * 9 / 10` baselines learned most recently (ties in
+    /// key order, so that every node keeps the same): idle keys' go first,
+    /// as live ones are learned every bucket.
+    fn forget_least_recent(&mut self, keep: usize) {
+        let keep = keep - keep / 10;
+        let mut all: Vec<(u64, &CounterId)> = self
+            .baselines
+            .iter()
+            .map(|(id, b)| (b.last(), id))
+            .collect();
+        let order = |a: &(u64, &CounterId), b: &(u64, &CounterId)| {
+            b.0.cmp(&a.0)
+                .then(a.1.check.cmp(&b.1.check))
+                .then_with(|| key_order(&a.1.key, &b.1.key))
+        };
+        if keep == 0 || all.len() <= keep {
+            return;
+        }
+        all.select_nth_unstable_by(keep, order);
+        let gone: Vec<CounterId> = all[keep..].iter().map(|(_, id)| (*id).clone()).collect();
+        for id in gone {
+            self.baselines.remove(&id);
+        }
+    }
+}
+
+/// An order of keys that is the same on every node.
+fn key_order(a: &CounterKey, b: &CounterKey) -> std::cmp::Ordering {
+    match (a, b) {
+        (CounterKey::Ip(a), CounterKey::Ip(b)) => a.cmp(b),
+        (CounterKey::Name(a), CounterKey::Name(b)) => a.cmp(b),
+        (CounterKey::Ip(_), CounterKey::Name(_)) => std::cmp::Ordering::Less,
+        (CounterKey::Name(_), CounterKey::Ip(_)) => std::cmp::Ordering::Greater,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const POLICY: &str = "CHECK_CONN_RATE YES\nConnRate:default 1000\n";
+
+    fn engine(extra: &str) -> Engine {
+        let text = format!("{POLICY}{extra}");
+        Engine::new(Arc::new(Policy::parse_str("p", &text).unwrap()))
+    }
+
+    fn connect(e: &mut Engine, ip: &str, now: Time) -> Verdict {
+        let client = Client::from_ip(ip.parse().unwrap());
+        let conn = ConnId { owner: 1, conn: 1 };
+        let v = e.apply(&Event::Connect { conn, client }, now);
+        e.apply(&Event::Close { conn }, now);
+        v
+    }
+
+    /// `per_bucket(bucket)` connections in each 30 s bucket from `from`
+    /// (a bucket number), spread over it; returns the flags raised.
+    fn drive(
+        e: &mut Engine,
+        ip: &str,
+        buckets: std::ops::Range<u64>,
+        mut per_bucket: impl FnMut(u64) -> u64,
+    ) -> Vec<(u64, Flag)> {
+        let mut flags = Vec::new();
+        for b in buckets {
+            let n = per_bucket(b);
+            for i in 0..n {
+                let now = b * 30 + i * 30 / n.max(1);
+                assert!(connect(e, ip, now).is_allowed(), "under the limit");
+                flags.extend(e.take_flags().into_iter().map(|f| (now, f)));
+            }
+        }
+        flags
+    }
+
+    /// A deterministic spread of `lo..=hi`.
+    fn jitter(seed: u64, lo: u64, hi: u64) -> u64 {
+        let x = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        lo + (x >> 33) % (hi - lo + 1)
+    }
+
+    const DAY: u64 = 86_400 / 30;
+
+    #[test]
+    fn five_times_the_usual_rate_is_flagged_within_one_bucket() {
+        let mut e = engine("");
+        let start = 1_000_000 / 30 * 30 / 30;
+        // Two hours at 4 per bucket: its usual. A new key sending 4 is
+        // under the floor, so it is not flagged.
+        assert!(drive(&mut e, "10.0.0.1", start..start + 240, |_| 4).is_empty());
+        // Then 20 per bucket, still under the limit (1000 per 600 s).
+        let at = start + 240;
+        let flags = drive(&mut e, "10.0.0.1", at..at + 3, |_| 20);
+        assert_eq!(flags.len(), 1, "flagged once, not on every event");
+        let (when, flag) = &flags[0];
+        assert!(*when < (at + 1) * 30, "within the first bucket: {when}");
+        assert_eq!(flag.check, Check::ConnRate);
+        assert_eq!(flag.key.to_string(), "10.0.0.1");
+        assert_eq!(flag.usual, Some(4.0));
+        assert_eq!(flag.limit, Some(1000));
+        assert!(flag.count < 1000);
+        assert_eq!(e.unusual_counts()[Check::ConnRate.index()], 1);
+        // Back to usual: the flag clears at the next bucket's start.
+        drive(&mut e, "10.0.0.1", at + 3..at + 5, |_| 4);
+        assert_eq!(e.unusual_counts()[Check::ConnRate.index()], 0);
+    }
+
+    #[test]
+    fn a_steady_key_is_never_flagged_over_a_week() {
+        let mut e = engine("");
+        // Busy days (20 to 40 a bucket from 09:00 to 17:00), quiet nights
+        // (0 to 5), for a first day that learns, then a week.
+        let rate = |b: u64| {
+            let hour = (b % DAY) * 30 / 3600;
+            if (9..17).contains(&hour) {
+                jitter(b, 20, 40)
+            } else {
+                jitter(b, 0, 5)
+            }
+        };
+        let first = drive(&mut e, "10.0.0.2", 0..DAY, rate);
+        // What it had never done: sending above the floor at 09:00.
+        assert!(!first.is_empty());
+        let week = drive(&mut e, "10.0.0.2", DAY..8 * DAY, rate);
+        assert_eq!(week, vec![], "no flag in the week");
+        assert_eq!(e.unusual_counts(), [0; Check::ALL.len()]);
+    }
+
+    #[test]
+    fn a_new_key_is_flagged_above_the_floor_only() {
+        let mut e = engine("UnusualFloor 5\n");
+        assert!(drive(&mut e, "10.0.0.3", 100..101, |_| 4).is_empty());
+        let flags = drive(&mut e, "10.0.0.4", 100..101, |_| 5);
+        assert_eq!(flags.len(), 1);
+        assert_eq!(flags[0].1.usual, None);
+    }
+
+    #[test]
+    fn factor_0_switches_baselines_off() {
+        let mut e = engine("UnusualFactor 0\n");
+        assert!(drive(&mut e, "10.0.0.5", 100..200, |b| (b - 95).min(40)).is_empty());
+        assert_eq!(e.baselines_len(), 0);
+    }
+
+    #[test]
+    fn baselines_are_capped_least_recent_first() {
+        let mut e = engine("UnusualKeys 10\n");
+        // Each key idle before the next sends, so each is learned last
+        // in its own bucket.
+        for i in 0..30u64 {
+            connect(&mut e, &format!("10.1.0.{i}"), 1_000 + i * 700);
+        }
+        connect(&mut e, "10.1.1.1", 1_000 + 31 * 700);
+        assert!(e.baselines_len() <= 10, "{}", e.baselines_len());
+        let newest = CounterId {
+            check: Check::ConnRate,
+            key: CounterKey::Ip("10.1.0.29".parse().unwrap()),
+        };
+        assert!(e.baselines.contains_key(&newest));
+    }
+
+    #[test]
+    fn a_key_with_no_room_for_a_baseline_is_not_judged() {
+        let mut e = engine("UnusualKeys 2\n");
+        for ip in ["10.2.0.3", "10.2.0.1", "10.2.0.2"] {
+            drive(&mut e, ip, 100..101, |_| 4);
+        }
+        // The sweep at bucket 101 has room for two: the first in key order.
+        drive(&mut e, "10.2.0.1", 101..102, |_| 4);
+        let has = |e: &Engine, ip: &str| {
+            let id = CounterId {
+                check: Check::ConnRate,
+                key: CounterKey::Ip(ip.parse().unwrap()),
+            };
+            e.baselines.contains_key(&id)
+        };
+        assert!(has(&e, "10.2.0.1") && has(&e, "10.2.0.2") && !has(&e, "10.2.0.3"));
+        // Sending far above the floor, 10.2.0.3 is not flagged as new.
+        assert!(drive(&mut e, "10.2.0.3", 101..102, |_| 30).is_empty());
+    }
+
+    #[test]
+    fn flags_and_baselines_survive_a_snapshot() {
+        let mut e = engine("");
+        drive(&mut e, "10.0.0.6", 1000..1100, |_| 4);
+        drive(&mut e, "10.0.0.6", 1100..1101, |_| 20);
+        assert_eq!(e.unusual_counts()[0], 1);
+        let state = e.state();
+        let r = Engine::from_state(e.policy().clone(), state);
+        assert_eq!(r.unusual_counts(), e.unusual_counts());
+        let id = CounterId {
+            check: Check::ConnRate,
+            key: CounterKey::Ip("10.0.0.6".parse().unwrap()),
+        };
+        assert!(r.is_unusual(&id, 1100 * 30 + 29));
+        assert_eq!(r.usual(&id, 1100 * 30), e.usual(&id, 1100 * 30));
     }
 }

@@ -11,7 +11,7 @@ use std::cmp::Ordering;
 use serde::{Deserialize, Serialize};
 
 use crate::check::{Check, KeyKind, Measure};
-use crate::engine::{CounterKey, Engine, Time};
+use crate::engine::{CounterId, CounterKey, Engine, Time};
 use crate::policy::{canonical_ip, names, parse_client_addr, Client, Policy};
 
 /// One count against its limit.
@@ -25,6 +25,12 @@ pub struct KeyCount {
     /// The window of a windowed check, in seconds.
     pub window_secs: Option<u32>,
     pub enabled: bool,
+    /// Unusual now against the key's own baseline.
+    pub unusual: bool,
+    /// Events in the current bucket (windowed checks; 0 otherwise).
+    pub bucket_count: u64,
+    /// The key's usual count per bucket now, if it has a history.
+    pub baseline: Option<f64>,
 }
 
 impl KeyCount {
@@ -83,22 +89,43 @@ fn key_count(policy: &Policy, check: Check, key: &CounterKey, count: u64) -> Key
         limit: policy.limit(check, &client),
         window_secs: (check.measure() == Measure::Window).then(|| policy.window().window_secs()),
         enabled: policy.is_enabled(check),
+        unusual: false,
+        bucket_count: 0,
+        baseline: None,
+    }
+}
+
+/// A windowed count with where it stands against its baseline.
+fn windowed(engine: &Engine, id: &CounterId, count: u64, now: Time) -> KeyCount {
+    KeyCount {
+        unusual: engine.is_unusual(id, now),
+        bucket_count: engine.bucket_count(id, now),
+        baseline: engine.usual(id, now).map(f64::from),
+        ..key_count(engine.policy(), id.check, &id.key, count)
     }
 }
 
 /// The `n` counts nearest their limits (highest share first, then highest
-/// count), of one check or of all windowed and open-connection checks.
-/// Counts with no limit come after every count with one.
-pub fn top(engine: &Engine, check: Option<Check>, n: usize, now: Time) -> Vec<KeyCount> {
+/// count), of one check or of all windowed and open-connection checks;
+/// with `unusual`, of the keys unusual now only. Counts with no limit come
+/// after every count with one.
+pub fn top(
+    engine: &Engine,
+    check: Option<Check>,
+    n: usize,
+    unusual: bool,
+    now: Time,
+) -> Vec<KeyCount> {
     let policy = engine.policy();
     let wanted = |c: Check| check.is_none_or(|w| w == c);
     let windowed = engine
         .counts(now)
         .filter(|(id, count)| *count > 0 && wanted(id.check))
-        .map(|(id, count)| key_count(policy, id.check, &id.key, count));
+        .filter(|(id, _)| !unusual || engine.is_unusual(id, now))
+        .map(|(id, count)| windowed(engine, id, count, now));
     let open = engine
         .open_counts()
-        .filter(|_| wanted(Check::ConnOpen))
+        .filter(|_| wanted(Check::ConnOpen) && !unusual)
         .map(|(ip, count)| key_count(policy, Check::ConnOpen, &CounterKey::Ip(ip), count));
     let mut all: Vec<KeyCount> = windowed.chain(open).collect();
     let rank = |k: &KeyCount| (k.limit.is_some(), k.percent(), k.count);
@@ -127,6 +154,10 @@ pub fn show(engine: &Engine, key: &CounterKey, now: Time) -> Vec<KeyCount> {
                 Measure::PerConnection => 0,
                 _ => engine.count_of(check, &client, now),
             };
+            if check.measure() == Measure::Window {
+                let id = engine.counted_id(check, &client)?;
+                return Some(windowed(engine, &id, count, now));
+            }
             Some(key_count(policy, check, key, count))
         })
         .collect()
@@ -163,7 +194,7 @@ mod tests {
     #[test]
     fn top_ranks_by_share_of_the_limit_not_by_count() {
         let e = engine_with_traffic();
-        let top = top(&e, Some(Check::ConnRate), 2, 1_000);
+        let top = top(&e, Some(Check::ConnRate), 2, false, 1_000);
         let keys: Vec<_> = top.iter().map(|k| (k.key.as_str(), k.count)).collect();
         // 3 of 4 (75%) comes before 6 of 10 (60%).
         assert_eq!(keys, [("10.0.0.2", 3), ("10.0.0.1", 6)]);

@@ -29,6 +29,7 @@
 //! milter answers the MTA with the verdict's reply.
 #![forbid(unsafe_code)]
 
+pub mod baseline;
 pub mod bench;
 pub mod bounds;
 pub mod check;

@@ -10,6 +10,8 @@
 //! - `relayrate_batch_events`: events per log entry (the batcher);
 //! - `relayrate_near_limit_total{check}`: counts that reached 80% of their
 //!   limit (the engine counts; [`watch_node`] copies);
+//! - `relayrate_unusual_keys{check}`: keys unusual now against their own
+//!   baseline, and `relayrate_baselines`: baselines kept ([`watch_node`]);
 //! - `relayrate_abandoned_events_total`: events a node dropped because
 //!   every caller of their batch had given up (the batcher);
 //! - `relayrate_milter_fallbacks_total{mode}`,
@@ -109,6 +111,9 @@ fn zero_known_series() {
     }
     for check in Check::ALL {
         counter!("relayrate_near_limit_total", "check" => check.name()).increment(0);
+        if check.measure() == crate::check::Measure::Window {
+            gauge!("relayrate_unusual_keys", "check" => check.name()).set(0.0);
+        }
         for stage in milter_stages(check) {
             for dry_run in [false, true] {
                 counter!(
@@ -178,6 +183,14 @@ fn describe() {
     describe_counter!(
         "relayrate_near_limit_total",
         "Times a key's count reached 80% of its limit, cluster-wide"
+    );
+    describe_gauge!(
+        "relayrate_unusual_keys",
+        "Keys whose count in a bucket stands well above their own baseline now, by check"
+    );
+    describe_gauge!(
+        "relayrate_baselines",
+        "(check, key) baselines of usual activity kept in memory"
     );
     describe_counter!(
         "relayrate_abandoned_events_total",
@@ -426,5 +439,11 @@ fn record_node(node: &Node) {
     gauge!("relayrate_leases").set(engine.leases_len() as f64);
     for (check, n) in Check::ALL.iter().zip(engine.near_limit_crossings()) {
         counter!("relayrate_near_limit_total", "check" => check.name()).absolute(n);
+    }
+    gauge!("relayrate_baselines").set(engine.baselines_len() as f64);
+    for (check, n) in Check::ALL.iter().zip(engine.unusual_counts()) {
+        if check.measure() == crate::check::Measure::Window {
+            gauge!("relayrate_unusual_keys", "check" => check.name()).set(n as f64);
+        }
     }
 }

@@ -174,6 +174,26 @@ impl Window {
         self.total - leaving
     }
 
+    /// The events counted in bucket `bucket` (0 once it left the ring or
+    /// before the ring reached it).
+    pub fn bucket_count(&self, bucket: u64) -> u32 {
+        let len = self.counts.len() as u64;
+        if bucket > self.newest || bucket + len <= self.newest {
+            return 0;
+        }
+        self.counts[self.slot(bucket)]
+    }
+
+    /// The newest bucket the ring has reached.
+    pub fn newest(&self) -> u64 {
+        self.newest
+    }
+
+    /// The events in the newest bucket the ring has reached.
+    pub fn newest_count(&self) -> u32 {
+        self.counts[self.slot(self.newest)]
+    }
+
     /// Whether the ring is of `config`'s shape and its total is its
     /// (saturated) sum, as this code keeps it: a snapshot's windows are
     /// checked with it.

@@ -486,3 +486,126 @@ async fn a_batch_whose_callers_gave_up_is_dropped_not_counted_later() {
     let leader = c.leader_index().unwrap();
     assert_eq!(count_on(c.node(leader), Check::ConnRate, "10.1.0.9"), 1);
 }
+
+/// Waits out the last minutes of an hour, so that a one-hour bucket does
+/// not end under the test.
+async fn clear_of_the_hour() {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let left = 3600 - secs % 3600;
+    if left < 300 {
+        eprintln!("waiting {left} s for the next hour's bucket");
+        tokio::time::sleep(Duration::from_secs(left + 1)).await;
+    }
+}
+
+fn conn_rate_id(ip: &str) -> relayrate::engine::CounterId {
+    relayrate::engine::CounterId {
+        check: Check::ConnRate,
+        key: relayrate::engine::CounterKey::Ip(ip.parse().unwrap()),
+    }
+}
+
+fn is_unusual_on(h: &NodeHandle, ip: &str) -> bool {
+    let state = h.node.state().read().unwrap();
+    let now = state.now_ms() / 1000;
+    state.engine().is_unusual(&conn_rate_id(ip), now)
+}
+
+/// The keys of the Admin service's Top of unusual keys, asked of `addr`.
+async fn top_unusual(addr: SocketAddr) -> Result<Vec<String>, tonic::Status> {
+    let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .timeout(Duration::from_secs(5))
+        .connect_lazy();
+    let mut admin = relayrate::proto::v1::admin_client::AdminClient::new(ch);
+    let req = relayrate::proto::v1::TopRequest {
+        unusual: true,
+        ..Default::default()
+    };
+    let r = admin.top(req).await?;
+    Ok(r.into_inner().keys.into_iter().map(|k| k.key).collect())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_unusual_key_stays_flagged_after_the_leader_is_killed() {
+    clear_of_the_hour().await;
+    let mut c = Cluster::start(
+        "CHECK_CONN_RATE YES\nConnRate:default 1000\nRateWindow 7200\nRateBucket 3600\n",
+        |_| {},
+    )
+    .await;
+    let leader = c.leader_index().unwrap();
+    let mut lc = client(c.node(leader).addr).await;
+    // No history, 12 in the bucket: over the floor of 10.
+    for _ in 0..12 {
+        assert_eq!(decide(&mut lc, &connect("10.1.0.20")).await, Some(true));
+    }
+    for i in 0..3 {
+        let h = c.node(i);
+        eventually("every node has the flag", || {
+            let ok = is_unusual_on(h, "10.1.0.20");
+            async move { ok }
+        })
+        .await;
+    }
+    c.kill(leader).await;
+    eventually("a new leader", || {
+        let ok = c.leader_index().is_some_and(|l| l != leader);
+        async move { ok }
+    })
+    .await;
+    let new_leader = c.leader_index().unwrap();
+    let addr = c.node(new_leader).addr;
+    eventually("the new leader lists it as unusual", || async move {
+        top_unusual(addr).await.ok() == Some(vec!["10.1.0.20".to_string()])
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn baselines_are_the_same_on_every_node_and_outlive_the_leader() {
+    // One-second buckets, so that baselines are learned within the test.
+    let mut c = Cluster::start(
+        "CHECK_CONN_RATE YES\nConnRate:default 1000\nRateWindow 10\nRateBucket 1\n",
+        |_| {},
+    )
+    .await;
+    let leader = c.leader_index().unwrap();
+    let mut lc = client(c.node(leader).addr).await;
+    let id = conn_rate_id("10.1.0.21");
+    let learned = |h: &NodeHandle| {
+        let state = h.node.state().read().unwrap();
+        let now = state.now_ms() / 1000;
+        state.engine().usual(&id, now)
+    };
+    let until = Instant::now() + DEADLINE;
+    // A few buckets of traffic, and one more event so the last is learned.
+    while learned(c.node(leader)).is_none() {
+        assert!(Instant::now() < until, "never learned");
+        assert_eq!(decide(&mut lc, &connect("10.1.0.21")).await, Some(true));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let expected = learned(c.node(leader));
+    for i in 0..3 {
+        let h = c.node(i);
+        eventually("the same baseline on every node", || {
+            let ok = learned(h) == expected;
+            async move { ok }
+        })
+        .await;
+    }
+    c.kill(leader).await;
+    eventually("a new leader", || {
+        let ok = c.leader_index().is_some_and(|l| l != leader);
+        async move { ok }
+    })
+    .await;
+    let new_leader = c.leader_index().unwrap();
+    assert!(
+        learned(c.node(new_leader)).is_some(),
+        "the new leader has it"
+    );
+}

@@ -1117,7 +1117,9 @@ async fn requests_carry_the_token_the_fields_and_who_asked() {
     let calls = stub.calls.lock().unwrap().clone();
     assert_eq!(calls.len(), 2, "{calls:?}");
     assert!(
-        calls[0].starts_with("top auth=Bearer tok-123 TopRequest { check: MsgRateFrom, limit: 3 }"),
+        calls[0].starts_with(
+            "top auth=Bearer tok-123 TopRequest { check: MsgRateFrom, limit: 3, unusual: false }"
+        ),
         "{calls:?}"
     );
     assert!(calls[1].starts_with("reset auth=- "), "{calls:?}");

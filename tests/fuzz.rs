@@ -334,7 +334,7 @@ fn admin(which: u8, bytes: &[u8]) {
             if let Ok(r) = pb::TopRequest::decode(bytes) {
                 match convert::top_from_pb(&r) {
                     Ok((check, n)) => {
-                        inspect::top(state.engine(), check, n, 1);
+                        inspect::top(state.engine(), check, n, r.unusual, 1);
                     }
                     Err(s) => refused(s),
                 }
@@ -406,8 +406,13 @@ fn admin_bytes() -> impl Strategy<Value = (u8, Vec<u8>)> {
         encoded((any::<u64>(), text()).prop_map(|(id, addr)| pb::AddNodeRequest { id, addr }))
             .prop_map(|b| (1, b)),
         encoded(
-            (check(), prop_oneof![0u32..20_000, any::<u32>()])
-                .prop_map(|(check, limit)| pb::TopRequest { check, limit })
+            (check(), prop_oneof![0u32..20_000, any::<u32>()]).prop_map(|(check, limit)| {
+                pb::TopRequest {
+                    check,
+                    limit,
+                    unusual: false,
+                }
+            })
         )
         .prop_map(|b| (2, b)),
         encoded(text().prop_map(|key| pb::ShowRequest { key })).prop_map(|b| (3, b)),

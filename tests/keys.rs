@@ -307,7 +307,7 @@ fn top_show_and_reset_name_the_counted_network() {
     for n in 1..=3 {
         connect(&mut e, &v6(&format!("2001:db8:0:1::{n}")), n);
     }
-    let t = top(&e, Some(Check::ConnRate), 5, 1_000);
+    let t = top(&e, Some(Check::ConnRate), 5, false, 1_000);
     assert_eq!(
         t.iter()
             .map(|k| (k.key.as_str(), k.count))

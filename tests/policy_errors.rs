@@ -350,6 +350,39 @@ fn bad_window_or_bucket_value() {
 }
 
 #[test]
+fn unusual_settings_are_bounded_and_placed() {
+    assert_error(
+        "UnusualFactor -1",
+        1,
+        15,
+        "expected a number from 0 to 1000 after UnusualFactor (0: off), found `-1`",
+    );
+    assert_error(
+        "# c\n  UnusualFloor 0\n",
+        2,
+        16,
+        "expected a number from 1 to 1000000 after UnusualFloor, found `0`",
+    );
+    assert_error(
+        "UnusualKeys 10000001",
+        1,
+        13,
+        "from 1 to 10000000 after UnusualKeys",
+    );
+    assert_error(
+        "UnusualFloor",
+        1,
+        13,
+        "expected a value after `UnusualFloor`",
+    );
+    let p = ok("unusualfactor 6\nUnusualFloor 3\nUnusualKeys 50\n");
+    let u = p.unusual();
+    assert_eq!((u.factor, u.floor, u.keys), (6, 3, 50));
+    let d = ok("").unusual();
+    assert_eq!((d.factor, d.floor, d.keys), (4, 10, 200_000));
+}
+
+#[test]
 fn window_not_a_multiple_of_the_bucket() {
     // The error is at the line that set the window.
     assert_error(

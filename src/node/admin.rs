@@ -113,6 +113,9 @@ impl From<&KeyCount> for pb::KeyCount {
             percent: if percent.is_finite() { percent } else { 0.0 },
             window_secs: k.window_secs.unwrap_or(0),
             enabled: k.enabled,
+            unusual: k.unusual,
+            bucket_count: k.bucket_count,
+            baseline: k.baseline,
         }
     }
 }
@@ -223,7 +226,8 @@ impl pb::admin_server::Admin for AdminService {
         request: Request<pb::TopRequest>,
     ) -> Result<Response<pb::TopResponse>, Status> {
         let (check, n) = convert::top_from_pb(request.get_ref())?;
-        let keys = self.counts(Inspect::Top { check, n }).await?;
+        let unusual = request.get_ref().unusual;
+        let keys = self.counts(Inspect::Top { check, n, unusual }).await?;
         Ok(Response::new(pb::TopResponse { keys }))
     }
 

@@ -96,8 +96,15 @@ impl Proposal {
 /// What an operator asks about the counts.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum Inspect {
-    Top { check: Option<Check>, n: usize },
-    Show { key: CounterKey },
+    /// `unusual`: only keys unusual now.
+    Top {
+        check: Option<Check>,
+        n: usize,
+        unusual: bool,
+    },
+    Show {
+        key: CounterKey,
+    },
 }
 
 /// A member of the cluster and how well it keeps up.
@@ -394,7 +401,9 @@ impl Node {
                 let now = state.now_ms() / 1000;
                 let engine = state.engine();
                 ProposalReply::Counts(match question {
-                    Inspect::Top { check, n } => inspect::top(engine, check, n, now),
+                    Inspect::Top { check, n, unusual } => {
+                        inspect::top(engine, check, n, unusual, now)
+                    }
                     Inspect::Show { key } => inspect::show(engine, &key, now),
                 })
             }

@@ -126,6 +126,8 @@ pub struct Policy {
     /// `IPv6Prefix`: IPv6 clients are counted per network of this many
     /// bits (1 to 128).
     ipv6_prefix: u8,
+    /// `UnusualFactor`, `UnusualFloor`, `UnusualKeys`.
+    unusual: crate::baseline::UnusualConfig,
 }
 
 /// `IPv6Prefix` when the policy does not set it.
@@ -283,6 +285,12 @@ impl Policy {
         }
     }
 
+    /// `UnusualFactor`, `UnusualFloor`, `UnusualKeys`: when a key's rate is
+    /// unusual for it.
+    pub fn unusual(&self) -> crate::baseline::UnusualConfig {
+        self.unusual
+    }
+
     /// `DryRun YES`: count and log refusals, refuse nothing.
     pub fn dry_run(&self) -> bool {
         self.dry_run
@@ -335,6 +343,12 @@ impl Policy {
     pub fn divided(&self, relays: u64) -> Policy {
         Policy {
             divisor: relays.max(1),
+            // A milter deciding alone for a while has no history to
+            // compare with: it flags nothing.
+            unusual: crate::baseline::UnusualConfig {
+                factor: 0,
+                ..self.unusual
+            },
             ..self.clone()
         }
     }

@@ -30,6 +30,9 @@ struct Builder {
     bucket_secs: Option<Setting<u32>>,
     dry_run: Option<Setting<bool>>,
     ipv6_prefix: Option<Setting<u8>>,
+    unusual_factor: Option<Setting<u32>>,
+    unusual_floor: Option<Setting<u32>>,
+    unusual_keys: Option<Setting<u32>>,
     errors: Kept,
     warnings: Kept,
 }
@@ -265,6 +268,7 @@ impl Builder {
             Bucket,
             DryRun,
             Ipv6Prefix,
+            Unusual(crate::baseline::Setting),
         }
         let kind = if let Some(s) = Switch::from_name(word) {
             Kind::Switch(s)
@@ -276,6 +280,8 @@ impl Builder {
             Kind::DryRun
         } else if word.eq_ignore_ascii_case("IPv6Prefix") {
             Kind::Ipv6Prefix
+        } else if let Some(u) = crate::baseline::Setting::from_name(word) {
+            Kind::Unusual(u)
         } else {
             return Err(p.diag(
                 start,
@@ -306,6 +312,15 @@ impl Builder {
             Kind::Ipv6Prefix => {
                 let bits = parse_prefix(text).map_err(|m| p.diag(vstart, m))?;
                 set(&mut self.ipv6_prefix, bits, at)
+            }
+            Kind::Unusual(u) => {
+                let n = u.parse(text).map_err(|m| p.diag(vstart, m))?;
+                let slot = match u {
+                    crate::baseline::Setting::Factor => &mut self.unusual_factor,
+                    crate::baseline::Setting::Floor => &mut self.unusual_floor,
+                    crate::baseline::Setting::Keys => &mut self.unusual_keys,
+                };
+                set(slot, n, at)
             }
             Kind::Window | Kind::Bucket => {
                 let secs = parse_seconds(text).map_err(|m| p.diag(vstart, m))?;
@@ -369,6 +384,11 @@ impl Builder {
             ipv6_prefix: self
                 .ipv6_prefix
                 .map_or(super::DEFAULT_IPV6_PREFIX, |s| s.value),
+            unusual: crate::baseline::UnusualConfig::new(
+                self.unusual_factor.as_ref().map(|s| s.value),
+                self.unusual_floor.as_ref().map(|s| s.value),
+                self.unusual_keys.as_ref().map(|s| s.value),
+            ),
         })
     }
 

@@ -231,6 +231,37 @@ pub fn policy_hash(files: &[PolicyFile]) -> String {
     h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// One line when a key becomes unusual: who, which check, its count in
+/// the window against its limit, and its count in the bucket against its
+/// usual count per bucket. Every node logs it as it applies the event
+/// (and again if it replays that entry of its log at start).
+fn log_unusual(policy: &Policy, flag: &crate::engine::Flag) {
+    let key = match &flag.key {
+        CounterKey::Ip(ip) => policy.counted_text(*ip),
+        CounterKey::Name(n) => n.to_string(),
+    };
+    let baseline = flag
+        .usual
+        .map_or_else(|| "-".to_string(), |u| format!("{u:.1}"));
+    let limit = flag
+        .limit
+        .map_or_else(|| "-".to_string(), |l| l.to_string());
+    tracing::warn!(
+        target: "relayrate::unusual",
+        key = %key,
+        check = flag.check.name(),
+        count = flag.count,
+        limit = %limit,
+        bucket_count = flag.bucket_count,
+        baseline = %baseline,
+        "unusual: {} in one bucket, usually {} (window count {}/{})",
+        flag.bucket_count,
+        baseline,
+        flag.count,
+        limit,
+    );
+}
+
 impl LimiterState {
     pub fn new(policy: Arc<Policy>) -> LimiterState {
         LimiterState {
@@ -290,6 +321,9 @@ impl LimiterState {
                     .iter()
                     .map(|(id, event)| self.decide_once(*id, event, now))
                     .collect();
+                for flag in self.engine.take_flags() {
+                    log_unusual(self.engine.policy(), &flag);
+                }
                 Response::Verdicts(verdicts)
             }
             Command::SetPolicy { files } => match Policy::parse(files.clone()) {
@@ -384,6 +418,9 @@ impl LimiterState {
         let window = policy.window();
         if !s.engine.counters.iter().all(|(_, w)| w.fits(window)) {
             return Err(BadSnapshot::Shape("counters"));
+        }
+        if !s.engine.baselines.iter().all(|(_, b)| b.is_sound()) {
+            return Err(BadSnapshot::Shape("baselines"));
         }
         Ok(LimiterState {
             policy_hash: policy_hash(&s.policy),

@@ -98,6 +98,11 @@ enum Command {
         /// How many keys.
         #[arg(short = 'n', long = "keys", default_value = "10")]
         n: u32,
+        /// Only keys unusual now: counting well above their own baseline
+        /// (UnusualFactor, UnusualFloor), with their bucket count and
+        /// baseline.
+        #[arg(long)]
+        unusual: bool,
     },
     /// Every count of one key (a client address, sender or AUTH user).
     Show { key: String },
@@ -214,13 +219,15 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             let r = guard.call(admin.remove_node(req)).await?;
             emit(json, &MembersView::from(&r), MembersView::text);
         }
-        Command::Top { check, n } => {
+        Command::Top { check, n, unusual } => {
             let req = pb::TopRequest {
                 check: check_pb(check),
                 limit: n,
+                unusual,
             };
             let r = guard.call(admin.top(req)).await?;
-            emit(json, &TopView::from(&r), TopView::text);
+            let view = TopView::from(&r).unusual_only(unusual);
+            emit(json, &view, TopView::text);
         }
         Command::Show { key } => {
             let req = pb::ShowRequest { key: key.clone() };

@@ -289,6 +289,13 @@ pub struct KeyCountView {
     /// applies a limit.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
+    /// Counting well above its own baseline now.
+    pub unusual: bool,
+    /// Events in the current bucket.
+    pub bucket_count: u64,
+    /// The usual count per bucket at this hour; absent without history.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub baseline: Option<f64>,
 }
 
 impl From<&pb::KeyCount> for KeyCountView {
@@ -305,6 +312,9 @@ impl From<&pb::KeyCount> for KeyCountView {
             window_secs: k.window_secs,
             enabled: k.enabled,
             note: check.and_then(|c| why_no_limit(c, k.enabled, k.limit > 0, None)),
+            unusual: k.unusual,
+            bucket_count: k.bucket_count,
+            baseline: k.baseline,
         }
     }
 }
@@ -325,51 +335,75 @@ impl KeyCountView {
     fn window_cell(&self) -> String {
         or_dash(u64::from(self.window_secs), |w| format!("{w}s"))
     }
+
+    fn baseline_cell(&self) -> String {
+        self.baseline
+            .map_or_else(|| "-".to_string(), |b| format!("{b:.1}"))
+    }
 }
 
 #[derive(Debug, Serialize)]
 pub struct TopView {
     pub keys: Vec<KeyCountView>,
+    /// `top --unusual`: the bucket and baseline columns too.
+    #[serde(skip)]
+    pub unusual: bool,
 }
 
 impl From<&pb::TopResponse> for TopView {
     fn from(r: &pb::TopResponse) -> TopView {
         TopView {
             keys: r.keys.iter().map(KeyCountView::from).collect(),
+            unusual: false,
         }
     }
 }
 
 impl TopView {
+    /// The view of `top --unusual` when `unusual`.
+    pub fn unusual_only(self, unusual: bool) -> TopView {
+        TopView { unusual, ..self }
+    }
+
     pub fn text(&self) -> String {
         if self.keys.is_empty() {
-            return "no counters\n".to_string();
+            let none = if self.unusual {
+                "no unusual keys"
+            } else {
+                "no counters"
+            };
+            return format!("{none}\n");
         }
         let rows: Vec<Vec<String>> = self
             .keys
             .iter()
             .map(|k| {
-                vec![
+                let mut row = vec![
                     k.check.clone(),
                     k.key.clone(),
                     k.count.to_string(),
                     k.limit_cell(),
                     k.percent_cell(),
                     k.window_cell(),
-                ]
+                ];
+                if self.unusual {
+                    row.extend([k.bucket_count.to_string(), k.baseline_cell()]);
+                }
+                row
             })
             .collect();
-        table(
-            &[
-                ("check", Align::Left),
-                ("key", Align::Left),
-                ("count", Align::Right),
-                ("limit", Align::Right),
-                ("percent", Align::Right),
-                ("window", Align::Right),
-            ],
-            &rows,
-        )
+        let mut columns = vec![
+            ("check", Align::Left),
+            ("key", Align::Left),
+            ("count", Align::Right),
+            ("limit", Align::Right),
+            ("percent", Align::Right),
+            ("window", Align::Right),
+        ];
+        if self.unusual {
+            columns.extend([("bucket", Align::Right), ("usual", Align::Right)]);
+        }
+        table(&columns, &rows)
     }
 }
 
@@ -574,6 +608,7 @@ mod tests {
             },
             window_secs: window,
             enabled: true,
+            ..Default::default()
         }
     }
 
@@ -603,7 +638,36 @@ MsgRateFrom  a@b.test      7      -        -    600s
 
     #[test]
     fn an_empty_top_says_so() {
-        assert_eq!(TopView { keys: vec![] }.text(), "no counters\n");
+        let empty = TopView {
+            keys: vec![],
+            unusual: false,
+        };
+        assert_eq!(empty.text(), "no counters\n");
+        assert_eq!(empty.unusual_only(true).text(), "no unusual keys\n");
+    }
+
+    #[test]
+    fn top_unusual_shows_the_bucket_and_the_usual_count() {
+        let mut k = key_count(pb::Check::ConnRate, "10.0.0.1", 120, 1000, 600);
+        k.unusual = true;
+        k.bucket_count = 20;
+        k.baseline = Some(4.0);
+        let mut new = key_count(pb::Check::MsgRate, "10.0.0.2", 12, 0, 600);
+        new.unusual = true;
+        new.bucket_count = 12;
+        let top = TopView::from(&pb::TopResponse { keys: vec![k, new] }).unusual_only(true);
+        assert_eq!(
+            top.text(),
+            "\
+check     key       count  limit  percent  window  bucket  usual
+ConnRate  10.0.0.1    120   1000     12.0    600s      20    4.0
+MsgRate   10.0.0.2     12      -        -    600s      12      -
+"
+        );
+        let json = serde_json::to_value(&top).unwrap();
+        assert_eq!(json["keys"][0]["unusual"], true);
+        assert_eq!(json["keys"][0]["baseline"], 4.0);
+        assert_eq!(json["keys"][1].get("baseline"), None);
     }
 
     fn status() -> pb::StatusResponse {

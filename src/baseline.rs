@@ -1,0 +1,247 @@
+//! What is usual for a key: an exponentially weighted mean and spread of
+//! its counts per bucket, one pair per hour of the day (UTC), and when a
+//! count is unusual against it. Pure: hours and counts in, numbers out.
+//!
+//! A baseline is 200 bytes (24 × two `f32`, a mask of the hours learned,
+//! the last bucket learned); with its key and the engine's hash table,
+//! 316 to 551 bytes (`BENCHMARKS.md`).
+
+use serde::{Deserialize, Serialize};
+
+/// Hours of the day, one slot each.
+const SLOTS: usize = 24;
+
+/// The weight of a new sample. A slot takes 120 samples an hour with the
+/// default 30 s bucket, so it remembers about its last hour of each day.
+const ALPHA: f32 = 1.0 / 128.0;
+/// The weight of a sample while the key is unusual, for the mean only:
+/// a lasting change becomes usual in about an hour (5 times the rate) to
+/// a few hours (10 times), instead of minutes, and the spread is not
+/// widened by the very counts that are unusual.
+const ALPHA_UNUSUAL: f32 = ALPHA / 16.0;
+
+/// `UnusualFactor` when the policy does not set it.
+pub const DEFAULT_FACTOR: u32 = 4;
+/// `UnusualFloor` when the policy does not set it.
+pub const DEFAULT_FLOOR: u32 = 10;
+/// `UnusualKeys` when the policy does not set it: about 65 to 110 MB of
+/// baselines (316 to 551 bytes each with its key, `BENCHMARKS.md`).
+pub const DEFAULT_KEYS: u32 = 200_000;
+/// The largest `UnusualKeys`: about 3 to 5.5 GB.
+pub const MAX_KEYS: u32 = 10_000_000;
+/// The largest `UnusualFactor` and `UnusualFloor`.
+pub const MAX_FACTOR: u32 = 1_000;
+pub const MAX_FLOOR: u32 = 1_000_000;
+
+/// The policy's settings for unusual activity.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UnusualConfig {
+    /// How many times its usual rate a key's count in a bucket must exceed;
+    /// 0 switches baselines and flags off.
+    pub factor: u32,
+    /// The least count in one bucket that can be unusual, so that quiet
+    /// keys don't flap.
+    pub floor: u32,
+    /// The most (check, key) baselines kept; the least recent go first.
+    pub keys: u32,
+}
+
+impl Default for UnusualConfig {
+    fn default() -> Self {
+        UnusualConfig {
+            factor: DEFAULT_FACTOR,
+            floor: DEFAULT_FLOOR,
+            keys: DEFAULT_KEYS,
+        }
+    }
+}
+
+impl UnusualConfig {
+    /// The settings given, the defaults for the others.
+    pub fn new(factor: Option<u32>, floor: Option<u32>, keys: Option<u32>) -> UnusualConfig {
+        let d = UnusualConfig::default();
+        UnusualConfig {
+            factor: factor.unwrap_or(d.factor),
+            floor: floor.unwrap_or(d.floor),
+            keys: keys.unwrap_or(d.keys),
+        }
+    }
+
+    pub fn is_on(self) -> bool {
+        self.factor > 0
+    }
+
+    /// The least count in a bucket that is unusual for a key whose usual
+    /// count is `usual` (`None`: no history); `u32::MAX` when off.
+    pub fn trip(self, usual: Option<f32>) -> u32 {
+        if !self.is_on() {
+            return u32::MAX;
+        }
+        let over = usual.map_or(0, |u| (u * self.factor as f32).floor() as u32 + 1);
+        over.max(self.floor).max(1)
+    }
+}
+
+/// A policy setting of this module.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Setting {
+    Factor,
+    Floor,
+    Keys,
+}
+
+impl Setting {
+    pub fn from_name(word: &str) -> Option<Setting> {
+        [
+            ("UnusualFactor", Setting::Factor),
+            ("UnusualFloor", Setting::Floor),
+            ("UnusualKeys", Setting::Keys),
+        ]
+        .into_iter()
+        .find(|(name, _)| word.eq_ignore_ascii_case(name))
+        .map(|(_, s)| s)
+    }
+
+    /// The value, within its bounds; the error says which.
+    pub fn parse(self, text: &str) -> Result<u32, String> {
+        let (name, min, max, what) = match self {
+            Setting::Factor => ("UnusualFactor", 0, MAX_FACTOR, " (0: off)"),
+            Setting::Floor => ("UnusualFloor", 1, MAX_FLOOR, ""),
+            Setting::Keys => ("UnusualKeys", 1, MAX_KEYS, ""),
+        };
+        match text.parse::<u32>() {
+            Ok(n) if (min..=max).contains(&n) => Ok(n),
+            _ => Err(format!(
+                "expected a number from {min} to {max} after {name}{what}, found {}",
+                crate::bounds::cut(text)
+            )),
+        }
+    }
+}
+
+/// A key's usual count per bucket, per hour of the day.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Baseline {
+    mean: [f32; SLOTS],
+    /// The variance.
+    var: [f32; SLOTS],
+    /// Bit h: hour h has been learned.
+    learned: u32,
+    /// The latest bucket learned, to forget the least recent keys first.
+    last: u64,
+}
+
+impl Default for Baseline {
+    fn default() -> Self {
+        Baseline {
+            mean: [0.0; SLOTS],
+            var: [0.0; SLOTS],
+            learned: 0,
+            last: 0,
+        }
+    }
+}
+
+/// The hour of the day (UTC) of an instant, in seconds since the epoch.
+pub fn hour_of_day(secs: u64) -> usize {
+    ((secs / 3600) % SLOTS as u64) as usize
+}
+
+impl Baseline {
+    /// Takes in the `count` of `bucket`, which started at `start` (seconds),
+    /// slowly if the key was `unusual` then. An hour's first sample is its
+    /// mean.
+    pub fn learn(&mut self, bucket: u64, start: u64, count: u32, unusual: bool) {
+        let h = hour_of_day(start);
+        let x = count as f32;
+        if unusual && self.learned & (1 << h) != 0 {
+            self.mean[h] += ALPHA_UNUSUAL * (x - self.mean[h]);
+        } else if self.learned & (1 << h) == 0 {
+            self.mean[h] = x;
+            self.var[h] = 0.0;
+            self.learned |= 1 << h;
+        } else {
+            let d = x - self.mean[h];
+            self.mean[h] += ALPHA * d;
+            self.var[h] = (1.0 - ALPHA) * (self.var[h] + ALPHA * d * d);
+        }
+        self.last = self.last.max(bucket);
+    }
+
+    /// The usual count per bucket at `secs`: mean plus one spread of that
+    /// hour, or, for an hour not learned yet, the highest of the learned
+    /// ones; `None` without any history.
+    pub fn usual(&self, secs: u64) -> Option<f32> {
+        let at = |h: usize| self.mean[h] + self.var[h].sqrt();
+        let h = hour_of_day(secs);
+        if self.learned & (1 << h) != 0 {
+            return Some(at(h));
+        }
+        (0..SLOTS)
+            .filter(|h| self.learned & (1 << h) != 0)
+            .map(at)
+            .reduce(f32::max)
+    }
+
+    /// The latest bucket learned.
+    pub fn last(&self) -> u64 {
+        self.last
+    }
+
+    /// Counts per bucket scaled by `ratio` (a new bucket size over the old).
+    pub fn rescale(&mut self, ratio: f32) {
+        for h in 0..SLOTS {
+            self.mean[h] *= ratio;
+            self.var[h] *= ratio * ratio;
+        }
+    }
+
+    /// Whether this code could have made it: finite, non-negative numbers
+    /// and only hours of the day learned. A snapshot's are checked with it.
+    pub fn is_sound(&self) -> bool {
+        self.learned < (1 << SLOTS)
+            && self
+                .mean
+                .iter()
+                .chain(&self.var)
+                .all(|v| v.is_finite() && *v >= 0.0 && *v <= u32::MAX as f32)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_steady_count_is_its_own_usual() {
+        let mut b = Baseline::default();
+        assert_eq!(b.usual(0), None);
+        for i in 0..200 {
+            b.learn(i, i * 30, 7, false);
+        }
+        assert_eq!(b.usual(100), Some(7.0));
+        // Another hour, not learned: the highest learned one.
+        assert_eq!(b.usual(5 * 3600), Some(7.0));
+    }
+
+    #[test]
+    fn trip_needs_both_the_factor_and_the_floor() {
+        let c = UnusualConfig::default();
+        assert_eq!(c.trip(None), 10);
+        assert_eq!(c.trip(Some(1.0)), 10);
+        assert_eq!(c.trip(Some(5.0)), 21);
+        let off = UnusualConfig::new(Some(0), None, None);
+        assert_eq!(off.trip(Some(1.0)), u32::MAX);
+    }
+
+    #[test]
+    fn settings_are_bounded() {
+        assert_eq!(Setting::Factor.parse("0"), Ok(0));
+        assert!(Setting::Floor.parse("0").is_err());
+        assert!(Setting::Keys.parse("10000001").is_err());
+        assert!(Setting::Factor
+            .parse("x")
+            .unwrap_err()
+            .contains("UnusualFactor"));
+    }
+}
