@@ -155,6 +155,13 @@ async fn the_page_shows_a_key_over_its_limit_and_the_latest_refusal() {
     );
     assert!(dom.contains("10.88.0.1"), "the key over its limit:\n{dom}");
     assert!(dom.contains("ConnRate"), "{dom}");
+    // The unusual keys' table was filled (a row, a key or "no unusual key").
+    let unusual = dom
+        .split("<table id=\"unusual\">")
+        .nth(1)
+        .and_then(|t| t.split("</table>").next())
+        .unwrap_or_default();
+    assert!(unusual.contains("<tbody><tr>"), "the unusual keys:\n{dom}");
     // The refusal, with the sender as text: escaped in the DOM, and no
     // element made of it.
     assert!(

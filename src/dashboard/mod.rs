@@ -270,33 +270,43 @@ async fn top(
         Ok(a) => a,
         Err((code, why)) => return error(code, why),
     };
-    let request = pb::TopRequest {
-        check: pb::Check::Unspecified.into(),
-        limit: TOP_KEYS,
-    };
-    let keys = match admin.top(Request::new(request)).await {
-        Ok(t) => t.into_inner().keys,
-        Err(e) => return failed(e),
-    };
-    let keys: Vec<Value> = keys
-        .iter()
-        .map(|k| {
-            let check = pb::Check::try_from(k.check)
-                .ok()
-                .and_then(|c| crate::check::Check::try_from(c).ok())
-                .map_or("unknown", |c| c.name());
-            json!({
-                "check": check,
-                "key": k.key,
-                "count": k.count,
-                "limit": k.limit,
-                "percent": k.percent,
-                "window_secs": k.window_secs,
-                "enabled": k.enabled,
-            })
-        })
-        .collect();
-    data(json!({ "keys": keys }))
+    // The keys nearest their limits, and the keys unusual now (their
+    // count in this bucket well above their own baseline).
+    let mut lists = Vec::new();
+    for unusual in [false, true] {
+        let request = pb::TopRequest {
+            check: pb::Check::Unspecified.into(),
+            limit: TOP_KEYS,
+            unusual,
+        };
+        match admin.top(Request::new(request)).await {
+            Ok(t) => lists.push(t.into_inner().keys.iter().map(key_json).collect::<Vec<_>>()),
+            Err(e) => return failed(e),
+        }
+    }
+    let unusual = lists.pop().unwrap_or_default();
+    let keys = lists.pop().unwrap_or_default();
+    data(json!({ "keys": keys, "unusual": unusual }))
+}
+
+/// One key of a Top answer, for the page.
+fn key_json(k: &pb::KeyCount) -> Value {
+    let check = pb::Check::try_from(k.check)
+        .ok()
+        .and_then(|c| crate::check::Check::try_from(c).ok())
+        .map_or("unknown", |c| c.name());
+    json!({
+        "check": check,
+        "key": k.key,
+        "count": k.count,
+        "limit": k.limit,
+        "percent": k.percent,
+        "window_secs": k.window_secs,
+        "enabled": k.enabled,
+        "unusual": k.unusual,
+        "bucket_count": k.bucket_count,
+        "baseline": k.baseline,
+    })
 }
 
 async fn history_json(

@@ -112,6 +112,13 @@ function showTop(t) {
     body.appendChild(row([k.check, el("td", k.key, "key"), k.count,
       k.limit || "-", of, k.window_secs ? k.window_secs + " s" : "-"]));
   }
+  const unusual = document.querySelector("#unusual tbody");
+  clear(unusual);
+  if (t.unusual.length === 0) unusual.appendChild(row(["no unusual key"]));
+  for (const k of t.unusual) {
+    unusual.appendChild(row([k.check, el("td", k.key, "key"), k.bucket_count,
+      k.baseline == null ? "-" : k.baseline.toFixed(1), k.count, k.limit || "-"]));
+  }
 }
 
 // Per-minute rates between samples of the running totals.
