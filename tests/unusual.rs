@@ -47,6 +47,8 @@ struct Node {
     metrics: u16,
     runs: u32,
     child: Option<Child>,
+    /// `--snapshot-every`: 5, so that a restart reads a snapshot.
+    snapshot_every: &'static str,
 }
 
 impl Node {
@@ -62,6 +64,7 @@ impl Node {
             dir,
             runs: 0,
             child: None,
+            snapshot_every: "5",
         }
     }
 
@@ -78,7 +81,8 @@ impl Node {
     fn start(&mut self, root: &Path) {
         self.runs += 1;
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_relayrate"));
-        cmd.args(["node", "--id", "1", "--bootstrap", "--snapshot-every", "5"])
+        cmd.args(["node", "--id", "1", "--bootstrap", "--snapshot-every"])
+            .arg(self.snapshot_every)
             .arg("--listen")
             .arg(self.addr.to_string())
             .arg("--peer-listen")
@@ -250,4 +254,38 @@ async fn a_flag_is_logged_once_shown_counted_and_survives_a_restart() {
         node.gauge().await == Some(1.0)
     })
     .await;
+}
+
+/// A node that replays its log at start (no snapshot taken) applies the
+/// flag's entry again: the key is unusual again, and the line is not
+/// logged again (it was, when the entry was new).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flag_replayed_from_the_log_at_start_is_not_logged_again() {
+    clear_of_the_hour().await;
+    let root = common::temp_root();
+    let mut node = Node::new(root.path());
+    node.snapshot_every = "100000";
+    node.start(root.path());
+    let mut c = limiter(node.addr);
+    send(&mut c, "10.9.0.1", 15, &node).await;
+    let first = node.log();
+    assert_eq!(
+        first
+            .lines()
+            .filter(|l| l.contains("relayrate::unusual"))
+            .count(),
+        1,
+        "{first}"
+    );
+    node.kill();
+    node.start(root.path());
+    let mut c = limiter(node.addr);
+    send(&mut c, "10.9.0.3", 1, &node).await;
+    assert_eq!(node.unusual(), ["10.9.0.1"], "{}", node.log());
+    let replayed = node.log();
+    let again: Vec<&str> = replayed
+        .lines()
+        .filter(|l| l.contains("relayrate::unusual"))
+        .collect();
+    assert!(again.is_empty(), "logged again at start: {again:#?}");
 }

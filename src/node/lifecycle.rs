@@ -149,8 +149,13 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, NodeError> {
         source: std::io::Error::other(e),
     })?;
     let storage = |e: &dyn std::fmt::Display| NodeError::Storage(e.to_string());
-    let log = LogStore::open(&db).map_err(|e| storage(&e))?;
-    let sm = StateMachine::open(&db).map_err(|e| storage(&e))?;
+    let mut log = LogStore::open(&db).map_err(|e| storage(&e))?;
+    let mut sm = StateMachine::open(&db).map_err(|e| storage(&e))?;
+    {
+        use openraft::storage::RaftLogStorage;
+        let end = log.get_log_state().await.map_err(|e| storage(&e))?;
+        sm.replays_until(end.last_log_id.map_or(0, |l| l.index));
+    }
     let state = sm.shared();
     let clock = sm.clock();
     let meta = db.open_tree("node_meta").map_err(|e| storage(&e))?;

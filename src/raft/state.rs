@@ -194,6 +194,10 @@ pub struct LimiterState {
     owners: HashMap<u64, Owner>,
     /// The latest stamp applied; time never runs backwards here.
     now_ms: StampMs,
+    /// Whether the entries applied now are this node's log replayed at
+    /// start: their unusual keys were logged when first applied. Not part
+    /// of the stored state.
+    replaying: bool,
 }
 
 /// Everything of [`LimiterState`], in a form to store and send.
@@ -234,7 +238,7 @@ pub fn policy_hash(files: &[PolicyFile]) -> String {
 /// One line when a key becomes unusual: who, which check, its count in
 /// the window against its limit, and its count in the bucket against its
 /// usual count per bucket. Every node logs it as it applies the event
-/// (and again if it replays that entry of its log at start).
+/// (not when it replays that entry of its log at start).
 fn log_unusual(policy: &Policy, flag: &crate::engine::Flag) {
     let key = match &flag.key {
         CounterKey::Ip(ip) => policy.counted_text(*ip),
@@ -271,7 +275,14 @@ impl LimiterState {
             seen: HashMap::new(),
             owners: HashMap::new(),
             now_ms: 0,
+            replaying: false,
         }
+    }
+
+    /// Says whether the entries applied from now on are this node's own
+    /// log replayed at start (see `replaying`).
+    pub fn set_replaying(&mut self, replaying: bool) {
+        self.replaying = replaying;
     }
 
     pub fn engine(&self) -> &Engine {
@@ -322,7 +333,9 @@ impl LimiterState {
                     .map(|(id, event)| self.decide_once(*id, event, now))
                     .collect();
                 for flag in self.engine.take_flags() {
-                    log_unusual(self.engine.policy(), &flag);
+                    if !self.replaying {
+                        log_unusual(self.engine.policy(), &flag);
+                    }
                 }
                 Response::Verdicts(verdicts)
             }
@@ -429,6 +442,7 @@ impl LimiterState {
             seen: s.seen.into_iter().collect(),
             owners: s.owners.into_iter().collect(),
             now_ms: s.now_ms,
+            replaying: false,
         })
     }
 

@@ -56,6 +56,9 @@ pub struct StateMachine {
     db: sled::Db,
     /// Makes snapshot ids unique.
     builds: u64,
+    /// The last index of this node's log when it opened: entries up to it
+    /// are replayed, not new (see [`StateMachine::replays_until`]).
+    replay_until: u64,
 }
 
 /// A new cluster's state: no policy in force until one is applied, so
@@ -79,11 +82,18 @@ impl StateMachine {
             snapshots,
             db: db.clone(),
             builds: 0,
+            replay_until: 0,
         };
         if let Some(stored) = sm.stored()? {
             sm.restore(&stored.meta, &stored.data)?;
         }
         Ok(sm)
+    }
+
+    /// Entries up to `index` (the log's end when the node started) are
+    /// its log replayed: what they log was logged when they were new.
+    pub fn replays_until(&mut self, index: u64) {
+        self.replay_until = index;
     }
 
     pub fn shared(&self) -> SharedState {
@@ -202,6 +212,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let mut applied = self.applied.lock().expect("applied lock");
         for entry in entries {
             applied.last = Some(entry.log_id);
+            state.set_replaying(entry.log_id.index <= self.replay_until);
             responses.push(match entry.payload {
                 EntryPayload::Blank => Response::Done,
                 EntryPayload::Normal(request) => state.apply(&request),
