@@ -138,7 +138,8 @@ fn zero_known_series() {
     counter!("relayrate_abandoned_events_total").increment(0);
     counter!("relayrate_milter_accept_errors_total").increment(0);
     gauge!("relayrate_milter_connections").set(0.0);
-    gauge!("relayrate_ready").set(0.0);
+    // Not `relayrate_ready`: a node sets it as it starts, and a milter
+    // alone has no node (a 0 there would read as a node not ready).
 }
 
 /// The SMTP stages at which the milter may refuse for `check`
