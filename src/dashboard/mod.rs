@@ -66,10 +66,9 @@ impl Dashboard {
         let _ = self.admin.set(AdminService::new(node, self.token.clone()));
     }
 
-    /// Whether a request from `peer` with `headers` may read the API;
-    /// the refusal otherwise.
-    fn allow(&self, peer: SocketAddr, headers: &HeaderMap) -> Result<&AdminService, Denied> {
-        self.check(peer, headers)?;
+    /// The node's Admin service, once the node serves; the API's answer
+    /// otherwise.
+    fn admin(&self) -> Result<&AdminService, Denied> {
         self.admin
             .get()
             .ok_or((StatusCode::SERVICE_UNAVAILABLE, "the node is starting"))
@@ -125,12 +124,32 @@ pub fn router(dashboard: Arc<Dashboard>) -> Router {
             "/dashboard.css",
             get(|| async { asset(STYLE, "text/css; charset=utf-8") }),
         )
-        .route("/api/status", get(status))
-        .route("/api/policy", get(policy))
-        .route("/api/top", get(top))
-        .route("/api/history", get(history_json))
-        .route("/api/refusals", get(refusals))
+        .nest("/api", api(dashboard.clone()))
         .with_state(dashboard)
+}
+
+/// The JSON the page reads, each call let through by [`guard`] first.
+fn api(dashboard: Arc<Dashboard>) -> Router<Arc<Dashboard>> {
+    Router::new()
+        .route("/status", get(status))
+        .route("/policy", get(policy))
+        .route("/top", get(top))
+        .route("/history", get(history_json))
+        .route("/refusals", get(refusals))
+        .route_layer(axum::middleware::from_fn_with_state(dashboard, guard))
+}
+
+/// Refuses a caller who may not read the API ([`Dashboard::check`]).
+async fn guard(
+    State(d): State<Arc<Dashboard>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    match d.check(peer, request.headers()) {
+        Ok(()) => next.run(request).await,
+        Err((code, why)) => error(code, why),
+    }
 }
 
 /// Takes a sample of the decision totals every [`history::SAMPLE_EVERY`],
@@ -192,12 +211,8 @@ fn failed(status: tonic::Status) -> Response {
     error(StatusCode::BAD_GATEWAY, &message)
 }
 
-async fn status(
-    State(d): State<Arc<Dashboard>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-) -> Response {
-    let admin = match d.allow(peer, &headers) {
+async fn status(State(d): State<Arc<Dashboard>>) -> Response {
+    let admin = match d.admin() {
         Ok(a) => a,
         Err((code, why)) => return error(code, why),
     };
@@ -237,12 +252,8 @@ async fn status(
 
 /// The policy in force, from the leader: its files' text, which the page
 /// fetches when the hash in `/api/status` changes.
-async fn policy(
-    State(d): State<Arc<Dashboard>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-) -> Response {
-    let admin = match d.allow(peer, &headers) {
+async fn policy(State(d): State<Arc<Dashboard>>) -> Response {
+    let admin = match d.admin() {
         Ok(a) => a,
         Err((code, why)) => return error(code, why),
     };
@@ -261,12 +272,8 @@ async fn policy(
     data(json!({ "hash": p.hash, "applied_unix_ms": p.applied_unix_ms, "files": files }))
 }
 
-async fn top(
-    State(d): State<Arc<Dashboard>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-) -> Response {
-    let admin = match d.allow(peer, &headers) {
+async fn top(State(d): State<Arc<Dashboard>>) -> Response {
+    let admin = match d.admin() {
         Ok(a) => a,
         Err((code, why)) => return error(code, why),
     };
@@ -309,14 +316,7 @@ fn key_json(k: &pb::KeyCount) -> Value {
     })
 }
 
-async fn history_json(
-    State(d): State<Arc<Dashboard>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-) -> Response {
-    if let Err((code, why)) = d.allow(peer, &headers) {
-        return error(code, why);
-    }
+async fn history_json() -> Response {
     let mut samples = history::samples();
     // The totals now end the series, so that the charts move before the
     // next sample.
@@ -327,14 +327,7 @@ async fn history_json(
     }))
 }
 
-async fn refusals(
-    State(d): State<Arc<Dashboard>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-) -> Response {
-    if let Err((code, why)) = d.allow(peer, &headers) {
-        return error(code, why);
-    }
+async fn refusals() -> Response {
     data(json!({ "refusals": history::latest_refusals() }))
 }
 

@@ -109,6 +109,38 @@ fn gives_back_only(p: &Pending) -> bool {
         .all(|(_, e)| matches!(e, Event::Close { .. } | Event::GiveBack { .. }))
 }
 
+/// A batch being gathered, and its size.
+struct Gathering {
+    batch: Vec<Pending>,
+    size: Size,
+}
+
+impl Gathering {
+    fn new(first: Pending) -> Gathering {
+        Gathering {
+            size: Size::of(&first),
+            batch: vec![first],
+        }
+    }
+
+    /// Whether the batch may take more callers.
+    fn open(&self) -> bool {
+        self.size.events < MAX_EVENTS
+    }
+
+    /// Adds `p`, or hands it back when it would not fit in this entry.
+    fn add(&mut self, p: Pending) -> Result<(), Pending> {
+        let more = Size::of(&p);
+        if !self.size.fits(more) {
+            return Err(p);
+        }
+        self.size.events += more.events;
+        self.size.bytes += more.bytes;
+        self.batch.push(p);
+        Ok(())
+    }
+}
+
 pub async fn run(node: Arc<Node>, mut rx: mpsc::Receiver<Pending>) {
     // A caller's events that did not fit in the last batch open the next.
     let mut held: Option<Pending> = None;
@@ -120,43 +152,29 @@ pub async fn run(node: Arc<Node>, mut rx: mpsc::Receiver<Pending>) {
                 None => break,
             },
         };
-        let mut size = Size::of(&first);
-        let mut batch = vec![first];
-        // Give-backs wait a little for company (GIVE_BACK_WAIT).
-        if gives_back_only(&batch[0]) {
-            let until = tokio::time::Instant::now() + GIVE_BACK_WAIT;
-            while size.events < MAX_EVENTS && batch.iter().all(gives_back_only) {
-                match tokio::time::timeout_at(until, rx.recv()).await {
-                    Ok(Some(p)) => {
-                        let more = Size::of(&p);
-                        if !size.fits(more) {
-                            held = Some(p);
-                            break;
-                        }
-                        size.events += more.events;
-                        size.bytes += more.bytes;
-                        batch.push(p);
-                    }
-                    Ok(None) | Err(_) => break,
-                }
+        let mut waiting = gives_back_only(&first);
+        let mut gathering = Gathering::new(first);
+        // Give-backs wait a little for company (GIVE_BACK_WAIT), until a
+        // caller that must be written now joins them.
+        let until = tokio::time::Instant::now() + GIVE_BACK_WAIT;
+        while waiting && gathering.open() {
+            let Ok(Some(p)) = tokio::time::timeout_at(until, rx.recv()).await else {
+                break;
+            };
+            waiting = gives_back_only(&p);
+            if let Err(p) = gathering.add(p) {
+                held = Some(p);
+                break;
             }
         }
         let permit = node.in_flight.acquire(node.is_leader()).await;
-        while held.is_none() && size.events < MAX_EVENTS {
-            match rx.try_recv() {
-                Ok(p) => {
-                    let more = Size::of(&p);
-                    if !size.fits(more) {
-                        held = Some(p);
-                        break;
-                    }
-                    size.events += more.events;
-                    size.bytes += more.bytes;
-                    batch.push(p);
-                }
-                Err(_) => break,
+        while held.is_none() && gathering.open() {
+            let Ok(p) = rx.try_recv() else { break };
+            if let Err(p) = gathering.add(p) {
+                held = Some(p);
             }
         }
+        let batch = gathering.batch;
         // A caller that gave up (its milter decided without the cluster)
         // must not be counted here as well.
         let (gone, batch): (Vec<_>, Vec<_>) = batch.into_iter().partition(|p| p.reply.is_closed());
