@@ -339,14 +339,7 @@ impl Run {
 
     /// relayratectl `args` against it; its stdout, checked to succeed.
     fn ctl(&self, args: &[&std::ffi::OsStr]) -> String {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_relayratectl"))
-            .arg("--node")
-            .arg(format!("http://{}", self.node))
-            .args(args)
-            .env_remove("RELAYRATE_NODE")
-            .env_remove("RELAYRATE_ADMIN_TOKEN_FILE")
-            .output()
-            .unwrap();
+        let out = common::relayratectl(self.node, args);
         assert!(
             out.status.success(),
             "relayratectl {args:?}: {}\n{}",

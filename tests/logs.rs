@@ -455,14 +455,7 @@ fn assert_plain_words(log: &str) {
 }
 
 fn reset(node: std::net::SocketAddr, key: &str) {
-    let out = Command::new(env!("CARGO_BIN_EXE_relayratectl"))
-        .arg("--node")
-        .arg(format!("http://{node}"))
-        .args(["reset", key])
-        .env_remove("RELAYRATE_NODE")
-        .env_remove("RELAYRATE_ADMIN_TOKEN_FILE")
-        .output()
-        .unwrap();
+    let out = common::relayratectl(node, &["reset", key]);
     assert!(
         out.status.success(),
         "{}",

@@ -11,7 +11,6 @@ mod common;
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::{
@@ -184,14 +183,7 @@ impl Site {
 }
 
 fn open_count(node: SocketAddr, ip: &str) -> Option<u64> {
-    let out = Command::new(env!("CARGO_BIN_EXE_relayratectl"))
-        .arg("--node")
-        .arg(format!("http://{node}"))
-        .args(["show", ip, "--json"])
-        .env_remove("RELAYRATE_NODE")
-        .env_remove("RELAYRATE_ADMIN_TOKEN_FILE")
-        .output()
-        .expect("run relayratectl");
+    let out = common::relayratectl(node, &["show", ip, "--json"]);
     if !out.status.success() {
         return None;
     }
@@ -697,14 +689,7 @@ async fn send_once_given_back(site: &Site, ip: &str, subject: &str) {
 
 /// `relayratectl reset IP --check MsgRate`.
 fn reset_msgrate(node: SocketAddr, ip: &str) {
-    let out = Command::new(env!("CARGO_BIN_EXE_relayratectl"))
-        .arg("--node")
-        .arg(format!("http://{node}"))
-        .args(["reset", ip, "--check", "MsgRate"])
-        .env_remove("RELAYRATE_NODE")
-        .env_remove("RELAYRATE_ADMIN_TOKEN_FILE")
-        .output()
-        .expect("run relayratectl");
+    let out = common::relayratectl(node, &["reset", ip, "--check", "MsgRate"]);
     assert!(
         out.status.success(),
         "reset: {}",

@@ -109,15 +109,7 @@ impl Node {
     }
 
     fn ctl(&self, args: &[&str]) -> Value {
-        let out = Command::new(env!("CARGO_BIN_EXE_relayratectl"))
-            .arg("--node")
-            .arg(format!("http://{}", self.addr))
-            .args(args)
-            .arg("--json")
-            .env_remove("RELAYRATE_NODE")
-            .env_remove("RELAYRATE_ADMIN_TOKEN_FILE")
-            .output()
-            .unwrap();
+        let out = common::relayratectl(self.addr, &[args, &["--json"]].concat());
         assert!(
             out.status.success(),
             "{}\n{}",

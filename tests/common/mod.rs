@@ -66,6 +66,23 @@ pub fn sasl_available(test: &str) -> bool {
 /// it.
 pub const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
 
+/// `relayratectl --node http://NODE ARGS...` as a process, with none of
+/// the caller's RELAYRATE_NODE or token file: its output, whatever its
+/// exit.
+pub fn relayratectl<S: AsRef<std::ffi::OsStr>>(
+    node: SocketAddr,
+    args: &[S],
+) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_relayratectl"))
+        .arg("--node")
+        .arg(format!("http://{node}"))
+        .args(args)
+        .env_remove("RELAYRATE_NODE")
+        .env_remove("RELAYRATE_ADMIN_TOKEN_FILE")
+        .output()
+        .expect("run relayratectl")
+}
+
 /// Whether libfaketime is here; when not, the test is skipped loudly
 /// ([`skip`]), or fails under `RELAYRATE_REQUIRE_MTA=1` (CI installs it).
 pub fn faketime_available(test: &str) -> bool {
