@@ -412,49 +412,59 @@ fn hot_path(c: &mut Criterion) {
     bench_run(c, "session_mix_100k_keys", || {
         Run::new(allowing.clone(), sessions(&ips), true).warm(WARM)
     });
-
-    // The same four with baselines off (`UnusualFactor 0`): no learning at
-    // bucket starts, no flag to trip.
-    let off = policy(&format!("{POLICY}UnusualFactor 0\n"));
-    bench_run(c, "message_100k_keys_baselines_off", || {
-        Run::new(off.clone(), messages(&ips), true).warm(WARM)
-    });
-    bench_run(c, "rcpt_100k_keys_baselines_off", || {
-        Run::new(off.clone(), rcpts(&ips), true).warm(WARM)
-    });
-    bench_run(c, "connect_close_100k_keys_baselines_off", || {
-        Run::new(off.clone(), connect_close(&ips), true).warm(WARM)
-    });
-    bench_run(c, "session_mix_100k_keys_baselines_off", || {
-        Run::new(off.clone(), sessions(&ips), true).warm(WARM)
-    });
 }
 
-/// Fills a fresh engine with `events` at one instant, then, counting, one
-/// event a bucket later, whose sweep learns a baseline for every counter:
-/// prints the live heap bytes per baseline, and per million keys.
-fn measure_baselines(label: &str, policy: &Arc<Policy>, events: &[Event]) {
+/// Four of the benches with baselines on (the bench policy leaves the
+/// defaults) and off (`UnusualFactor 0`: no learning, no flag to trip),
+/// each pair run one right after the other, so that both halves of a pair
+/// see the same load on a shared machine.
+fn baselines_on_off(c: &mut Criterion) {
+    let on = policy(POLICY);
+    let off = policy(&format!("{POLICY}UnusualFactor 0\n"));
+    let ips = clients();
+    type Make = fn(&[Client]) -> Vec<Event>;
+    let benches: [(&str, Make); 4] = [
+        ("message_100k_keys", messages),
+        ("rcpt_100k_keys", rcpts),
+        ("connect_close_100k_keys", connect_close),
+        ("session_mix_100k_keys", sessions),
+    ];
+    for (name, make) in benches {
+        for (state, policy) in [("on", &on), ("off", &off)] {
+            bench_run(c, &format!("{name}_baselines_{state}"), || {
+                Run::new(policy.clone(), make(&ips), true).warm(WARM)
+            });
+        }
+    }
+}
+
+/// The live heap bytes a fresh engine holds after applying `events` at
+/// one instant, and the engine.
+fn filled(policy: &Arc<Policy>, events: &[Event]) -> (isize, Engine) {
     let mut engine = Engine::new(policy.clone());
+    HELD.store(0, Ordering::SeqCst);
+    COUNTING.store(true, Ordering::SeqCst);
     for e in events {
         black_box(engine.apply(e, START));
     }
-    for n in [&ASKED, &HELD, &BLOCKS] {
-        n.store(0, Ordering::SeqCst);
-    }
-    COUNTING.store(true, Ordering::SeqCst);
-    black_box(engine.apply(&events[0], START + 30));
     COUNTING.store(false, Ordering::SeqCst);
-    let [asked, held] = [&ASKED, &HELD].map(|n| n.load(Ordering::SeqCst));
+    (HELD.load(Ordering::SeqCst), engine)
+}
+
+/// Fills a fresh engine with `events` with baselines on (each key gets
+/// its baseline at its first event) and another with them off, and prints
+/// the difference in live heap bytes per baseline, and per million keys.
+fn measure_baselines(label: &str, events: &[Event]) {
+    let (on, engine) = filled(&policy(POLICY), events);
+    let (off, without) = filled(&policy(&format!("{POLICY}UnusualFactor 0\n")), events);
     let n = engine.baselines_len().max(1) as f64;
+    let per = (on - off) as f64 / n;
     println!(
-        "memory: {:.0} bytes per baseline over {} baselines [{label}]: {:.0} B asked \
-         of the allocator; {:.0} MB per million keys",
-        held as f64 / n,
+        "memory: {per:.0} bytes per baseline over {} baselines [{label}]; \
+         {per:.0} MB per million keys",
         engine.baselines_len(),
-        asked as f64 / n,
-        held as f64 / n,
     );
-    drop(black_box(engine));
+    drop(black_box((engine, without)));
 }
 
 /// Fills a fresh engine with `events` at one instant and prints the live
@@ -484,7 +494,8 @@ fn measure(label: &str, policy: &Arc<Policy>, events: &[Event]) {
 }
 
 fn memory(_: &mut Criterion) {
-    let allowing = policy(POLICY);
+    // The counters alone: baselines are measured apart, below.
+    let allowing = policy(&format!("{POLICY}UnusualFactor 0\n"));
     let ips = clients();
     let senders = sender_clients(KEYS, false);
     measure("IP keys, 1 check (MsgRate)", &allowing, &messages(&ips));
@@ -533,18 +544,16 @@ fn memory(_: &mut Criterion) {
         &allowing,
         &messages(&sender_clients(worst, false)),
     );
-    measure_baselines("IP keys, 1 check (MsgRate)", &allowing, &messages(&ips));
+    measure_baselines("IP keys, 1 check (MsgRate)", &messages(&ips));
     measure_baselines(
         "sender keys, 1 check (MsgRateFrom), senders of 23-29 bytes",
-        &allowing,
         &messages(&senders),
     );
     measure_baselines(
         "IP keys, 1 check, 114,689 keys: table just grown",
-        &allowing,
         &messages(&many_ips),
     );
 }
 
-criterion_group!(benches, memory, hot_path);
+criterion_group!(benches, memory, hot_path, baselines_on_off);
 criterion_main!(benches);

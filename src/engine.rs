@@ -12,7 +12,7 @@ use std::sync::Arc;
 use hashbrown::{Equivalent, HashMap};
 use serde::{Deserialize, Serialize};
 
-use crate::baseline::{Baseline, UnusualConfig};
+use crate::baseline::{hour_of_day, Baseline, UnusualConfig};
 use crate::check::{Check, Measure, Reply};
 use crate::policy::{Client, Policy};
 use crate::window::{Window, WindowConfig};
@@ -203,6 +203,19 @@ impl CounterKeyRef<'_> {
     }
 }
 
+impl CounterId {
+    fn as_lookup(&self) -> CounterIdRef<'_> {
+        let key = match &self.key {
+            CounterKey::Ip(ip) => CounterKeyRef::Ip(*ip),
+            CounterKey::Name(n) => CounterKeyRef::Name(n),
+        };
+        CounterIdRef {
+            check: self.check,
+            key,
+        }
+    }
+}
+
 /// Whether the `count`-th event is the one that reaches 80% of `limit`.
 fn crosses_near_limit(count: u64, limit: u64) -> bool {
     let (num, den) = NEAR_LIMIT;
@@ -250,10 +263,28 @@ pub struct EngineState {
 #[derive(Clone, Debug)]
 struct Counter {
     window: Window,
-    /// The count in one bucket at which the key becomes unusual, for the
-    /// current bucket (`u32::MAX`: never).
+    /// The count in one bucket at which the key becomes unusual, from its
+    /// baseline for the hour of bucket `learned + 1` (`u32::MAX`: never).
     trip: u32,
     unusual: bool,
+    /// The latest bucket its key's baseline has learned (a copy of
+    /// [`Baseline::last`], to know without a lookup when the next is
+    /// due), or [`NO_BASELINE`].
+    learned: u64,
+}
+
+/// [`Counter::learned`] of a key with no baseline (off, or no room).
+const NO_BASELINE: u64 = u64::MAX;
+
+impl Counter {
+    fn new(window: WindowConfig) -> Counter {
+        Counter {
+            window: Window::new(window),
+            trip: u32::MAX,
+            unusual: false,
+            learned: NO_BASELINE,
+        }
+    }
 }
 
 /// A key that became unusual: its count in the window and in the bucket
@@ -331,8 +362,11 @@ impl Engine {
             }
             // Usual counts are per bucket: a bigger bucket holds more.
             let ratio = to.bucket_secs() as f32 / from.bucket_secs() as f32;
-            self.baselines.values_mut().for_each(|b| b.rescale(ratio));
-            self.swept = self.swept * u64::from(from.bucket_secs()) / u64::from(to.bucket_secs());
+            let rebucket = |b: u64| b * u64::from(from.bucket_secs()) / u64::from(to.bucket_secs());
+            for b in self.baselines.values_mut() {
+                b.rescale(ratio, rebucket(b.last()));
+            }
+            self.swept = rebucket(self.swept);
         }
         if policy.ipv6_prefix() != self.policy.ipv6_prefix() {
             let v4 = |id: &CounterId| !matches!(id.key, CounterKey::Ip(IpAddr::V6(_)));
@@ -344,14 +378,21 @@ impl Engine {
         self.retrip();
     }
 
-    /// Sets every counter's trip for the bucket last swept, and recounts
-    /// the unusual ones (after a policy change or a restore).
+    /// Sets every counter's copy of its baseline's last bucket and its
+    /// trip from them, as its latest catch-up did, and recounts the
+    /// unusual ones (after a policy change or a restore).
     fn retrip(&mut self) {
         let config = self.policy.unusual();
-        let at = self.swept * u64::from(self.window.bucket_secs());
+        let size = u64::from(self.window.bucket_secs());
         self.unusual = [0; Check::ALL.len()];
         for (id, c) in &mut self.counters {
-            c.trip = config.trip(self.baselines.get(id).and_then(|b| b.usual(at)));
+            (c.learned, c.trip) = match self.baselines.get(id) {
+                Some(b) if config.is_on() => {
+                    let next = b.last() + 1;
+                    (b.last(), config.trip(b.usual(next * size)))
+                }
+                _ => (NO_BASELINE, u32::MAX),
+            };
             c.unusual &= config.is_on();
             self.unusual[id.check.index()] += u64::from(c.unusual);
         }
@@ -451,6 +492,7 @@ impl Engine {
 
     /// An engine with a snapshot's state, deciding with `policy`.
     pub fn from_state(policy: Arc<Policy>, state: EngineState) -> Engine {
+        let policy_window = policy.window();
         let mut engine = Engine::new(policy);
         engine.counters = state
             .counters
@@ -458,8 +500,7 @@ impl Engine {
             .map(|(id, window)| {
                 let c = Counter {
                     window,
-                    trip: u32::MAX,
-                    unusual: false,
+                    ..Counter::new(policy_window)
                 };
                 (id, c)
             })
@@ -572,6 +613,8 @@ impl Engine {
 
     /// Adds one event to each enabled windowed check of `checks`.
     fn count(&mut self, checks: &[Check], client: &Client, now: Time) {
+        let config = self.policy.unusual();
+        let bucket = self.window.bucket_of(now);
         for &check in checks {
             if !self.policy.is_enabled(check) {
                 continue;
@@ -581,30 +624,30 @@ impl Engine {
             };
             let window = self.window;
             let lookup = CounterIdRef { check, key };
+            let mut fresh = false;
             let c = match self.counters.get_mut(&lookup) {
                 Some(c) => c,
                 None => {
+                    fresh = true;
                     let id = CounterId {
                         check,
                         key: lookup.key.to_owned(),
                     };
-                    let config = self.policy.unusual();
-                    let trip = match self.baselines.get(&id) {
-                        Some(b) => config.trip(b.usual(now)),
-                        // No room to learn it: not judged.
-                        None if self.baselines.len() >= config.keys as usize => u32::MAX,
-                        None => config.trip(None),
-                    };
-                    let c = Counter {
-                        window: Window::new(window),
-                        trip,
-                        unusual: false,
-                    };
-                    self.counters.entry(id).or_insert(c)
+                    self.counters.entry(id).or_insert(Counter::new(window))
                 }
             };
+            // A counter's first event in a bucket judges the bucket before;
+            // the others cost one comparison.
+            if config.is_on() && (fresh || c.window.newest() < bucket) {
+                let judge = Judge {
+                    config,
+                    window,
+                    baselines: &mut self.baselines,
+                    unusual: &mut self.unusual[check.index()],
+                };
+                judge.bucket_starts(&lookup, c, bucket, fresh);
+            }
             let count = c.window.add(window, now, 1);
-            // One comparison per event; the trip is set at bucket starts.
             let newly_unusual = !c.unusual && c.window.newest_count() >= c.trip;
             if newly_unusual {
                 c.unusual = true;
@@ -785,10 +828,11 @@ impl Engine {
     /// Forgets counters with nothing left in their window, once per bucket,
     /// so memory follows the active clients, not every client ever seen.
     ///
-    /// With baselines on, each live counter's buckets completed since the
-    /// last sweep are learned first (at most a window of them), its trip
-    /// for the new bucket is set, and it stays unusual only if the last
-    /// completed bucket was unusual against its updated baseline.
+    /// With baselines on, a counter going idle first learns the buckets it
+    /// had not learned, and an unusual one whose last bucket was usual is
+    /// cleared (live counters are judged at their first event in a bucket;
+    /// see [`Judge::bucket_starts`]). When the baselines are full, the
+    /// least recent of idle keys are forgotten, once a window.
     fn sweep_if_due(&mut self, now: Time) {
         let bucket = self.window.bucket_of(now);
         if bucket <= self.swept {
@@ -796,119 +840,160 @@ impl Engine {
         }
         let window = self.window;
         let config = self.policy.unusual();
-        if config.is_on() {
-            self.learn(config, bucket, now);
-        }
-        let unusual = &mut self.unusual;
+        let (baselines, unusual) = (&mut self.baselines, &mut self.unusual);
         self.counters.retain(|id, c| {
             let idle = c.window.is_idle(window, now);
+            let unusual = &mut unusual[id.check.index()];
+            if config.is_on() && !idle && c.unusual {
+                Judge::clear_if_usual(c, bucket, unusual);
+            }
+            if config.is_on() && idle && c.learned != NO_BASELINE {
+                let judge = Judge {
+                    config,
+                    window,
+                    baselines: &mut *baselines,
+                    unusual: &mut *unusual,
+                };
+                judge.catch_up(&id.as_lookup(), c, bucket, false, false);
+            }
             if idle && c.unusual {
-                unusual[id.check.index()] -= 1;
+                c.unusual = false;
+                *unusual -= 1;
             }
             !idle
         });
-        self.swept = bucket;
-        if self.baselines.len() >= config.keys as usize {
+        let len = u64::from(window.buckets());
+        let full = self.baselines.len() >= config.keys as usize;
+        if full && bucket / len > self.swept / len {
             self.forget_least_recent(config.keys as usize);
         }
+        self.swept = bucket;
     }
 
-    /// Learns the buckets from the last sweep's to the one before `bucket`
-    /// of every live counter; sets trips and flags for `now`. Counters new
-    /// to the baselines are taken in key order while there is room, so
-    /// that every node keeps the same ones whatever its maps' order.
-    fn learn(&mut self, config: UnusualConfig, bucket: u64, now: Time) {
-        let size = u64::from(self.window.bucket_secs());
-        // Every counter made since the last sweep was made in its bucket.
-        let from = self
-            .swept
-            .max(bucket.saturating_sub(u64::from(self.window.buckets())));
-        let buckets = (from..bucket, size);
-        let mut new = Vec::new();
-        for (id, c) in &mut self.counters {
-            let Some(b) = self.baselines.get_mut(id) else {
-                new.push(id.clone());
-                continue;
-            };
-            let n = &mut self.unusual[id.check.index()];
-            Self::learn_one(config, b, c, n, buckets.clone(), now);
-        }
-        if new.is_empty() {
+    /// Forgets the least recent baselines of keys with no live counter
+    /// (ties in key order, so that every node keeps the same) until
+    /// `keep * 9 / 10` (at least one fewer than `keep`) are left, or none
+    /// of them is. Live keys keep theirs:
+    /// a key new when the table is full of live ones is not judged, rather
+    /// than judged in turns with the others.
+    fn forget_least_recent(&mut self, keep: usize) {
+        let keep = keep - (keep / 10).max(1);
+        let Some(excess) = self.baselines.len().checked_sub(keep).filter(|n| *n > 0) else {
             return;
+        };
+        let counters = &self.counters;
+        let mut idle: Vec<(u64, &CounterId)> = self
+            .baselines
+            .iter()
+            .filter(|(id, _)| !counters.contains_key(*id))
+            .map(|(id, b)| (b.last(), id))
+            .collect();
+        let oldest_first = |a: &(u64, &CounterId), b: &(u64, &CounterId)| {
+            a.0.cmp(&b.0)
+                .then(a.1.check.cmp(&b.1.check))
+                .then_with(|| key_order(&a.1.key, &b.1.key))
+        };
+        if idle.len() > excess {
+            idle.select_nth_unstable_by(excess, oldest_first);
+            idle.truncate(excess);
         }
-        let room = (config.keys as usize).saturating_sub(self.baselines.len());
-        if new.len() > room {
-            new.sort_unstable_by(|a, b| {
-                a.check
-                    .cmp(&b.check)
-                    .then_with(|| key_order(&a.key, &b.key))
-            });
+        let gone: Vec<CounterId> = idle.into_iter().map(|(_, id)| id.clone()).collect();
+        for id in gone {
+            self.baselines.remove(&id);
         }
-        for (i, id) in new.into_iter().enumerate() {
-            let Some(c) = self.counters.get_mut(&id) else {
-                continue;
-            };
-            let n = &mut self.unusual[id.check.index()];
-            if i < room {
-                let b = self.baselines.entry(id).or_default();
-                Self::learn_one(config, b, c, n, buckets.clone(), now);
-            } else {
-                // Full: not judged until the least recent baselines make
-                // room (a tenth of them at each bucket start when full).
-                c.trip = u32::MAX;
-                if c.unusual {
-                    c.unusual = false;
-                    *n -= 1;
-                }
-            }
+    }
+}
+
+/// What judging one counter against its key's baseline needs, borrowed
+/// apart from the counter table.
+struct Judge<'a> {
+    config: UnusualConfig,
+    window: WindowConfig,
+    baselines: &'a mut HashMap<CounterId, Baseline>,
+    /// Counters unusual now, of the counter's check.
+    unusual: &'a mut u64,
+}
+
+impl Judge<'_> {
+    /// A counter's first event in `bucket` (`fresh`: it has just been
+    /// made): the flag clears if the bucket before was under the trip, and
+    /// the baseline catches up when due: once a window, at the start of an
+    /// hour (each hour has its usual count), and for a key that has no
+    /// baseline, when there is room for one. So a key costs a baseline
+    /// lookup once a window, not once a bucket.
+    fn bucket_starts(self, id: &CounterIdRef<'_>, c: &mut Counter, bucket: u64, fresh: bool) {
+        if c.unusual {
+            Judge::clear_if_usual(c, bucket, self.unusual);
+        }
+        let due = if fresh {
+            true
+        } else if c.learned == NO_BASELINE {
+            self.baselines.len() < self.config.keys as usize
+        } else {
+            let size = u64::from(self.window.bucket_secs());
+            let len = u64::from(self.window.buckets());
+            // A bucket of slack: a give-back may have moved the ring on
+            // without an event that would have caught up.
+            bucket.saturating_sub(c.learned) + 1 >= len
+                || hour_of_day(bucket * size) != hour_of_day((c.learned + 1) * size)
+        };
+        if due {
+            self.catch_up(id, c, bucket, true, fresh);
         }
     }
 
-    /// Learns `buckets` (of `size` seconds) of one counter into its
-    /// baseline, sets its trip for `now`, and clears its flag if the last
-    /// bucket was not unusual.
-    fn learn_one(
-        config: UnusualConfig,
-        b: &mut Baseline,
-        c: &mut Counter,
-        unusual: &mut u64,
-        (buckets, size): (std::ops::Range<u64>, u64),
-        now: Time,
-    ) {
-        let last = buckets.end - 1;
-        for k in buckets {
-            b.learn(k, k * size, c.window.bucket_count(k), c.unusual);
-        }
-        c.trip = config.trip(b.usual(now));
-        if c.unusual && c.window.bucket_count(last) < config.trip(b.usual(last * size)) {
+    /// Clears an unusual counter's flag if its count in the bucket before
+    /// `bucket` was under the trip it had then.
+    fn clear_if_usual(c: &mut Counter, bucket: u64, unusual: &mut u64) {
+        let last = bucket.saturating_sub(1);
+        if c.unusual && c.window.bucket_count(last) < c.trip {
             c.unusual = false;
             *unusual -= 1;
         }
     }
 
-    /// Keeps the `keep * 9 / 10` baselines learned most recently (ties in
-    /// key order, so that every node keeps the same): idle keys' go first,
-    /// as live ones are learned every bucket.
-    fn forget_least_recent(&mut self, keep: usize) {
-        let keep = keep - keep / 10;
-        let mut all: Vec<(u64, &CounterId)> = self
-            .baselines
-            .iter()
-            .map(|(id, b)| (b.last(), id))
-            .collect();
-        let order = |a: &(u64, &CounterId), b: &(u64, &CounterId)| {
-            b.0.cmp(&a.0)
-                .then(a.1.check.cmp(&b.1.check))
-                .then_with(|| key_order(&a.1.key, &b.1.key))
+    /// Brings a counter's baseline up to `bucket`: learns the buckets
+    /// before it that it has not learned (at most a window of them; a
+    /// bucket that reached the trip is learned as unusual, slowly), and
+    /// sets the counter's trip for the hour of `bucket`. A key without a
+    /// baseline gets one if there is room and `make` (its counter is not
+    /// going away); otherwise it is not judged. A `fresh` counter learns
+    /// nothing from before `bucket`: its key had no counter then. Every
+    /// node does this at the same events, so all keep the same baselines.
+    fn catch_up(
+        self,
+        id: &CounterIdRef<'_>,
+        c: &mut Counter,
+        bucket: u64,
+        make: bool,
+        fresh: bool,
+    ) {
+        let size = u64::from(self.window.bucket_secs());
+        let room = self.baselines.len() < self.config.keys as usize;
+        let b = match self.baselines.get_mut(id) {
+            Some(b) => b,
+            None if make && room => {
+                let owned = CounterId {
+                    check: id.check,
+                    key: id.key.to_owned(),
+                };
+                self.baselines.entry(owned).or_default()
+            }
+            None => {
+                (c.learned, c.trip) = (NO_BASELINE, u32::MAX);
+                return;
+            }
         };
-        if keep == 0 || all.len() <= keep {
-            return;
+        if fresh || c.learned == NO_BASELINE {
+            b.skip_until(bucket);
         }
-        all.select_nth_unstable_by(keep, order);
-        let gone: Vec<CounterId> = all[keep..].iter().map(|(_, id)| (*id).clone()).collect();
-        for id in gone {
-            self.baselines.remove(&id);
+        let oldest = bucket.saturating_sub(u64::from(self.window.buckets()));
+        for k in (b.last() + 1).max(oldest)..bucket {
+            let n = c.window.bucket_count(k);
+            b.learn(k, k * size, n, n >= c.trip);
         }
+        c.learned = b.last();
+        c.trip = self.config.trip(b.usual((c.learned + 1) * size));
     }
 }
 
@@ -1052,11 +1137,10 @@ mod tests {
     #[test]
     fn a_key_with_no_room_for_a_baseline_is_not_judged() {
         let mut e = engine("UnusualKeys 2\n");
+        // The first two keys to send take the room, in the order of events.
         for ip in ["10.2.0.3", "10.2.0.1", "10.2.0.2"] {
             drive(&mut e, ip, 100..101, |_| 4);
         }
-        // The sweep at bucket 101 has room for two: the first in key order.
-        drive(&mut e, "10.2.0.1", 101..102, |_| 4);
         let has = |e: &Engine, ip: &str| {
             let id = CounterId {
                 check: Check::ConnRate,
@@ -1064,9 +1148,81 @@ mod tests {
             };
             e.baselines.contains_key(&id)
         };
-        assert!(has(&e, "10.2.0.1") && has(&e, "10.2.0.2") && !has(&e, "10.2.0.3"));
-        // Sending far above the floor, 10.2.0.3 is not flagged as new.
-        assert!(drive(&mut e, "10.2.0.3", 101..102, |_| 30).is_empty());
+        assert!(has(&e, "10.2.0.3") && has(&e, "10.2.0.1") && !has(&e, "10.2.0.2"));
+        // Sending far above the floor, 10.2.0.2 is not flagged as new, and
+        // the live keys keep their baselines.
+        assert!(drive(&mut e, "10.2.0.2", 101..103, |_| 30).is_empty());
+        assert!(has(&e, "10.2.0.3") && has(&e, "10.2.0.1"));
+    }
+
+    #[test]
+    fn baselines_of_idle_keys_go_first() {
+        let mut e = engine("UnusualKeys 3\n");
+        drive(&mut e, "10.3.0.1", 100..101, |_| 4);
+        // 10.3.0.1 is idle a window later; the two others stay live.
+        for b in 100..125 {
+            drive(&mut e, "10.3.0.2", b..b + 1, |_| 2);
+            drive(&mut e, "10.3.0.3", b..b + 1, |_| 2);
+        }
+        // Full: the next window's start forgets the idle key's baseline,
+        // and the newcomer takes its room.
+        drive(&mut e, "10.3.0.4", 140..141, |_| 2);
+        drive(&mut e, "10.3.0.4", 141..142, |_| 2);
+        let keys: Vec<String> = {
+            let mut k: Vec<String> = e.baselines.keys().map(|id| id.key.to_string()).collect();
+            k.sort();
+            k
+        };
+        assert_eq!(keys, ["10.3.0.2", "10.3.0.3", "10.3.0.4"]);
+    }
+
+    /// A node that restores a snapshot and one that applied every event
+    /// must go on alike: same baselines, trips and flags.
+    #[test]
+    fn a_restored_engine_goes_on_like_the_one_it_came_from() {
+        let mut e = engine("UnusualKeys 50\n");
+        let ips: Vec<String> = (0..80).map(|i| format!("10.4.0.{i}")).collect();
+        // Bucket `b` for the keys `keys`; returns the flags raised.
+        let step = |e: &mut Engine, b: u64, keys: std::ops::Range<usize>| {
+            let mut flags = Vec::new();
+            for i in keys {
+                let n = jitter(b * 131 + i as u64, 0, 6) + if b % 97 == i as u64 { 40 } else { 0 };
+                if (b + i as u64) % 5 != 0 {
+                    flags.extend(drive(e, &ips[i], b..b + 1, |_| n));
+                }
+            }
+            flags
+        };
+        for b in 1000..1200 {
+            step(&mut e, b, 0..80);
+        }
+        // The snapshot is taken halfway through a bucket.
+        step(&mut e, 1200, 0..40);
+        let mut r = Engine::from_state(e.policy().clone(), e.state());
+        // A key that counted in this bucket before the snapshot bursts
+        // after it: both must flag it at the same event.
+        let burst = drive(&mut e, &ips[6], 1200..1201, |_| 40);
+        assert!(!burst.is_empty());
+        assert_eq!(drive(&mut r, &ips[6], 1200..1201, |_| 40), burst);
+        let mut flags = 0;
+        for b in 1200..1500 {
+            let keys = if b == 1200 { 40..80 } else { 0..80 };
+            let f = step(&mut e, b, keys.clone());
+            flags += f.len();
+            assert_eq!(step(&mut r, b, keys), f, "bucket {b}");
+        }
+        assert!(flags > 0);
+        let sorted = |e: &Engine| {
+            let mut v: Vec<String> = e
+                .baselines
+                .iter()
+                .map(|(id, b)| format!("{id:?} {b:?}"))
+                .collect();
+            v.sort();
+            v
+        };
+        assert_eq!(sorted(&r), sorted(&e));
+        assert_eq!(r.unusual_counts(), e.unusual_counts());
     }
 
     #[test]
