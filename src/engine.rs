@@ -1187,7 +1187,7 @@ mod tests {
             let mut flags = Vec::new();
             for i in keys {
                 let n = jitter(b * 131 + i as u64, 0, 6) + if b % 97 == i as u64 { 40 } else { 0 };
-                if (b + i as u64) % 5 != 0 {
+                if !(b + i as u64).is_multiple_of(5) {
                     flags.extend(drive(e, &ips[i], b..b + 1, |_| n));
                 }
             }
