@@ -2,11 +2,14 @@
 //! its counts per bucket, one pair per hour of the day (UTC), and when a
 //! count is unusual against it. Pure: hours and counts in, numbers out.
 //!
-//! A baseline is 200 bytes (24 × two `f32`, a mask of the hours learned,
-//! the last bucket learned); with its key and the engine's hash table,
-//! 316 to 551 bytes (`BENCHMARKS.md`).
+//! A baseline is 224 bytes (24 × two `f32`, a mask of the hours learned,
+//! the last bucket learned, the hourly peaks' header) and, once the key
+//! has counted, a block of 336 bytes of hourly peaks; with its key and
+//! the engine's hash table, `BENCHMARKS.md` gives the bytes per key.
 
 use serde::{Deserialize, Serialize};
+
+use crate::peaks::HourlyPeaks;
 
 /// Hours of the day, one slot each.
 const SLOTS: usize = 24;
@@ -133,6 +136,8 @@ pub struct Baseline {
     learned: u32,
     /// Per hour: the mean and the variance.
     hours: [Hour; SLOTS],
+    /// The highest window count of each of the last 7 days' hours.
+    peaks: HourlyPeaks,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -147,6 +152,7 @@ impl Default for Baseline {
             last: 0,
             learned: 0,
             hours: [Hour::default(); SLOTS],
+            peaks: HourlyPeaks::default(),
         }
     }
 }
@@ -198,6 +204,17 @@ impl Baseline {
         self.last
     }
 
+    /// Notes the highest window count seen in `hour` (hours since the
+    /// epoch).
+    pub fn note_peak(&mut self, hour: u64, peak: u32) {
+        self.peaks.note(hour, peak);
+    }
+
+    /// The highest window count of each of the last 7 days' hours.
+    pub fn peaks(&self) -> &HourlyPeaks {
+        &self.peaks
+    }
+
     /// Skips the buckets before `bucket` not learned yet: a key back after
     /// a quiet spell, or new, is learned from `bucket` on.
     pub fn skip_until(&mut self, bucket: u64) {
@@ -218,6 +235,7 @@ impl Baseline {
     /// and only hours of the day learned. A snapshot's are checked with it.
     pub fn is_sound(&self) -> bool {
         self.learned < (1 << SLOTS)
+            && self.peaks.is_sound()
             && self
                 .hours
                 .iter()

@@ -27,7 +27,7 @@ pub enum Check {
 }
 
 /// What a check's policy entries are keyed by.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum KeyKind {
     /// Client address, host name and parents, NetClass label.
     Client,

@@ -251,7 +251,8 @@ pub fn counted_as(policy: &Policy, check: Check, client: &Client) -> Option<Stri
 /// in the shape of the policy's window at the time.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct EngineState {
-    pub counters: Vec<(CounterId, Window)>,
+    /// Each counter's window and its peak since its baseline caught up.
+    pub counters: Vec<(CounterId, Window, u32)>,
     pub leases: Vec<(ConnId, IpAddr)>,
     pub swept: u64,
     /// What is usual for each key, and the counters unusual now.
@@ -271,6 +272,9 @@ struct Counter {
     /// [`Baseline::last`], to know without a lookup when the next is
     /// due), or [`NO_BASELINE`].
     learned: u64,
+    /// The highest count in the window since the baseline last caught
+    /// up, for its hourly peaks.
+    peak: u32,
 }
 
 /// [`Counter::learned`] of a key with no baseline (off, or no room).
@@ -283,6 +287,7 @@ impl Counter {
             trip: u32::MAX,
             unusual: false,
             learned: NO_BASELINE,
+            peak: 0,
         }
     }
 }
@@ -472,7 +477,7 @@ impl Engine {
             counters: self
                 .counters
                 .iter()
-                .map(|(id, c)| (id.clone(), c.window.clone()))
+                .map(|(id, c)| (id.clone(), c.window.clone(), c.peak))
                 .collect(),
             leases: self.leases.iter().map(|(c, ip)| (*c, *ip)).collect(),
             swept: self.swept,
@@ -497,9 +502,10 @@ impl Engine {
         engine.counters = state
             .counters
             .into_iter()
-            .map(|(id, window)| {
+            .map(|(id, window, peak)| {
                 let c = Counter {
                     window,
+                    peak,
                     ..Counter::new(policy_window)
                 };
                 (id, c)
@@ -553,6 +559,29 @@ impl Engine {
         counter_key(&self.policy, check, client).map(|key| CounterId {
             check,
             key: key.to_owned(),
+        })
+    }
+
+    /// Each (check, key) with a baseline and the highest window count of
+    /// each hour it counted in, among the 168 hours up to `now`: (hours
+    /// since the epoch, peak), oldest first, the hour in progress
+    /// included. At most `UnusualKeys` keys.
+    pub fn hourly_peaks(&self, now: Time) -> impl Iterator<Item = (&CounterId, Vec<(u64, u32)>)> {
+        let now_hour = now / 3600;
+        let size = u64::from(self.window.bucket_secs());
+        self.baselines.iter().map(move |(id, b)| {
+            let mut hours: Vec<(u64, u32)> = b.peaks().hours(now_hour).collect();
+            let pending = self.counters.get(id).filter(|c| c.peak > 0);
+            if let Some(c) = pending {
+                let peak = c.peak.min(crate::peaks::MAX_PEAK);
+                let hour = c.window.newest() * size / 3600;
+                match hours.last_mut() {
+                    Some((h, p)) if *h == hour => *p = (*p).max(peak),
+                    _ if hour <= now_hour => hours.push((hour, peak)),
+                    _ => {}
+                }
+            }
+            (id, hours)
         })
     }
 
@@ -648,6 +677,7 @@ impl Engine {
                 judge.bucket_starts(&lookup, c, bucket, fresh);
             }
             let count = c.window.add(window, now, 1);
+            c.peak = c.peak.max(count);
             let newly_unusual = !c.unusual && c.window.newest_count() >= c.trip;
             if newly_unusual {
                 c.unusual = true;
@@ -980,13 +1010,16 @@ impl Judge<'_> {
                 self.baselines.entry(owned).or_default()
             }
             None => {
-                (c.learned, c.trip) = (NO_BASELINE, u32::MAX);
+                (c.learned, c.trip, c.peak) = (NO_BASELINE, u32::MAX, 0);
                 return;
             }
         };
         if fresh || c.learned == NO_BASELINE {
             b.skip_until(bucket);
         }
+        // Every event since the last catch-up was in the hour of the
+        // newest bucket: a catch-up is due at each hour's start.
+        b.note_peak(c.window.newest() * size / 3600, std::mem::take(&mut c.peak));
         let oldest = bucket.saturating_sub(u64::from(self.window.buckets()));
         for k in (b.last() + 1).max(oldest)..bucket {
             let n = c.window.bucket_count(k);
@@ -1174,6 +1207,34 @@ mod tests {
             k
         };
         assert_eq!(keys, ["10.3.0.2", "10.3.0.3", "10.3.0.4"]);
+    }
+
+    #[test]
+    fn hourly_peaks_are_kept_per_hour_and_survive_a_snapshot() {
+        let mut e = engine("");
+        // 120 buckets of 30 s an hour.
+        let (h, b0) = (500u64, 500 * 120);
+        drive(&mut e, "10.5.0.1", b0..b0 + 2, |_| 3);
+        // An hour later the window holds only the new hour's events.
+        drive(&mut e, "10.5.0.1", b0 + 120..b0 + 121, |_| 2);
+        let id = CounterId {
+            check: Check::ConnRate,
+            key: CounterKey::Ip("10.5.0.1".parse().unwrap()),
+        };
+        let peaks = |e: &Engine| {
+            let now = (h + 1) * 3600 + 100;
+            e.hourly_peaks(now)
+                .find(|(i, _)| **i == id)
+                .map(|(_, p)| p)
+                .unwrap()
+        };
+        assert_eq!(peaks(&e), [(h, 6), (h + 1, 2)]);
+        let r = Engine::from_state(e.policy().clone(), e.state());
+        assert_eq!(peaks(&r), peaks(&e));
+        // A week on, the first hour has left.
+        assert!(e
+            .hourly_peaks((h + 168) * 3600)
+            .all(|(_, p)| p == [(h + 1, 2)]));
     }
 
     /// A node that restores a snapshot and one that applied every event

@@ -44,6 +44,7 @@ pub mod logs;
 pub mod metrics;
 pub mod milter;
 pub mod node;
+pub mod peaks;
 pub mod policy;
 pub mod proto;
 pub mod raft;

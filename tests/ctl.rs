@@ -318,6 +318,7 @@ async fn relayratectl_administers_a_three_node_cluster() {
     let dir = tempfile::tempdir().unwrap();
     status_shows_one_leader_and_three_voters(&cluster);
     top_lists_the_hot_key_first_and_filters_by_check(&cluster).await;
+    suggest_gives_the_hot_key_a_limit_of_its_own(&cluster, dir.path()).await;
     show_gives_every_count_of_a_key(&cluster);
     reset_clears_a_key_so_it_is_allowed_again(&cluster).await;
     a_broken_policy_is_refused_and_a_good_one_keeps_counts(&cluster, dir.path()).await;
@@ -457,6 +458,61 @@ async fn top_lists_the_hot_key_first_and_filters_by_check(cluster: &Cluster) {
         ],
         "{text}"
     );
+}
+
+/// After the top step's traffic (ConnRate: 10.99.0.1 12, .10 5, .11 2;
+/// MsgRate: 10.99.0.12 8) and ten more clients of 1 connection each.
+async fn suggest_gives_the_hot_key_a_limit_of_its_own(cluster: &Cluster, dir: &Path) {
+    let mut node = limiter(cluster.addr(1));
+    for i in 0..10 {
+        assert!(connect(&mut node, &format!("10.99.1.{i}")).await);
+    }
+    let applied = applied_index(cluster.addr(1));
+    let addr = cluster.addr(3);
+    let caught_up = poll(DEADLINE, || async move { applied_index(addr) >= applied }).await;
+    cluster.assert(caught_up, "node 3 has applied node 1's entries");
+
+    // Asked of a follower: every node holds the same hourly peaks.
+    let out = ctl(addr, &["suggest"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    let text = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    // 13 ConnRate keys whose limits are their peaks: the 90th percentile
+    // is 5, and the hot key, above it, has its own entry with its figures.
+    for want in [
+        "CHECK_CONN_RATE          YES",
+        "ConnRate:default 5",
+        "ConnRate:10.99.0.1 12",
+        "MsgRate:default 8",
+    ] {
+        assert!(lines.contains(&want), "no line {want:?} in:\n{text}");
+    }
+    let entry = lines
+        .iter()
+        .position(|l| *l == "ConnRate:10.99.0.1 12")
+        .unwrap();
+    assert!(lines[entry - 1].starts_with("# peak 12 on "), "{text}");
+    assert!(!text.contains("ConnRate:10.99.0.10 "), "{text}");
+    assert!(
+        text.contains("# CHECK_OPEN_CONNECTIONS: not a windowed check"),
+        "{text}"
+    );
+
+    // What it prints is a valid policy.
+    let file = dir.join("suggested.txt");
+    std::fs::write(&file, &text).unwrap();
+    let check = Command::new(env!("CARGO_BIN_EXE_relayrate"))
+        .args(["policy", "check"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(check.status.success(), "{}\n{text}", describe(&check));
+
+    // The same as JSON; a share out of range is a usage error.
+    let json = ctl_json(addr, &["suggest", "--delay-share", "0.01"]);
+    assert_eq!(json["policy"].as_str(), Some(text.as_str()));
+    let bad = ctl(addr, &["suggest", "--delay-share", "2"]);
+    assert_eq!(bad.status.code(), Some(64), "{}", describe(&bad));
 }
 
 fn show_gives_every_count_of_a_key(cluster: &Cluster) {
@@ -1044,6 +1100,10 @@ impl pb::admin_server::Admin for Stub {
     ) -> Reply<pb::ShowPolicyResponse> {
         self.record("show_policy", &req);
         Err(tonic::Status::unimplemented("not here"))
+    }
+    async fn suggest(&self, req: tonic::Request<pb::SuggestRequest>) -> Reply<pb::SuggestResponse> {
+        self.record("suggest", &req);
+        Err(tonic::Status::resource_exhausted("another suggestion"))
     }
     async fn apply_policy(
         &self,

@@ -301,6 +301,91 @@ impl Suggest {
     }
 }
 
+/// A policy text chosen, like [`Suggest::policy_text`], from what a
+/// cluster kept: each (check, key)'s highest window count in each hour of
+/// the last 7 days (see [`Engine::hourly_peaks`]), with a window of
+/// `window_secs`. A key's hours with any count stand for its windows: a
+/// limit under an hour's peak delays that hour, and at most a share
+/// `share` of each key's hours is delayed. Only windowed checks are kept
+/// by a cluster: the others' switches are left out, with a comment. A
+/// client key is written with `key_text` (an IPv6 network as
+/// `prefix/len`).
+pub fn policy_from_hourly_peaks<'a>(
+    peaks: impl Iterator<Item = (&'a crate::engine::CounterId, Vec<(u64, u32)>)>,
+    key_text: impl Fn(&crate::engine::CounterKey) -> String,
+    share: f64,
+    window_secs: u64,
+    now: Time,
+) -> String {
+    // Per key: its checks' hourly peaks, and the hours it counted in.
+    let mut keys: HashMap<(KeyKind, String), (KeyPeaks, std::collections::BTreeSet<u64>)> =
+        HashMap::new();
+    let (mut first, mut last) = (u64::MAX, 0);
+    for (id, hours) in peaks {
+        let kind = id.check.key_kind();
+        let (p, seen) = keys.entry((kind, key_text(&id.key))).or_default();
+        let i = id.check.index();
+        for (hour, peak) in hours {
+            seen.insert(hour);
+            *p.hist[i].entry(peak).or_default() += 1;
+            if peak > p.max[i].0 {
+                p.max[i] = (peak, hour * 3600);
+            }
+            first = first.min(hour);
+            last = last.max(hour);
+        }
+    }
+    let mut chosen: [Vec<Choice>; Check::ALL.len()] = Default::default();
+    let mut sorted: Vec<_> = keys.into_iter().collect();
+    sorted.sort_by(|a, b| a.0.cmp(&b.0));
+    let n = sorted.len();
+    for ((kind, key), (mut p, seen)) in sorted {
+        p.windows = seen.len() as u64;
+        choose(kind, key, &mut p, share, window_secs, &mut chosen);
+    }
+    let mut out = String::new();
+    let span = if first <= last {
+        format!(
+            "{} to {}",
+            time_text(first * 3600),
+            time_text(last * 3600 + 3599)
+        )
+    } else {
+        "no traffic".to_string()
+    };
+    let _ = writeln!(
+        out,
+        "# relayratectl suggest: the cluster's hourly peaks of {n} keys, {span} (asked {}).",
+        time_text(now)
+    );
+    let _ = writeln!(
+        out,
+        "# Limits per {window_secs} s window; at most {:.2}% of the hours in which each key",
+        share * 100.0
+    );
+    let _ = writeln!(
+        out,
+        "# counted would have seen a refusal. Check with `relayrate replay` before use."
+    );
+    let windowed = |c: &Check| c.measure() == crate::check::Measure::Window;
+    for s in Switch::ALL {
+        if Check::ALL.iter().any(|c| c.switch() == s && windowed(c)) {
+            let _ = writeln!(out, "{:<24} YES", s.name());
+        } else {
+            let _ = writeln!(
+                out,
+                "# {}: not a windowed check, not kept by the cluster \
+                 (`relayrate suggest --maillog` chooses it from logs).",
+                s.name()
+            );
+        }
+    }
+    for c in Check::ALL.into_iter().filter(windowed) {
+        write_check(&mut out, c, &mut chosen[c.index()]);
+    }
+    out
+}
+
 /// One key's limit for one check, and the figures behind it.
 struct Choice {
     key: String,

@@ -25,11 +25,17 @@ pub struct AdminService {
     node: Arc<Node>,
     /// Writes need `authorization: Bearer TOKEN` when set.
     token: Option<String>,
+    /// Held while a suggestion is worked out: one at a time.
+    suggesting: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl AdminService {
     pub fn new(node: Arc<Node>, token: Option<String>) -> AdminService {
-        AdminService { node, token }
+        AdminService {
+            node,
+            token,
+            suggesting: Arc::default(),
+        }
     }
 
     /// Refuses a write without the right token.
@@ -267,6 +273,52 @@ impl pb::admin_server::Admin for AdminService {
             }
             other => Err(unexpected(other)),
         }
+    }
+
+    async fn suggest(
+        &self,
+        request: Request<pb::SuggestRequest>,
+    ) -> Result<Response<pb::SuggestResponse>, Status> {
+        let share = request.get_ref().delay_share.unwrap_or(0.01);
+        if !(0.0..=1.0).contains(&share) {
+            return Err(Status::invalid_argument(
+                "delay_share must be a share from 0 to 1, such as 0.01",
+            ));
+        }
+        let Ok(_one) = self.suggesting.clone().try_lock_owned() else {
+            return Err(Status::resource_exhausted(
+                "another suggestion is being worked out; ask again in a moment",
+            ));
+        };
+        // Copied under the lock (at most UnusualKeys keys), worked out
+        // without it, so that decisions do not wait.
+        let (peaks, policy, now) = {
+            let state = self.node.state().read().expect("state lock");
+            let now = state.now_ms() / 1000;
+            let peaks: Vec<_> = state
+                .engine()
+                .hourly_peaks(now)
+                .map(|(id, hours)| (id.clone(), hours))
+                .collect();
+            (peaks, state.policy().clone(), now)
+        };
+        let text = tokio::task::spawn_blocking(move || {
+            let window = u64::from(policy.window().window_secs());
+            let key_text = |key: &crate::engine::CounterKey| match key {
+                crate::engine::CounterKey::Ip(ip) => policy.counted_text(*ip),
+                other => other.to_string(),
+            };
+            crate::history::suggest::policy_from_hourly_peaks(
+                peaks.iter().map(|(id, h)| (id, h.clone())),
+                key_text,
+                share,
+                window,
+                now,
+            )
+        })
+        .await
+        .map_err(|e| Status::internal(format!("suggest: {e}")))?;
+        Ok(Response::new(pb::SuggestResponse { policy: text }))
     }
 
     async fn show_policy(

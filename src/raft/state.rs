@@ -429,7 +429,7 @@ impl LimiterState {
             return Err(BadSnapshot::Shape("request ids"));
         }
         let window = policy.window();
-        if !s.engine.counters.iter().all(|(_, w)| w.fits(window)) {
+        if !s.engine.counters.iter().all(|(_, w, _)| w.fits(window)) {
             return Err(BadSnapshot::Shape("counters"));
         }
         if !s.engine.baselines.iter().all(|(_, b)| b.is_sound()) {

@@ -116,6 +116,22 @@ enum Command {
     /// The policy in force, or put a new one in force.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Print a policy with limits chosen from what the cluster has seen:
+    /// each key's highest window count in each hour of the last 7 days.
+    /// Check it with `relayrate policy check` and `relayrate replay`
+    /// before applying it.
+    Suggest {
+        /// The share of each key's hours that may see a refusal (0 to 1).
+        #[arg(long, default_value_t = 0.01, value_parser = parse_share)]
+        delay_share: f64,
+    },
+}
+
+fn parse_share(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(p) if (0.0..=1.0).contains(&p) => Ok(p),
+        _ => Err("a share from 0 to 1, such as 0.01".to_string()),
+    }
 }
 
 #[derive(Subcommand)]
@@ -247,6 +263,18 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 cleared: r.cleared,
             };
             emit(json, &view, ResetView::text);
+        }
+        Command::Suggest { delay_share } => {
+            let req = pb::SuggestRequest {
+                delay_share: Some(delay_share),
+            };
+            let r = guard.call(admin.suggest(req)).await?;
+            if json {
+                let view = serde_json::json!({ "policy": r.policy });
+                println!("{view}");
+            } else {
+                print!("{}", r.policy);
+            }
         }
         Command::Policy(PolicyCommand::Show) => {
             let r = guard
