@@ -27,10 +27,11 @@ const ALPHA_UNUSUAL: f32 = ALPHA / 16.0;
 pub const DEFAULT_FACTOR: u32 = 4;
 /// `UnusualFloor` when the policy does not set it.
 pub const DEFAULT_FLOOR: u32 = 10;
-/// `UnusualKeys` when the policy does not set it: about 65 to 110 MB of
-/// baselines (316 to 551 bytes each with its key, `BENCHMARKS.md`).
+/// `UnusualKeys` when the policy does not set it: about 140 to 190 MB of
+/// baselines (700 to 960 bytes each with its key and hourly peaks,
+/// `BENCHMARKS.md`).
 pub const DEFAULT_KEYS: u32 = 200_000;
-/// The largest `UnusualKeys`: about 3 to 5.5 GB.
+/// The largest `UnusualKeys`: about 7 to 9.6 GB.
 pub const MAX_KEYS: u32 = 10_000_000;
 /// The largest `UnusualFactor` and `UnusualFloor`.
 pub const MAX_FACTOR: u32 = 1_000;

@@ -270,15 +270,22 @@ struct Counter {
     unusual: bool,
     /// The latest bucket its key's baseline has learned (a copy of
     /// [`Baseline::last`], to know without a lookup when the next is
-    /// due), or [`NO_BASELINE`].
-    learned: u64,
+    /// due), or [`NO_BASELINE`]. A `u32` like the window's buckets, so
+    /// that a counter takes 40 bytes.
+    learned: u32,
     /// The highest count in the window since the baseline last caught
     /// up, for its hourly peaks.
     peak: u32,
 }
 
 /// [`Counter::learned`] of a key with no baseline (off, or no room).
-const NO_BASELINE: u64 = u64::MAX;
+const NO_BASELINE: u32 = u32::MAX;
+
+/// A bucket number as [`Counter::learned`] keeps it (below
+/// [`NO_BASELINE`]; buckets reach that in 2106 with 1 s buckets).
+fn learned_bucket(bucket: u64) -> u32 {
+    bucket.min(u64::from(NO_BASELINE - 1)) as u32
+}
 
 impl Counter {
     fn new(window: WindowConfig) -> Counter {
@@ -394,7 +401,7 @@ impl Engine {
             (c.learned, c.trip) = match self.baselines.get(id) {
                 Some(b) if config.is_on() => {
                     let next = b.last() + 1;
-                    (b.last(), config.trip(b.usual(next * size)))
+                    (learned_bucket(b.last()), config.trip(b.usual(next * size)))
                 }
                 _ => (NO_BASELINE, u32::MAX),
             };
@@ -964,8 +971,9 @@ impl Judge<'_> {
             let len = u64::from(self.window.buckets());
             // A bucket of slack: a give-back may have moved the ring on
             // without an event that would have caught up.
-            bucket.saturating_sub(c.learned) + 1 >= len
-                || hour_of_day(bucket * size) != hour_of_day((c.learned + 1) * size)
+            let learned = u64::from(c.learned);
+            bucket.saturating_sub(learned) + 1 >= len
+                || hour_of_day(bucket * size) != hour_of_day((learned + 1) * size)
         };
         if due {
             self.catch_up(id, c, bucket, true, fresh);
@@ -1025,8 +1033,8 @@ impl Judge<'_> {
             let n = c.window.bucket_count(k);
             b.learn(k, k * size, n, n >= c.trip);
         }
-        c.learned = b.last();
-        c.trip = self.config.trip(b.usual((c.learned + 1) * size));
+        c.learned = learned_bucket(b.last());
+        c.trip = self.config.trip(b.usual((b.last() + 1) * size));
     }
 }
 

@@ -85,13 +85,20 @@ impl WindowConfig {
 pub struct Window {
     /// `counts[b % len]` holds bucket `b`, for `b` in `newest-len+1 ..= newest`.
     counts: Box<[u32]>,
-    /// The latest bucket the ring has been moved to.
-    newest: u64,
+    /// The latest bucket the ring has been moved to. A `u32`, so that a
+    /// window fits in 24 bytes: bucket numbers reach 2^32 in 2106 with 1 s
+    /// buckets; later instants count in that last bucket.
+    newest: u32,
     /// The sum of `counts`.
     total: u32,
 }
 
 impl Window {
+    /// The bucket of `now` as the ring numbers them: at most `u32::MAX`.
+    fn bucket(config: WindowConfig, now: u64) -> u64 {
+        config.bucket_of(now).min(u64::from(u32::MAX))
+    }
+
     pub fn new(config: WindowConfig) -> Window {
         Window {
             counts: vec![0; config.buckets as usize].into_boxed_slice(),
@@ -108,28 +115,28 @@ impl Window {
     /// An instant before the newest bucket counts in the newest bucket, so a
     /// clock stepping back never loses or misplaces events.
     fn advance(&mut self, config: WindowConfig, now: u64) {
-        let bucket = config.bucket_of(now);
-        if bucket <= self.newest {
+        let bucket = Self::bucket(config, now);
+        if bucket <= self.newest() {
             return;
         }
-        if bucket - self.newest >= self.counts.len() as u64 {
+        if bucket - self.newest() >= self.counts.len() as u64 {
             self.counts.fill(0);
             self.total = 0;
         } else {
-            for b in self.newest + 1..=bucket {
+            for b in self.newest() + 1..=bucket {
                 let slot = self.slot(b);
                 self.total -= self.counts[slot];
                 self.counts[slot] = 0;
             }
         }
-        self.newest = bucket;
+        self.newest = bucket as u32; // at most u32::MAX: see above
     }
 
     /// Counts `n` events at `now` and returns the count in the window,
     /// these events included.
     pub fn add(&mut self, config: WindowConfig, now: u64, n: u32) -> u32 {
         self.advance(config, now);
-        let slot = self.slot(self.newest);
+        let slot = self.slot(self.newest());
         self.counts[slot] = self.counts[slot].saturating_add(n);
         self.total = self.total.saturating_add(n);
         self.total
@@ -143,12 +150,12 @@ impl Window {
     pub fn take_back(&mut self, config: WindowConfig, at: u64, now: u64) -> bool {
         self.advance(config, now);
         let len = self.counts.len() as u64;
-        let oldest = (self.newest + 1).saturating_sub(len);
-        let from = config.bucket_of(at).clamp(oldest, self.newest);
-        if config.bucket_of(at) < oldest {
+        let oldest = (self.newest() + 1).saturating_sub(len);
+        let from = Self::bucket(config, at).clamp(oldest, self.newest());
+        if Self::bucket(config, at) < oldest {
             return false;
         }
-        for b in from..=self.newest {
+        for b in from..=self.newest() {
             let slot = self.slot(b);
             if self.counts[slot] > 0 {
                 self.counts[slot] -= 1;
@@ -161,14 +168,14 @@ impl Window {
 
     /// The events in the window at `now`, without changing anything.
     pub fn count(&self, config: WindowConfig, now: u64) -> u32 {
-        let bucket = config.bucket_of(now);
-        if bucket <= self.newest {
+        let bucket = Self::bucket(config, now);
+        if bucket <= self.newest() {
             return self.total;
         }
-        if bucket - self.newest >= self.counts.len() as u64 {
+        if bucket - self.newest() >= self.counts.len() as u64 {
             return 0;
         }
-        let leaving: u32 = (self.newest + 1..=bucket)
+        let leaving: u32 = (self.newest() + 1..=bucket)
             .map(|b| self.counts[self.slot(b)])
             .sum();
         self.total - leaving
@@ -178,7 +185,7 @@ impl Window {
     /// before the ring reached it).
     pub fn bucket_count(&self, bucket: u64) -> u32 {
         let len = self.counts.len() as u64;
-        if bucket > self.newest || bucket + len <= self.newest {
+        if bucket > self.newest() || bucket + len <= self.newest() {
             return 0;
         }
         self.counts[self.slot(bucket)]
@@ -186,12 +193,12 @@ impl Window {
 
     /// The newest bucket the ring has reached.
     pub fn newest(&self) -> u64 {
-        self.newest
+        u64::from(self.newest)
     }
 
     /// The events in the newest bucket the ring has reached.
     pub fn newest_count(&self) -> u32 {
-        self.counts[self.slot(self.newest)]
+        self.counts[self.slot(self.newest())]
     }
 
     /// Whether the ring is of `config`'s shape and its total is its
@@ -217,11 +224,11 @@ impl Window {
         }
         let must_leave = count - limit + 1;
         let len = self.counts.len() as u64;
-        let current = config.bucket_of(now).max(self.newest);
+        let current = Self::bucket(config, now).max(self.newest());
         let mut left = 0u64;
         // Oldest live bucket first; bucket b stops counting at (b + len) * size.
         for b in (current + 1).saturating_sub(len)..=current {
-            if b > self.newest {
+            if b > self.newest() {
                 break;
             }
             left += u64::from(self.counts[self.slot(b)]);
@@ -241,7 +248,7 @@ impl Window {
     pub fn rebucket(&self, from: WindowConfig, to: WindowConfig) -> Window {
         let mut moved = Window::new(to);
         let len = self.counts.len() as u64;
-        for b in (self.newest + 1).saturating_sub(len)..=self.newest {
+        for b in (self.newest() + 1).saturating_sub(len)..=self.newest() {
             let n = self.counts[self.slot(b)];
             if n > 0 {
                 moved.add(to, b * u64::from(from.bucket_secs), n);
@@ -277,6 +284,20 @@ mod tests {
         assert_eq!(w.add(C, 100, 1), 1);
         assert_eq!(w.add(C, 130, 2), 3);
         assert_eq!(w.add(C, 10_000, 1), 1);
+    }
+
+    #[test]
+    fn instants_past_the_last_bucket_number_count_in_it() {
+        let config = WindowConfig::new(10, 1).unwrap();
+        let mut w = Window::new(config);
+        let last = u64::from(u32::MAX);
+        assert_eq!(w.add(config, last - 1, 1), 1);
+        assert_eq!(w.add(config, last + 5, 1), 2);
+        assert_eq!(w.add(config, u64::MAX, 1), 3);
+        assert_eq!(w.newest(), last);
+        assert_eq!(w.bucket_count(last), 2);
+        assert_eq!(w.count(config, u64::MAX), 3);
+        assert!(!w.is_idle(config, u64::MAX));
     }
 
     #[test]
