@@ -12,7 +12,7 @@ use std::sync::Arc;
 use hashbrown::{Equivalent, HashMap};
 use serde::{Deserialize, Serialize};
 
-use crate::baseline::{hour_of_day, Baseline, UnusualConfig};
+use crate::baseline::{Baseline, UnusualConfig};
 use crate::check::{Check, Measure, Reply};
 use crate::policy::{Client, Policy};
 use crate::window::{Window, WindowConfig};
@@ -268,23 +268,29 @@ struct Counter {
     /// baseline for the hour of bucket `learned + 1` (`u32::MAX`: never).
     trip: u32,
     unusual: bool,
-    /// The latest bucket its key's baseline has learned (a copy of
-    /// [`Baseline::last`], to know without a lookup when the next is
-    /// due), or [`NO_BASELINE`]. A `u32` like the window's buckets, so
-    /// that a counter takes 40 bytes.
-    learned: u32,
+    /// The bucket from which its key's baseline is due to catch up again
+    /// (worked out from [`Baseline::last`] by [`due_bucket`], to know
+    /// without a lookup), or [`NO_BASELINE`]. A `u32` like the window's
+    /// buckets, so that a counter takes 40 bytes.
+    due: u32,
     /// The highest count in the window since the baseline last caught
     /// up, for its hourly peaks.
     peak: u32,
 }
 
-/// [`Counter::learned`] of a key with no baseline (off, or no room).
+/// [`Counter::due`] of a key with no baseline (off, or no room).
 const NO_BASELINE: u32 = u32::MAX;
 
-/// A bucket number as [`Counter::learned`] keeps it (below
-/// [`NO_BASELINE`]; buckets reach that in 2106 with 1 s buckets).
-fn learned_bucket(bucket: u64) -> u32 {
-    bucket.min(u64::from(NO_BASELINE - 1)) as u32
+/// When a baseline that has learned up to bucket `last` is due to catch
+/// up: a window on, less a bucket of slack (a give-back may have moved the
+/// ring on without an event that would have caught up), or at the first
+/// bucket of the next hour, as each hour has its usual count. Below
+/// [`NO_BASELINE`] (bucket numbers reach it in 2106 with 1 s buckets).
+fn due_bucket(last: u64, window: WindowConfig) -> u32 {
+    let size = u64::from(window.bucket_secs());
+    let next_hour = ((last + 1) * size / 3600 + 1) * 3600;
+    let due = (last + u64::from(window.buckets()) - 1).min(next_hour.div_ceil(size));
+    due.min(u64::from(NO_BASELINE - 1)) as u32
 }
 
 impl Counter {
@@ -293,7 +299,7 @@ impl Counter {
             window: Window::new(window),
             trip: u32::MAX,
             unusual: false,
-            learned: NO_BASELINE,
+            due: NO_BASELINE,
             peak: 0,
         }
     }
@@ -398,10 +404,11 @@ impl Engine {
         let size = u64::from(self.window.bucket_secs());
         self.unusual = [0; Check::ALL.len()];
         for (id, c) in &mut self.counters {
-            (c.learned, c.trip) = match self.baselines.get(id) {
+            (c.due, c.trip) = match self.baselines.get(id) {
                 Some(b) if config.is_on() => {
                     let next = b.last() + 1;
-                    (learned_bucket(b.last()), config.trip(b.usual(next * size)))
+                    let due = due_bucket(b.last(), self.window);
+                    (due, config.trip(b.usual(next * size)))
                 }
                 _ => (NO_BASELINE, u32::MAX),
             };
@@ -884,7 +891,7 @@ impl Engine {
             if config.is_on() && !idle && c.unusual {
                 Judge::clear_if_usual(c, bucket, unusual);
             }
-            if config.is_on() && idle && c.learned != NO_BASELINE {
+            if config.is_on() && idle && c.due != NO_BASELINE {
                 let judge = Judge {
                     config,
                     window,
@@ -964,16 +971,10 @@ impl Judge<'_> {
         }
         let due = if fresh {
             true
-        } else if c.learned == NO_BASELINE {
+        } else if c.due == NO_BASELINE {
             self.baselines.len() < self.config.keys as usize
         } else {
-            let size = u64::from(self.window.bucket_secs());
-            let len = u64::from(self.window.buckets());
-            // A bucket of slack: a give-back may have moved the ring on
-            // without an event that would have caught up.
-            let learned = u64::from(c.learned);
-            bucket.saturating_sub(learned) + 1 >= len
-                || hour_of_day(bucket * size) != hour_of_day((learned + 1) * size)
+            bucket >= u64::from(c.due)
         };
         if due {
             self.catch_up(id, c, bucket, true, fresh);
@@ -1018,11 +1019,11 @@ impl Judge<'_> {
                 self.baselines.entry(owned).or_default()
             }
             None => {
-                (c.learned, c.trip, c.peak) = (NO_BASELINE, u32::MAX, 0);
+                (c.due, c.trip, c.peak) = (NO_BASELINE, u32::MAX, 0);
                 return;
             }
         };
-        if fresh || c.learned == NO_BASELINE {
+        if fresh || c.due == NO_BASELINE {
             b.skip_until(bucket);
         }
         // Every event since the last catch-up was in the hour of the
@@ -1033,7 +1034,7 @@ impl Judge<'_> {
             let n = c.window.bucket_count(k);
             b.learn(k, k * size, n, n >= c.trip);
         }
-        c.learned = learned_bucket(b.last());
+        c.due = due_bucket(b.last(), self.window);
         c.trip = self.config.trip(b.usual((b.last() + 1) * size));
     }
 }
@@ -1215,6 +1216,21 @@ mod tests {
             k
         };
         assert_eq!(keys, ["10.3.0.2", "10.3.0.3", "10.3.0.4"]);
+    }
+
+    #[test]
+    fn a_catch_up_is_due_a_window_on_or_at_the_next_hour() {
+        let w = WindowConfig::new(600, 30).unwrap();
+        // Hour 0 is buckets 0 to 119.
+        assert_eq!(due_bucket(100, w), 119, "a window less a bucket on");
+        assert_eq!(due_bucket(105, w), 120, "hour 1's first bucket");
+        assert_eq!(due_bucket(119, w), 138, "learned to the hour's end");
+        // 7 s buckets: bucket 514 starts at 3598 s, in hour 0; 515 is
+        // the first to start in hour 1.
+        let w = WindowConfig::new(700, 7).unwrap();
+        assert_eq!(due_bucket(500, w), 515);
+        let one = WindowConfig::new(30, 30).unwrap();
+        assert_eq!(due_bucket(100, one), 100, "every bucket");
     }
 
     #[test]
