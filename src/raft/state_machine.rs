@@ -21,6 +21,27 @@ use crate::policy::Policy;
 
 type StoreResult<T> = Result<T, StorageError<NodeId>>;
 
+/// What a snapshot's data starts with: its layout's name and number,
+/// raised whenever the layout of [`LimiterSnapshot`] changes, so that a
+/// node never reads another layout's bytes as its own.
+const SNAPSHOT_FORMAT: &[u8; 8] = b"rrsnap02";
+
+/// A snapshot's data of another layout than this version's.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the snapshot is of another layout than this version's ({}): it was written by another \
+     version of relayrate; start this node with an empty data dir and add it again \
+     (deploy/README.md, \"Upgrading\")",
+    String::from_utf8_lossy(SNAPSHOT_FORMAT)
+)]
+pub struct OtherSnapshotFormat;
+
+/// The snapshot's bincode after its format tag.
+fn snapshot_body(data: &[u8]) -> Result<&[u8], OtherSnapshotFormat> {
+    data.strip_prefix(SNAPSHOT_FORMAT.as_slice())
+        .ok_or(OtherSnapshotFormat)
+}
+
 const CURRENT: &str = "current";
 
 /// The snapshot as stored: openraft's meta and our state, bincode-encoded.
@@ -146,7 +167,8 @@ impl StateMachine {
                 openraft::AnyError::error(e.to_string()),
             )
         };
-        let snap: LimiterSnapshot = super::decode_bounded(data).map_err(|e| bad(&e))?;
+        let body = snapshot_body(data).map_err(|e| bad(&e))?;
+        let snap: LimiterSnapshot = super::decode_bounded(body).map_err(|e| bad(&e))?;
         let state = LimiterState::from_snapshot(snap).map_err(|e| bad(&e))?;
         let mut current = self.state.write().expect("state lock");
         *current = state;
@@ -173,7 +195,9 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
             let applied = self.applied.lock().expect("applied lock").clone();
             (state.snapshot(), applied)
         };
-        let data = bincode::serialize(&snap).map_err(|e| StorageIOError::read_state_machine(&e))?;
+        let mut data = SNAPSHOT_FORMAT.to_vec();
+        bincode::serialize_into(&mut data, &snap)
+            .map_err(|e| StorageIOError::read_state_machine(&e))?;
         let snapshot_id = match last_applied {
             Some(id) => format!("{}-{}-{}", id.leader_id, id.index, self.builds),
             None => format!("none-{}", self.builds),
@@ -259,5 +283,22 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             meta: s.meta,
             snapshot: Box::new(Cursor::new(s.data)),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_snapshot_of_another_layout_is_refused_by_name() {
+        assert_eq!(snapshot_body(b"rrsnap02xyz").unwrap(), b"xyz");
+        // An older layout had no tag: its bincode is refused, not misread.
+        let old = bincode::serialize(&(1u64, vec![2u8; 40])).unwrap();
+        let e = snapshot_body(&old).unwrap_err().to_string();
+        assert!(
+            e.contains("another layout") && e.contains("rrsnap02"),
+            "{e}"
+        );
     }
 }
