@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::baseline::{Baseline, UnusualConfig};
 use crate::check::{Check, Measure, Reply};
+use crate::peaks::HourlyPeaks;
 use crate::policy::{Client, Policy};
 use crate::window::{Window, WindowConfig};
 
@@ -576,26 +577,18 @@ impl Engine {
         })
     }
 
-    /// Each (check, key) with a baseline and the highest window count of
-    /// each hour it counted in, among the 168 hours up to `now`: (hours
-    /// since the epoch, peak), oldest first, the hour in progress
-    /// included. At most `UnusualKeys` keys.
-    pub fn hourly_peaks(&self, now: Time) -> impl Iterator<Item = (&CounterId, Vec<(u64, u32)>)> {
-        let now_hour = now / 3600;
+    /// Each (check, key) with a baseline and a copy of its hourly peaks,
+    /// the hour in progress included. At most `UnusualKeys` keys; a copy
+    /// is 336 bytes, so that a caller holding a lock copies and works out
+    /// the rest after.
+    pub fn hourly_peaks(&self) -> impl Iterator<Item = (&CounterId, HourlyPeaks)> {
         let size = u64::from(self.window.bucket_secs());
         self.baselines.iter().map(move |(id, b)| {
-            let mut hours: Vec<(u64, u32)> = b.peaks().hours(now_hour).collect();
-            let pending = self.counters.get(id).filter(|c| c.peak > 0);
-            if let Some(c) = pending {
-                let peak = c.peak.min(crate::peaks::MAX_PEAK);
-                let hour = c.window.newest() * size / 3600;
-                match hours.last_mut() {
-                    Some((h, p)) if *h == hour => *p = (*p).max(peak),
-                    _ if hour <= now_hour => hours.push((hour, peak)),
-                    _ => {}
-                }
+            let mut peaks = b.peaks().clone();
+            if let Some(c) = self.counters.get(id).filter(|c| c.peak > 0) {
+                peaks.note(c.window.newest() * size / 3600, c.peak);
             }
-            (id, hours)
+            (id, peaks)
         })
     }
 
@@ -1245,20 +1238,18 @@ mod tests {
             check: Check::ConnRate,
             key: CounterKey::Ip("10.5.0.1".parse().unwrap()),
         };
-        let peaks = |e: &Engine| {
-            let now = (h + 1) * 3600 + 100;
-            e.hourly_peaks(now)
+        let at = |e: &Engine, now_hour: u64| {
+            e.hourly_peaks()
                 .find(|(i, _)| **i == id)
-                .map(|(_, p)| p)
+                .map(|(_, p)| p.hours(now_hour).collect::<Vec<_>>())
                 .unwrap()
         };
+        let peaks = |e: &Engine| at(e, h + 1);
         assert_eq!(peaks(&e), [(h, 6), (h + 1, 2)]);
         let r = Engine::from_state(e.policy().clone(), e.state());
         assert_eq!(peaks(&r), peaks(&e));
         // A week on, the first hour has left.
-        assert!(e
-            .hourly_peaks((h + 168) * 3600)
-            .all(|(_, p)| p == [(h + 1, 2)]));
+        assert_eq!(at(&e, h + 168), [(h + 1, 2)]);
     }
 
     /// A node that restores a snapshot and one that applied every event

@@ -901,6 +901,14 @@ async fn writes_need_the_token_and_reads_do_not() {
     std::fs::write(&file, POLICY).unwrap();
     let out = ctl(addr, &["policy", "apply", file.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+
+    // A suggestion costs seconds of CPU on a big cluster: it needs the
+    // token as a write does.
+    let out = ctl(addr, &["suggest"]);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    let token_arg = ["suggest", "--token-file", token.to_str().unwrap()];
+    let out = ctl(addr, &token_arg);
+    assert!(out.status.success(), "{}", describe(&out));
 }
 
 // ---------------------------------------------------------------------------

@@ -148,7 +148,7 @@ struct SuggestArgs {
 
 fn parse_share(text: &str) -> Result<f64, String> {
     match text.parse::<f64>() {
-        Ok(p) if (0.0..=1.0).contains(&p) => Ok(p),
+        Ok(p) if (0.0..=1.0).contains(&p) && p.is_sign_positive() => Ok(p),
         _ => Err("a share from 0 to 1, such as 0.01".to_string()),
     }
 }

@@ -26,6 +26,7 @@ use super::stamp::{day_text, time_text};
 use super::LogEvent;
 use crate::check::{Check, KeyKind, Switch};
 use crate::engine::{ConnId, Engine, Event, Time};
+use crate::peaks::{HourlyPeaks, MAX_PEAK};
 use crate::policy::{Client, Policy};
 
 /// Keys followed; past this many, new keys are left out (and counted).
@@ -295,37 +296,46 @@ impl Suggest {
             let _ = writeln!(out, "{:<24} YES", s.name());
         }
         for c in Check::ALL {
-            write_check(&mut out, c, &mut chosen[c.index()]);
+            write_check(&mut out, c, &mut chosen[c.index()], "windows");
         }
         out
     }
 }
 
+/// What a cluster kept, for [`policy_from_hourly_peaks`].
+pub struct ClusterPeaks<'a> {
+    /// Each (check, key) and its hourly peaks.
+    pub keys: Vec<(crate::engine::CounterId, HourlyPeaks)>,
+    /// The policy in force: its window, IPv6 prefix and baselines' setting.
+    pub policy: &'a Policy,
+    /// The cluster's time, in seconds since the epoch.
+    pub now: Time,
+}
+
 /// A policy text chosen, like [`Suggest::policy_text`], from what a
 /// cluster kept: each (check, key)'s highest window count in each hour of
-/// the last 7 days (see [`Engine::hourly_peaks`]), with a window of
-/// `window_secs`. A key's hours with any count stand for its windows: a
+/// the last 7 days. A key's hours with any count stand for its windows: a
 /// limit under an hour's peak delays that hour, and at most a share
 /// `share` of each key's hours is delayed. Only windowed checks are kept
-/// by a cluster: the others' switches are left out, with a comment. A
-/// client key is written with `key_text` (an IPv6 network as
-/// `prefix/len`).
-pub fn policy_from_hourly_peaks<'a>(
-    peaks: impl Iterator<Item = (&'a crate::engine::CounterId, Vec<(u64, u32)>)>,
-    key_text: impl Fn(&crate::engine::CounterKey) -> String,
-    share: f64,
-    window_secs: u64,
-    now: Time,
-) -> String {
+/// by a cluster: the others' switches are left out, with a comment. The
+/// text keeps the policy's window and IPv6 prefix (the peaks are in its
+/// units) and starts in dry run, to be merged into the operator's policy.
+pub fn policy_from_hourly_peaks(cluster: ClusterPeaks<'_>, share: f64) -> String {
+    let ClusterPeaks { keys, policy, now } = cluster;
+    let window_secs = u64::from(policy.window().window_secs());
     // Per key: its checks' hourly peaks, and the hours it counted in.
-    let mut keys: HashMap<(KeyKind, String), (KeyPeaks, std::collections::BTreeSet<u64>)> =
+    let mut by_key: HashMap<(KeyKind, String), (KeyPeaks, std::collections::BTreeSet<u64>)> =
         HashMap::new();
     let (mut first, mut last) = (u64::MAX, 0);
-    for (id, hours) in peaks {
+    for (id, peaks) in &keys {
         let kind = id.check.key_kind();
-        let (p, seen) = keys.entry((kind, key_text(&id.key))).or_default();
+        let text = match &id.key {
+            crate::engine::CounterKey::Ip(ip) => policy.counted_text(*ip),
+            other => other.to_string(),
+        };
+        let (p, seen) = by_key.entry((kind, text)).or_default();
         let i = id.check.index();
-        for (hour, peak) in hours {
+        for (hour, peak) in peaks.hours(now / 3600) {
             seen.insert(hour);
             *p.hist[i].entry(peak).or_default() += 1;
             if peak > p.max[i].0 {
@@ -335,13 +345,20 @@ pub fn policy_from_hourly_peaks<'a>(
             last = last.max(hour);
         }
     }
+    drop(keys);
     let mut chosen: [Vec<Choice>; Check::ALL.len()] = Default::default();
-    let mut sorted: Vec<_> = keys.into_iter().collect();
+    let mut sorted: Vec<_> = by_key.into_iter().collect();
     sorted.sort_by(|a, b| a.0.cmp(&b.0));
     let n = sorted.len();
     for ((kind, key), (mut p, seen)) in sorted {
         p.windows = seen.len() as u64;
         choose(kind, key, &mut p, share, window_secs, &mut chosen);
+    }
+    // A peak kept at its cap may have been higher: no limit under it.
+    for c in chosen.iter_mut().flatten() {
+        if c.limit >= MAX_PEAK {
+            c.limit = u32::MAX;
+        }
     }
     let mut out = String::new();
     let span = if first <= last {
@@ -365,8 +382,31 @@ pub fn policy_from_hourly_peaks<'a>(
     );
     let _ = writeln!(
         out,
-        "# counted would have seen a refusal. Check with `relayrate replay` before use."
+        "# counted would have seen a refusal (counts include refused attempts). A peak's time"
     );
+    let _ = writeln!(
+        out,
+        "# is the start of its hour. Only the rates are here: merge these limits into your"
+    );
+    let _ = writeln!(
+        out,
+        "# policy (NetClass, per-connection checks), check it with `relayrate policy check`"
+    );
+    let _ = writeln!(
+        out,
+        "# (and `relayrate replay` if you have the mail logs), then leave dry run."
+    );
+    if !policy.unusual().is_on() {
+        let _ = writeln!(
+            out,
+            "# Baselines are off (UnusualFactor 0): no peaks have been kept since; these are older."
+        );
+    }
+    let _ = writeln!(out, "DryRun                   YES");
+    let w = policy.window();
+    let _ = writeln!(out, "RateWindow               {}", w.window_secs());
+    let _ = writeln!(out, "RateBucket               {}", w.bucket_secs());
+    let _ = writeln!(out, "IPv6Prefix               {}", policy.ipv6_prefix());
     let windowed = |c: &Check| c.measure() == crate::check::Measure::Window;
     for s in Switch::ALL {
         if Check::ALL.iter().any(|c| c.switch() == s && windowed(c)) {
@@ -381,7 +421,7 @@ pub fn policy_from_hourly_peaks<'a>(
         }
     }
     for c in Check::ALL.into_iter().filter(windowed) {
-        write_check(&mut out, c, &mut chosen[c.index()]);
+        write_check(&mut out, c, &mut chosen[c.index()], "hours");
     }
     out
 }
@@ -464,20 +504,63 @@ fn percentile(hist: &BTreeMap<u32, u32>, windows: u64, q: f64) -> u32 {
     hist.keys().next_back().copied().unwrap_or(0)
 }
 
-/// Whether `key` can be written as an entry of `check`.
+/// The longest key written as an entry: a longer one is held to the
+/// default, so that a suggestion stays small.
+const MAX_ENTRY_KEY: usize = 256;
+/// Entries written per check, the highest limits first; the others are
+/// held to the default (and counted in a comment). With keys of at most
+/// [`MAX_ENTRY_KEY`] bytes, a suggestion stays well under 4 MiB.
+const MAX_ENTRIES: usize = 1000;
+
+/// Format characters that show nothing (or turn the text around) when
+/// printed: a key with one could read as another key or value.
+fn is_invisible(c: char) -> bool {
+    matches!(c,
+        '\u{AD}' | '\u{600}'..='\u{605}' | '\u{61C}' | '\u{6DD}' | '\u{70F}' | '\u{180E}'
+        | '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{206F}'
+        | '\u{FEFF}' | '\u{FFF9}'..='\u{FFFB}' | '\u{110BD}' | '\u{1D173}'..='\u{1D17A}'
+        | '\u{E0000}'..='\u{E007F}')
+}
+
+/// Whether `key` can be written as an entry of `check` that applies to
+/// that one key: of visible characters, at most [`MAX_ENTRY_KEY`] bytes,
+/// not a pattern (a sender without a local part, such as `com` or
+/// `@example.org`, would cover a whole domain; `default` and `*` are not
+/// users), and parsed back as an entry. Anyone can send any sender, so
+/// a key that fails is held to the default rather than written.
 fn valid_key(check: Check, key: &str) -> bool {
+    if key.is_empty()
+        || key.len() > MAX_ENTRY_KEY
+        || key
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control() || is_invisible(c))
+    {
+        return false;
+    }
+    let one_key = match check.key_kind() {
+        KeyKind::Client => true,
+        KeyKind::Sender => {
+            key == "<>"
+                || key.split_once('@').is_some_and(|(local, domain)| {
+                    !local.is_empty() && !domain.is_empty() && !domain.contains('@')
+                })
+        }
+        KeyKind::AuthUser => !key.eq_ignore_ascii_case("default") && key != "*",
+    };
     let text = format!(
         "{} YES\n{}:{} 1\n",
         check.switch().name(),
         check.name(),
         key
     );
-    !key.is_empty()
-        && !key.chars().any(char::is_whitespace)
-        && Policy::parse_str("key", &text).is_ok()
+    one_key && Policy::parse_str("key", &text).is_ok()
 }
 
-fn write_check(out: &mut String, check: Check, choices: &mut [Choice]) {
+/// Writes a check's `default` (the 90th percentile of its keys' limits)
+/// and an entry, with its figures, for each key above it that can have
+/// one; a key that cannot is held to the default, and said so. `unit`
+/// names what a key's count of windows counts.
+fn write_check(out: &mut String, check: Check, choices: &mut [Choice], unit: &str) {
     let _ = writeln!(out);
     if choices.is_empty() {
         let _ = writeln!(out, "# {check}: no traffic seen; no limit.");
@@ -487,31 +570,171 @@ fn write_check(out: &mut String, check: Check, choices: &mut [Choice]) {
     choices.sort_by(|a, b| b.limit.cmp(&a.limit).then_with(|| a.key.cmp(&b.key)));
     let mut limits: Vec<u32> = choices.iter().map(|c| c.limit).collect();
     limits.sort_unstable();
-    let p90 = limits[((limits.len() * 9).div_ceil(10)).max(1) - 1];
-    // A key that cannot be an entry lives under the default: raise it.
-    let mut default = p90;
-    for c in choices
-        .iter()
-        .filter(|c| c.limit > p90 && !valid_key(check, &c.key))
-    {
-        default = default.max(c.limit);
-    }
+    let default = limits[((limits.len() * 9).div_ceil(10)).max(1) - 1];
     let _ = writeln!(
         out,
         "# {check}: the 90th percentile of {} keys' limits.",
         choices.len()
     );
-    let _ = writeln!(out, "{check}:default {default}");
+    let _ = writeln!(out, "{check}:default {}", limit_text(default));
+    let (mut written, mut held, mut left_out) = (0, 0, 0);
     for c in choices.iter().filter(|c| c.limit > default) {
+        if written == MAX_ENTRIES {
+            left_out += 1;
+            continue;
+        }
+        if !valid_key(check, &c.key) {
+            held += 1;
+            continue;
+        }
+        written += 1;
+        let peak = if c.peak >= MAX_PEAK && unit == "hours" {
+            format!("{MAX_PEAK} or more (not kept exactly, so no limit)")
+        } else {
+            c.peak.to_string()
+        };
         let _ = writeln!(
             out,
-            "# peak {} on {} ({}), 99th percentile {}, over {} windows",
-            c.peak,
+            "# peak {peak} on {} ({}), 99th percentile {}, over {} {unit}",
             day_text(c.peak_at),
             time_text(c.peak_at),
             c.p99,
             c.windows
         );
-        let _ = writeln!(out, "{check}:{} {}", c.key, c.limit);
+        let _ = writeln!(out, "{check}:{} {}", c.key, limit_text(c.limit));
+    }
+    if held > 0 {
+        let _ = writeln!(
+            out,
+            "# {held} more keys above the default cannot be an entry of their own (not one \
+             address or user, or a character that does not show): they are held to the default."
+        );
+    }
+    if left_out > 0 {
+        let _ = writeln!(
+            out,
+            "# {left_out} more keys above the default are left out (at most {MAX_ENTRIES} \
+             entries a check): they are held to the default."
+        );
+    }
+}
+
+/// A limit as written: `u32::MAX` (a peak not kept exactly) is 0, no limit.
+fn limit_text(limit: u32) -> u32 {
+    if limit == u32::MAX {
+        0
+    } else {
+        limit
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::{CounterId, CounterKey};
+
+    fn at(check: Check, key: CounterKey, peak: u32) -> (CounterId, HourlyPeaks) {
+        let mut p = HourlyPeaks::default();
+        p.note(1000, peak);
+        (CounterId { check, key }, p)
+    }
+
+    fn sender(key: &str, peak: u32) -> (CounterId, HourlyPeaks) {
+        at(Check::MsgRateFrom, CounterKey::Name(key.into()), peak)
+    }
+
+    fn suggest(keys: Vec<(CounterId, HourlyPeaks)>, policy: &str) -> String {
+        let policy = Policy::parse_str("p", policy).unwrap();
+        let now = 1001 * 3600;
+        let text = policy_from_hourly_peaks(
+            ClusterPeaks {
+                keys,
+                policy: &policy,
+                now,
+            },
+            0.01,
+        );
+        Policy::parse_str("suggested", &text).unwrap_or_else(|e| panic!("{e:?}\n{text}"));
+        text
+    }
+
+    fn entries<'a>(text: &'a str, check: &str) -> Vec<&'a str> {
+        text.lines().filter(|l| l.starts_with(check)).collect()
+    }
+
+    /// Anyone can send any sender: one that is not one address (or does
+    /// not show) must neither get an entry nor lift everyone's default.
+    #[test]
+    fn keys_that_cannot_be_one_entry_are_held_to_the_default() {
+        let mut keys: Vec<_> = (0..100)
+            .map(|i| sender(&format!("u{i}@example.net"), 2))
+            .collect();
+        let long = format!("{}@example.org", "x".repeat(300));
+        for bad in [
+            "a@b@c",
+            "com",
+            "@gmail.com",
+            "example.org",
+            "zw\u{200b}sp@example.org",
+            "admin\u{202e}@moc.elpmaxe",
+            long.as_str(),
+        ] {
+            keys.push(sender(bad, 64));
+        }
+        keys.push(sender("big@example.org", 90));
+        for user in ["default", "*", "bob"] {
+            keys.push(at(Check::MsgRateAuth, CounterKey::Name(user.into()), 50));
+        }
+        for i in 0..40 {
+            let user = CounterKey::Name(format!("user{i}").into());
+            keys.push(at(Check::MsgRateAuth, user, 1));
+        }
+        let text = suggest(keys, "CHECK_MSG_RATE YES\n");
+        assert_eq!(
+            entries(&text, "MsgRateFrom:"),
+            ["MsgRateFrom:default 2", "MsgRateFrom:big@example.org 90"],
+            "{text}"
+        );
+        assert!(
+            text.contains("# 7 more keys above the default cannot be an entry"),
+            "{text}"
+        );
+        assert_eq!(
+            entries(&text, "MsgRateAuth:"),
+            ["MsgRateAuth:default 1", "MsgRateAuth:bob 50"],
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn it_keeps_the_window_and_prefix_starts_in_dry_run_and_caps_entries() {
+        let v6 = CounterKey::Ip("2001:db8:1::".parse().unwrap());
+        let mut keys = vec![at(Check::MsgRate, v6, 70_000)];
+        for i in 0..12u8 {
+            let ip = CounterKey::Ip(std::net::IpAddr::from([192, 0, 2, i]));
+            keys.push(at(Check::MsgRate, ip, 5));
+        }
+        // More senders above the default than a check writes.
+        keys.extend((0..1100).map(|i| sender(&format!("s{i}@example.net"), 10)));
+        keys.extend((0..20_000).map(|i| sender(&format!("q{i}@example.net"), 1)));
+        let text = suggest(
+            keys,
+            "RateWindow 300\nRateBucket 30\nIPv6Prefix 48\nCHECK_MSG_RATE YES\n",
+        );
+        let lines: Vec<&str> = text.lines().collect();
+        for want in [
+            "DryRun                   YES",
+            "RateWindow               300",
+            "IPv6Prefix               48",
+            "MsgRate:default 5",
+            // A peak kept at its cap may have been higher: no limit.
+            "MsgRate:2001:db8:1::/48 0",
+            "MsgRateFrom:default 1",
+        ] {
+            assert!(lines.contains(&want), "no {want:?} in:\n{text}");
+        }
+        assert!(text.contains("# peak 65535 or more"), "{text}");
+        assert_eq!(entries(&text, "MsgRateFrom:").len(), 1 + MAX_ENTRIES);
+        assert!(text.contains("# 100 more keys above the default are left out"));
     }
 }

@@ -279,42 +279,41 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         request: Request<pb::SuggestRequest>,
     ) -> Result<Response<pb::SuggestResponse>, Status> {
+        // It costs seconds of CPU and a copy of every key's peaks: the
+        // token, when set, is asked as for a write.
+        self.authorize(&request)?;
         let share = request.get_ref().delay_share.unwrap_or(0.01);
-        if !(0.0..=1.0).contains(&share) {
+        if !(0.0..=1.0).contains(&share) || share.is_sign_negative() {
             return Err(Status::invalid_argument(
                 "delay_share must be a share from 0 to 1, such as 0.01",
             ));
         }
-        let Ok(_one) = self.suggesting.clone().try_lock_owned() else {
+        // Held by the work itself, not by the request: a client that
+        // gives up does not let a second one start beside it.
+        let Ok(one) = self.suggesting.clone().try_lock_owned() else {
             return Err(Status::resource_exhausted(
                 "another suggestion is being worked out; ask again in a moment",
             ));
         };
-        // Copied under the lock (at most UnusualKeys keys), worked out
-        // without it, so that decisions do not wait.
-        let (peaks, policy, now) = {
+        // Copied under the lock (336 bytes a key, at most UnusualKeys
+        // keys), worked out without it, so that decisions do not wait.
+        let (keys, policy, now) = {
             let state = self.node.state().read().expect("state lock");
-            let now = state.now_ms() / 1000;
-            let peaks: Vec<_> = state
+            let keys: Vec<_> = state
                 .engine()
-                .hourly_peaks(now)
-                .map(|(id, hours)| (id.clone(), hours))
+                .hourly_peaks()
+                .map(|(id, peaks)| (id.clone(), peaks))
                 .collect();
-            (peaks, state.policy().clone(), now)
+            (keys, state.policy().clone(), state.now_ms() / 1000)
         };
         let text = tokio::task::spawn_blocking(move || {
-            let window = u64::from(policy.window().window_secs());
-            let key_text = |key: &crate::engine::CounterKey| match key {
-                crate::engine::CounterKey::Ip(ip) => policy.counted_text(*ip),
-                other => other.to_string(),
-            };
-            crate::history::suggest::policy_from_hourly_peaks(
-                peaks.iter().map(|(id, h)| (id, h.clone())),
-                key_text,
-                share,
-                window,
+            let _one = one;
+            let cluster = crate::history::suggest::ClusterPeaks {
+                keys,
+                policy: &policy,
                 now,
-            )
+            };
+            crate::history::suggest::policy_from_hourly_peaks(cluster, share)
         })
         .await
         .map_err(|e| Status::internal(format!("suggest: {e}")))?;
