@@ -30,7 +30,7 @@ const SNAPSHOT_FORMAT: &[u8; 8] = b"rrsnap02";
 #[derive(Debug, thiserror::Error)]
 #[error(
     "the snapshot is of another layout than this version's ({}): it was written by another \
-     version of relayrate; start this node with an empty data dir and add it again \
+     version of relayrate; nodes of two layouts cannot share a cluster \
      (deploy/README.md, \"Upgrading\")",
     String::from_utf8_lossy(SNAPSHOT_FORMAT)
 )]
