@@ -470,6 +470,14 @@ impl Engine {
         }
     }
 
+    /// Lets time pass with no event: the once-a-bucket sweep runs if due,
+    /// so that on a quiet cluster idle counters go and flags of keys that
+    /// stopped clear (the state machine calls it at each heartbeat entry,
+    /// with the leader's stamp, so every node sweeps alike).
+    pub fn tick(&mut self, now: Time) {
+        self.sweep_if_due(now);
+    }
+
     /// Decides a Recheck, or what a Mail would be answered, without
     /// changing anything. Other events are answered as if allowed.
     pub fn read(&self, event: &Event, now: Time) -> Verdict {
@@ -1112,6 +1120,11 @@ mod tests {
         assert_eq!(e.unusual_counts()[Check::ConnRate.index()], 1);
         // Back to usual: the flag clears at the next bucket's start.
         drive(&mut e, "10.0.0.1", at + 3..at + 5, |_| 4);
+        assert_eq!(e.unusual_counts()[Check::ConnRate.index()], 0);
+        // Flagged again, then nothing at all: time passing clears it.
+        drive(&mut e, "10.0.0.1", at + 5..at + 6, |_| 40);
+        assert_eq!(e.unusual_counts()[Check::ConnRate.index()], 1);
+        e.tick((at + 7) * 30);
         assert_eq!(e.unusual_counts()[Check::ConnRate.index()], 0);
     }
 

@@ -350,6 +350,8 @@ impl LimiterState {
             },
             Command::Heartbeat { origin, ttl_ms } => {
                 self.heard_from(*origin, *ttl_ms);
+                // Time passes on a quiet cluster too.
+                self.engine.tick(self.now_ms / 1000);
                 Response::Done
             }
             Command::Reset {
