@@ -5,7 +5,8 @@
 //! replication round then serve many decisions. A follower forwards each
 //! batch at once, without waiting for the answer to the one before: its
 //! events then join the leader's next entry instead of waiting a whole
-//! forward for their turn.
+//! forward for their turn. The leader of several voters writes several
+//! batches at once ([`MAX_WRITES`]).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -18,10 +19,16 @@ use crate::engine::{Event, Verdict};
 use crate::raft::validate::event_bytes;
 use crate::raft::{Command, RequestId, Response, Sender};
 
-/// Batches being written at once at the leader. One: the next batch
-/// gathers while the current one commits, which measured faster than
-/// several small ones.
-pub const MAX_WRITES: usize = 1;
+/// Batches being written at once at the leader of several voters. A
+/// commit there waits for the leader's fsync, an AppendEntries round trip
+/// and a follower's fsync; meanwhile the next batch is appended (its
+/// fsync overlaps the round trip) and its AppendEntries carries the
+/// commit of the one before, which otherwise goes in a message of its
+/// own. Measured through Postfix with 3 nodes and the seed's checks
+/// (2026-12-01): 0.39 to 0.64 of the no-op milter's throughput with one
+/// batch at a time, 0.63 to 0.70 with 8; with every check on, 0.40 to
+/// 0.49 either way.
+pub const MAX_WRITES: usize = 8;
 /// Batches a follower has forwarded and not yet had answered, at most.
 pub const MAX_FORWARDS: usize = 16;
 /// Events after which a batch stops gathering (it may pass this by one
@@ -55,14 +62,25 @@ impl Default for InFlight {
 impl InFlight {
     /// Waits for room for one more batch, written here if `leading`, else
     /// forwarded. (Leadership may change before the batch leaves; it then
-    /// goes the other way, which is only slower.)
-    async fn acquire(&self, leading: bool) -> OwnedSemaphorePermit {
-        let room = if leading {
-            &self.writes
-        } else {
-            &self.forwards
-        };
-        room.clone().acquire_owned().await.expect("never closed")
+    /// goes the other way, which is only slower.) The only voter writes
+    /// one batch at a time: its commit is its own fsync, with no round
+    /// trip to overlap, and the next batch grows meanwhile (fewer entries
+    /// and fsyncs).
+    async fn acquire(&self, leading: bool, alone: bool) -> OwnedSemaphorePermit {
+        if !leading {
+            return self
+                .forwards
+                .clone()
+                .acquire_owned()
+                .await
+                .expect("never closed");
+        }
+        let weight = if alone { MAX_WRITES } else { 1 };
+        self.writes
+            .clone()
+            .acquire_many_owned(weight as u32)
+            .await
+            .expect("never closed")
     }
 
     /// Whether no batch is out.
@@ -167,7 +185,10 @@ pub async fn run(node: Arc<Node>, mut rx: mpsc::Receiver<Pending>) {
                 break;
             }
         }
-        let permit = node.in_flight.acquire(node.is_leader()).await;
+        let permit = node
+            .in_flight
+            .acquire(node.is_leader(), node.voters() == 1)
+            .await;
         while held.is_none() && gathering.open() {
             let Ok(p) = rx.try_recv() else { break };
             if let Err(p) = gathering.add(p) {
@@ -252,4 +273,53 @@ fn abandon(node: &Node, gone: &[Pending]) {
         events,
         "events dropped: every caller gave up before the cluster answered"
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    /// Whether `acquire` gets its room within a moment.
+    async fn gets_room(f: &InFlight, alone: bool) -> Option<OwnedSemaphorePermit> {
+        tokio::time::timeout(Duration::from_millis(50), f.acquire(true, alone))
+            .await
+            .ok()
+    }
+
+    #[tokio::test]
+    async fn the_leader_of_several_voters_writes_several_batches_at_once_a_lone_voter_one() {
+        let f = InFlight::default();
+        // With followers, a second batch goes while the first is out...
+        let mut out = vec![gets_room(&f, false).await.expect("room for the first")];
+        out.push(
+            gets_room(&f, false)
+                .await
+                .expect("the second waited for the first"),
+        );
+        // ...and so on up to MAX_WRITES.
+        while out.len() < MAX_WRITES {
+            out.push(
+                gets_room(&f, false)
+                    .await
+                    .expect("fewer than MAX_WRITES out"),
+            );
+        }
+        assert!(
+            gets_room(&f, false).await.is_none(),
+            "more than MAX_WRITES out"
+        );
+        out.clear();
+        assert!(f.is_idle());
+
+        let only = gets_room(&f, true).await.expect("room for the first");
+        assert!(
+            gets_room(&f, true).await.is_none(),
+            "a lone voter wrote two at once"
+        );
+        assert!(gets_room(&f, false).await.is_none());
+        drop(only);
+        assert!(gets_room(&f, true).await.is_some());
+    }
 }

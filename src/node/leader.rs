@@ -537,18 +537,22 @@ impl Node {
     /// another leader), or its Raft core stopped: what a write waiting at
     /// this node then answers.
     async fn left_office(&self, term: u64) -> ProposalReply {
-        let mut metrics = self.raft.metrics();
+        // The server metrics change with the vote, the leader and the
+        // membership only, not with each entry as the full metrics do:
+        // the writes waiting here are not woken for every commit.
+        let mut server = self.raft.server_metrics();
         let id = self.id;
-        let stopped = metrics
-            .wait_for(|m| {
-                m.current_term != term || m.current_leader != Some(id) || m.running_state.is_err()
-            })
+        let left = server
+            .wait_for(|m| m.vote.leader_id().get_term() != term || m.current_leader != Some(id))
             .await
-            .map(|m| m.running_state.as_ref().err().map(|e| e.to_string()));
-        match stopped {
-            Ok(None) => ProposalReply::NotLeader,
-            Ok(Some(fatal)) => ProposalReply::Failed(format!("the Raft core stopped: {fatal}")),
-            Err(_) => ProposalReply::Failed("the Raft core stopped".into()),
+            .is_ok();
+        if left {
+            return ProposalReply::NotLeader;
+        }
+        // The core is gone; its last full metrics say why.
+        match self.raft.metrics().borrow().running_state.as_ref().err() {
+            Some(fatal) => ProposalReply::Failed(format!("the Raft core stopped: {fatal}")),
+            None => ProposalReply::Failed("the Raft core stopped".into()),
         }
     }
 

@@ -297,6 +297,17 @@ impl Node {
         self.raft.metrics().borrow().current_leader == Some(self.id)
     }
 
+    /// How many voters the membership this node knows has.
+    pub fn voters(&self) -> usize {
+        self.raft
+            .server_metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .count()
+    }
+
     /// The leader and its address, as this node knows them. Called for
     /// every batch: reads the metrics in place rather than copying them.
     fn leader_addr(&self) -> Option<(NodeId, String)> {
