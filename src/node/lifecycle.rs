@@ -583,10 +583,12 @@ async fn report_health(node: Arc<Node>, health: tonic_health::server::HealthRepo
             } else {
                 ServingStatus::NotServing
             };
-            health.set_service_status("", status).await;
+            // The Limiter first: once the whole node answers SERVING, its
+            // service does too (a check between the two found it unknown).
             health
                 .set_service_status("relayrate.v1.Limiter", status)
                 .await;
+            health.set_service_status("", status).await;
             tracing::info!(serving = now, "health");
             serving = Some(now);
         }
