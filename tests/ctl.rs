@@ -494,7 +494,7 @@ async fn suggest_gives_the_hot_key_a_limit_of_its_own(cluster: &Cluster, dir: &P
     assert!(lines[entry - 1].starts_with("# peak 12 on "), "{text}");
     assert!(!text.contains("ConnRate:10.99.0.10 "), "{text}");
     assert!(
-        text.contains("# CHECK_OPEN_CONNECTIONS: not a windowed check"),
+        text.contains("# CHECK_OPEN_CONNECTIONS: off in the policy in force"),
         "{text}"
     );
 

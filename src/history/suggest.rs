@@ -354,12 +354,6 @@ pub fn policy_from_hourly_peaks(cluster: ClusterPeaks<'_>, share: f64) -> String
         p.windows = seen.len() as u64;
         choose(kind, key, &mut p, share, window_secs, &mut chosen);
     }
-    // A peak kept at its cap may have been higher: no limit under it.
-    for c in chosen.iter_mut().flatten() {
-        if c.limit >= MAX_PEAK {
-            c.limit = u32::MAX;
-        }
-    }
     let mut out = String::new();
     let span = if first <= last {
         format!(
@@ -382,11 +376,15 @@ pub fn policy_from_hourly_peaks(cluster: ClusterPeaks<'_>, share: f64) -> String
     );
     let _ = writeln!(
         out,
-        "# counted would have seen a refusal (counts include refused attempts). A peak's time"
+        "# counted would have seen a refusal. Counts are what the policy in force counted (a key"
     );
     let _ = writeln!(
         out,
-        "# is the start of its hour. Only the rates are here: merge these limits into your"
+        "# held at a limit shows that limit, not what it tried). A peak's time is the start of"
+    );
+    let _ = writeln!(
+        out,
+        "# its hour. Only the rates are here: merge these limits into your"
     );
     let _ = writeln!(
         out,
@@ -409,7 +407,14 @@ pub fn policy_from_hourly_peaks(cluster: ClusterPeaks<'_>, share: f64) -> String
     let _ = writeln!(out, "IPv6Prefix               {}", policy.ipv6_prefix());
     let windowed = |c: &Check| c.measure() == crate::check::Measure::Window;
     for s in Switch::ALL {
-        if Check::ALL.iter().any(|c| c.switch() == s && windowed(c)) {
+        let checks = || Check::ALL.into_iter().filter(move |c| c.switch() == s);
+        if !checks().any(|c| policy.is_enabled(c)) {
+            let _ = writeln!(
+                out,
+                "# {}: off in the policy in force; nothing counted, nothing suggested.",
+                s.name()
+            );
+        } else if checks().any(|c| windowed(&c)) {
             let _ = writeln!(out, "{:<24} YES", s.name());
         } else {
             let _ = writeln!(
@@ -420,7 +425,10 @@ pub fn policy_from_hourly_peaks(cluster: ClusterPeaks<'_>, share: f64) -> String
             );
         }
     }
-    for c in Check::ALL.into_iter().filter(windowed) {
+    for c in Check::ALL
+        .into_iter()
+        .filter(|c| windowed(c) && policy.is_enabled(*c))
+    {
         write_check(&mut out, c, &mut chosen[c.index()], "hours");
     }
     out
@@ -547,19 +555,14 @@ fn valid_key(check: Check, key: &str) -> bool {
         }
         KeyKind::AuthUser => !key.eq_ignore_ascii_case("default") && key != "*",
     };
-    let text = format!(
-        "{} YES\n{}:{} 1\n",
-        check.switch().name(),
-        check.name(),
-        key
-    );
-    one_key && Policy::parse_str("key", &text).is_ok()
+    one_key && crate::policy::parse_key(check.key_kind(), key).is_ok()
 }
 
-/// Writes a check's `default` (the 90th percentile of its keys' limits)
-/// and an entry, with its figures, for each key above it that can have
-/// one; a key that cannot is held to the default, and said so. `unit`
-/// names what a key's count of windows counts.
+/// Writes a check's `default` (the 90th percentile of the limits of the
+/// keys that can be entries) and an entry, with its figures, for each of
+/// those above it; a key that cannot be an entry is held to the default,
+/// never lifts it (anyone can send any sender), and is counted in a
+/// comment. `unit` names what a key's count of windows counts.
 fn write_check(out: &mut String, check: Check, choices: &mut [Choice], unit: &str) {
     let _ = writeln!(out);
     if choices.is_empty() {
@@ -568,28 +571,42 @@ fn write_check(out: &mut String, check: Check, choices: &mut [Choice], unit: &st
         return;
     }
     choices.sort_by(|a, b| b.limit.cmp(&a.limit).then_with(|| a.key.cmp(&b.key)));
-    let mut limits: Vec<u32> = choices.iter().map(|c| c.limit).collect();
+    let writable: Vec<bool> = choices.iter().map(|c| valid_key(check, &c.key)).collect();
+    let mut limits: Vec<u32> = choices
+        .iter()
+        .zip(&writable)
+        .filter(|(_, w)| **w)
+        .map(|(c, _)| c.limit)
+        .collect();
     limits.sort_unstable();
-    let default = limits[((limits.len() * 9).div_ceil(10)).max(1) - 1];
+    let default = match limits.len() {
+        0 => choices.iter().map(|c| c.limit).min().unwrap_or(0),
+        n => limits[((n * 9).div_ceil(10)).max(1) - 1],
+    };
     let _ = writeln!(
         out,
-        "# {check}: the 90th percentile of {} keys' limits.",
+        "# {check}: the 90th percentile of {} keys' limits ({} keys in all).",
+        limits.len(),
         choices.len()
     );
-    let _ = writeln!(out, "{check}:default {}", limit_text(default));
+    let _ = writeln!(out, "{check}:default {default}");
     let (mut written, mut held, mut left_out) = (0, 0, 0);
-    for c in choices.iter().filter(|c| c.limit > default) {
+    for (c, writable) in choices
+        .iter()
+        .zip(&writable)
+        .filter(|(c, _)| c.limit > default)
+    {
+        if !writable {
+            held += 1;
+            continue;
+        }
         if written == MAX_ENTRIES {
             left_out += 1;
             continue;
         }
-        if !valid_key(check, &c.key) {
-            held += 1;
-            continue;
-        }
         written += 1;
         let peak = if c.peak >= MAX_PEAK && unit == "hours" {
-            format!("{MAX_PEAK} or more (not kept exactly, so no limit)")
+            format!("{MAX_PEAK} or more (kept no higher: raise it by hand if the key is yours)")
         } else {
             c.peak.to_string()
         };
@@ -601,7 +618,7 @@ fn write_check(out: &mut String, check: Check, choices: &mut [Choice], unit: &st
             c.p99,
             c.windows
         );
-        let _ = writeln!(out, "{check}:{} {}", c.key, limit_text(c.limit));
+        let _ = writeln!(out, "{check}:{} {}", c.key, c.limit);
     }
     if held > 0 {
         let _ = writeln!(
@@ -616,15 +633,6 @@ fn write_check(out: &mut String, check: Check, choices: &mut [Choice], unit: &st
             "# {left_out} more keys above the default are left out (at most {MAX_ENTRIES} \
              entries a check): they are held to the default."
         );
-    }
-}
-
-/// A limit as written: `u32::MAX` (a peak not kept exactly) is 0, no limit.
-fn limit_text(limit: u32) -> u32 {
-    if limit == u32::MAX {
-        0
-    } else {
-        limit
     }
 }
 
@@ -665,7 +673,7 @@ mod tests {
     /// Anyone can send any sender: one that is not one address (or does
     /// not show) must neither get an entry nor lift everyone's default.
     #[test]
-    fn keys_that_cannot_be_one_entry_are_held_to_the_default() {
+    fn keys_that_cannot_be_one_entry_are_held_to_the_default_and_never_lift_it() {
         let mut keys: Vec<_> = (0..100)
             .map(|i| sender(&format!("u{i}@example.net"), 2))
             .collect();
@@ -681,6 +689,11 @@ mod tests {
         ] {
             keys.push(sender(bad, 64));
         }
+        // A third of the keys made up, far above the others: still held.
+        for i in 0..25 {
+            keys.push(sender(&format!("j{i}@b@c"), 500));
+            keys.push(sender(&format!("d{i}.example.org"), 500));
+        }
         keys.push(sender("big@example.org", 90));
         for user in ["default", "*", "bob"] {
             keys.push(at(Check::MsgRateAuth, CounterKey::Name(user.into()), 50));
@@ -690,13 +703,18 @@ mod tests {
             keys.push(at(Check::MsgRateAuth, user, 1));
         }
         let text = suggest(keys, "CHECK_MSG_RATE YES\n");
+        assert!(
+            text.contains("# CHECK_CONN_RATE: off in the policy in force"),
+            "{text}"
+        );
+        assert!(!text.contains("CHECK_CONN_RATE    "), "{text}");
         assert_eq!(
             entries(&text, "MsgRateFrom:"),
             ["MsgRateFrom:default 2", "MsgRateFrom:big@example.org 90"],
             "{text}"
         );
         assert!(
-            text.contains("# 7 more keys above the default cannot be an entry"),
+            text.contains("# 57 more keys above the default cannot be an entry"),
             "{text}"
         );
         assert_eq!(
@@ -727,8 +745,8 @@ mod tests {
             "RateWindow               300",
             "IPv6Prefix               48",
             "MsgRate:default 5",
-            // A peak kept at its cap may have been higher: no limit.
-            "MsgRate:2001:db8:1::/48 0",
+            // A peak kept at its cap: limited there, said so.
+            "MsgRate:2001:db8:1::/48 65535",
             "MsgRateFrom:default 1",
         ] {
             assert!(lines.contains(&want), "no {want:?} in:\n{text}");

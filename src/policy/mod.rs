@@ -15,6 +15,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 pub use address::parse_client_addr;
+pub(crate) use parse::parse_key;
 pub use table::{Entry, Key, Origin, Table};
 
 use crate::check::{Check, KeyKind, Switch};
