@@ -302,6 +302,19 @@ impl Suggest {
     }
 }
 
+/// Whether `p` is a share a suggestion can promise: 0 to 1, not -0 or NaN.
+pub fn is_share(p: f64) -> bool {
+    (0.0..=1.0).contains(&p) && p.is_sign_positive()
+}
+
+/// A `--delay-share` argument, for both `suggest`s' command lines.
+pub fn parse_share(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(p) if is_share(p) => Ok(p),
+        _ => Err("a share from 0 to 1, such as 0.01".to_string()),
+    }
+}
+
 /// What a cluster kept, for [`policy_from_hourly_peaks`].
 pub struct ClusterPeaks<'a> {
     /// Each (check, key) and its hourly peaks.

@@ -283,7 +283,7 @@ impl pb::admin_server::Admin for AdminService {
         // token, when set, is asked as for a write.
         self.authorize(&request)?;
         let share = request.get_ref().delay_share.unwrap_or(0.01);
-        if !(0.0..=1.0).contains(&share) || share.is_sign_negative() {
+        if !crate::history::suggest::is_share(share) {
             return Err(Status::invalid_argument(
                 "delay_share must be a share from 0 to 1, such as 0.01",
             ));

@@ -122,16 +122,9 @@ enum Command {
     /// before applying it.
     Suggest {
         /// The share of each key's hours that may see a refusal (0 to 1).
-        #[arg(long, default_value_t = 0.01, value_parser = parse_share)]
+        #[arg(long, default_value_t = 0.01, value_parser = relayrate::history::suggest::parse_share)]
         delay_share: f64,
     },
-}
-
-fn parse_share(text: &str) -> Result<f64, String> {
-    match text.parse::<f64>() {
-        Ok(p) if (0.0..=1.0).contains(&p) && p.is_sign_positive() => Ok(p),
-        _ => Err("a share from 0 to 1, such as 0.01".to_string()),
-    }
 }
 
 #[derive(Subcommand)]
