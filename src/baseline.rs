@@ -17,7 +17,8 @@ const SLOTS: usize = 24;
 /// The weight of a new sample. A slot takes 120 samples an hour with the
 /// default 30 s bucket, so it remembers about its last hour of each day.
 const ALPHA: f32 = 1.0 / 128.0;
-/// The weight of a sample while the key is unusual, for the mean only:
+/// The weight of a bucket that was unusual (it reached the key's trip),
+/// for the mean only:
 /// a lasting change becomes usual in about an hour (5 times the rate) to
 /// a few hours (10 times), instead of minutes, and the spread is not
 /// widened by the very counts that are unusual.
@@ -165,8 +166,8 @@ pub fn hour_of_day(secs: u64) -> usize {
 
 impl Baseline {
     /// Takes in the `count` of `bucket`, which started at `start` (seconds),
-    /// slowly if the key was `unusual` then. An hour's first sample is its
-    /// mean.
+    /// slowly if it was `unusual` (it reached the key's trip). An hour's
+    /// first sample is its mean.
     pub fn learn(&mut self, bucket: u64, start: u64, count: u32, unusual: bool) {
         let h = hour_of_day(start);
         let x = count as f32;
