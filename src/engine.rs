@@ -266,7 +266,8 @@ pub struct EngineState {
 struct Counter {
     window: Window,
     /// The count in one bucket at which the key becomes unusual, from its
-    /// baseline for the hour of bucket `learned + 1` (`u32::MAX`: never).
+    /// baseline for the hour of the bucket after its last learned one
+    /// (`u32::MAX`: never).
     trip: u32,
     unusual: bool,
     /// The bucket from which its key's baseline is due to catch up again
