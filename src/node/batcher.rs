@@ -6,7 +6,8 @@
 //! batch at once, without waiting for the answer to the one before: its
 //! events then join the leader's next entry instead of waiting a whole
 //! forward for their turn. The leader of several voters writes several
-//! batches at once ([`MAX_WRITES`]).
+//! batches at once ([`MAX_WRITES`]). Batches leave at most one per
+//! [`WRITE_PACE`], so that under load more events share an entry.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -29,6 +30,18 @@ use crate::raft::{Command, RequestId, Response, Sender};
 /// batch at a time, 0.63 to 0.70 with 8; with every check on, 0.40 to
 /// 0.49 either way.
 pub const MAX_WRITES: usize = 8;
+/// The least time between two batches leaving this node (written or
+/// forwarded). Under load the events of one pace share a log entry, so
+/// the entries, fsyncs and AppendEntries a second stay under 1 / pace
+/// whatever the rate of events; when events are further apart than this,
+/// none waits. Each entry costs an fsync, and sled 0.34 hands each fsync
+/// to its I/O threads, waking all of them: measured (2026-12-01, 1 node,
+/// seed's checks through Postfix) 0.4 ms of CPU per entry in those threads
+/// alone. Measured the same way, 1.5 ms took the log entries per message
+/// from 1.8 to 1.1 (1 node) and 1.9 to 1.4 (3 nodes), and 3 nodes' CPU
+/// per message from 3.8 to 3.2 ms; 3 ms cut entries further but cost
+/// throughput (BENCHMARKS.md).
+pub const WRITE_PACE: std::time::Duration = std::time::Duration::from_micros(1500);
 /// Batches a follower has forwarded and not yet had answered, at most.
 pub const MAX_FORWARDS: usize = 16;
 /// Events after which a batch stops gathering (it may pass this by one
@@ -162,6 +175,7 @@ impl Gathering {
 pub async fn run(node: Arc<Node>, mut rx: mpsc::Receiver<Pending>) {
     // A caller's events that did not fit in the last batch open the next.
     let mut held: Option<Pending> = None;
+    let mut last_sent = tokio::time::Instant::now();
     loop {
         let first = match held.take() {
             Some(p) => p,
@@ -185,6 +199,17 @@ pub async fn run(node: Arc<Node>, mut rx: mpsc::Receiver<Pending>) {
                 break;
             }
         }
+        // Paced: callers that come within WRITE_PACE of the last batch
+        // join this one.
+        let next = last_sent + WRITE_PACE;
+        while held.is_none() && gathering.open() {
+            let Ok(Some(p)) = tokio::time::timeout_at(next, rx.recv()).await else {
+                break;
+            };
+            if let Err(p) = gathering.add(p) {
+                held = Some(p);
+            }
+        }
         let permit = node
             .in_flight
             .acquire(node.is_leader(), node.voters() == 1)
@@ -203,6 +228,7 @@ pub async fn run(node: Arc<Node>, mut rx: mpsc::Receiver<Pending>) {
         if batch.is_empty() {
             continue;
         }
+        last_sent = tokio::time::Instant::now();
         let node = node.clone();
         tokio::spawn(async move {
             decide_batch(&node, batch).await;
