@@ -559,5 +559,25 @@ fn memory(_: &mut Criterion) {
     );
 }
 
-criterion_group!(benches, memory, hot_path, baselines_on_off);
+/// The copy of the engine's state that a Raft snapshot takes while it
+/// holds the state's lock (decisions that write wait meanwhile): 100k IP
+/// keys, each with its MsgRate counter and, with baselines on, its
+/// baseline and hourly peaks; and the same with baselines off.
+fn snapshot_copy(c: &mut Criterion) {
+    let events = messages(&clients());
+    let mut group = c.benchmark_group("snapshot");
+    group.sample_size(10);
+    for (state, text) in [
+        ("on", POLICY.to_string()),
+        ("off", format!("{POLICY}UnusualFactor 0\n")),
+    ] {
+        let (_, engine) = filled(&policy(&text), &events);
+        group.bench_function(format!("state_100k_keys_baselines_{state}"), |b| {
+            b.iter(|| black_box(engine.state()))
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, memory, hot_path, baselines_on_off, snapshot_copy);
 criterion_main!(benches);

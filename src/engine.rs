@@ -257,8 +257,32 @@ pub struct EngineState {
     pub leases: Vec<(ConnId, IpAddr)>,
     pub swept: u64,
     /// What is usual for each key, and the counters unusual now.
-    pub baselines: Vec<(CounterId, Baseline)>,
+    /// Shared with the engine's own (serialized as the baselines
+    /// themselves): a snapshot copies pointers under the state's lock,
+    /// and the engine copies a baseline only when it changes one that a
+    /// snapshot still holds.
+    pub baselines: Vec<(CounterId, Arc<Baseline>)>,
     pub unusual: Vec<CounterId>,
+}
+
+/// A key's hourly peaks as the engine holds them: its baseline, shared,
+/// and the peak of its counter in the hour in progress (hour since the
+/// Unix epoch, count), not yet folded in.
+#[derive(Clone, Debug)]
+pub struct SharedPeaks {
+    baseline: Arc<Baseline>,
+    now: Option<(u64, u32)>,
+}
+
+impl SharedPeaks {
+    /// A copy of the peaks (336 bytes), the hour in progress included.
+    pub fn peaks(&self) -> HourlyPeaks {
+        let mut peaks = self.baseline.peaks().clone();
+        if let Some((hour, peak)) = self.now {
+            peaks.note(hour, peak);
+        }
+        peaks
+    }
 }
 
 /// A windowed counter and where it stands against its baseline.
@@ -334,7 +358,7 @@ pub struct Engine {
     counters: HashMap<CounterId, Counter>,
     /// What is usual per (check, key), kept after a counter goes idle; at
     /// most `UnusualKeys` of them after each sweep.
-    baselines: HashMap<CounterId, Baseline>,
+    baselines: HashMap<CounterId, Arc<Baseline>>,
     /// Counters unusual now, by check.
     unusual: [u64; Check::ALL.len()],
     /// Keys that became unusual, for the caller to log.
@@ -388,7 +412,8 @@ impl Engine {
             let ratio = to.bucket_secs() as f32 / from.bucket_secs() as f32;
             let rebucket = |b: u64| b * u64::from(from.bucket_secs()) / u64::from(to.bucket_secs());
             for b in self.baselines.values_mut() {
-                b.rescale(ratio, rebucket(b.last()));
+                let last = b.last();
+                Arc::make_mut(b).rescale(ratio, rebucket(last));
             }
             self.swept = rebucket(self.swept);
         }
@@ -595,18 +620,23 @@ impl Engine {
         })
     }
 
-    /// Each (check, key) with a baseline and a copy of its hourly peaks,
-    /// the hour in progress included. At most `UnusualKeys` keys; a copy
-    /// is 336 bytes, so that a caller holding a lock copies and works out
-    /// the rest after.
-    pub fn hourly_peaks(&self) -> impl Iterator<Item = (&CounterId, HourlyPeaks)> {
+    /// Each (check, key) with a baseline, and its hourly peaks, the hour
+    /// in progress included. At most `UnusualKeys` keys. The peaks are
+    /// shared, not copied ([`SharedPeaks::peaks`] copies them), so that a
+    /// caller holding a lock collects them quickly and copies after.
+    pub fn hourly_peaks(&self) -> impl Iterator<Item = (&CounterId, SharedPeaks)> {
         let size = u64::from(self.window.bucket_secs());
         self.baselines.iter().map(move |(id, b)| {
-            let mut peaks = b.peaks().clone();
-            if let Some(c) = self.counters.get(id).filter(|c| c.peak > 0) {
-                peaks.note(c.window.newest() * size / 3600, c.peak);
-            }
-            (id, peaks)
+            let now = self
+                .counters
+                .get(id)
+                .filter(|c| c.peak > 0)
+                .map(|c| (c.window.newest() * size / 3600, c.peak));
+            let shared = SharedPeaks {
+                baseline: b.clone(),
+                now,
+            };
+            (id, shared)
         })
     }
 
@@ -964,7 +994,7 @@ impl Engine {
 struct Judge<'a> {
     config: UnusualConfig,
     window: WindowConfig,
-    baselines: &'a mut HashMap<CounterId, Baseline>,
+    baselines: &'a mut HashMap<CounterId, Arc<Baseline>>,
     /// Counters unusual now, of the counter's check.
     unusual: &'a mut u64,
 }
@@ -1021,13 +1051,13 @@ impl Judge<'_> {
         let size = u64::from(self.window.bucket_secs());
         let room = self.baselines.len() < self.config.keys as usize;
         let b = match self.baselines.get_mut(id) {
-            Some(b) => b,
+            Some(b) => Arc::make_mut(b),
             None if make && room => {
                 let owned = CounterId {
                     check: id.check,
                     key: id.key.to_owned(),
                 };
-                self.baselines.entry(owned).or_default()
+                Arc::make_mut(self.baselines.entry(owned).or_default())
             }
             None => {
                 (c.due, c.trip, c.peak) = (NO_BASELINE, u32::MAX, 0);
@@ -1271,6 +1301,39 @@ mod tests {
         assert_eq!(due_bucket(100, one), 100, "every bucket");
     }
 
+    /// A snapshot's copy of the state shares the baselines (a pointer a
+    /// key, under the state's lock), and keeps them as they were when the
+    /// engine learns more after it: the engine copies the one it changes.
+    #[test]
+    fn a_snapshot_shares_baselines_and_keeps_them_as_they_were() {
+        let mut e = engine("");
+        let b0 = 500 * 120;
+        for ip in ["10.5.0.1", "10.5.0.2"] {
+            drive(&mut e, ip, b0..b0 + 2, |_| 3);
+        }
+        let snap = e.state();
+        assert_eq!(snap.baselines.len(), 2);
+        for (id, b) in &snap.baselines {
+            assert!(Arc::ptr_eq(b, &e.baselines[id]), "{id:?} was copied");
+        }
+        let before: Vec<Baseline> = snap.baselines.iter().map(|(_, b)| (**b).clone()).collect();
+        // Two windows on, the baselines learn the buckets since.
+        drive(&mut e, "10.5.0.1", b0 + 40..b0 + 41, |_| 9);
+        let now: Vec<Baseline> = snap.baselines.iter().map(|(_, b)| (**b).clone()).collect();
+        assert_eq!(now, before, "the snapshot's baselines changed");
+        let (id, b) = snap
+            .baselines
+            .iter()
+            .find(|(i, _)| i.key.to_string() == "10.5.0.1")
+            .unwrap();
+        assert_ne!(*e.baselines[id], **b, "{id:?} learned nothing");
+        assert!(!Arc::ptr_eq(b, &e.baselines[id]), "changed in place");
+        // Restored from the snapshot, an engine has the baselines of then.
+        let r = Engine::from_state(e.policy().clone(), snap);
+        assert_eq!(r.baselines.len(), 2);
+        assert!(r.baselines.values().all(|b| before.contains(b)));
+    }
+
     #[test]
     fn hourly_peaks_are_kept_per_hour_and_survive_a_snapshot() {
         let mut e = engine("");
@@ -1286,7 +1349,7 @@ mod tests {
         let at = |e: &Engine, now_hour: u64| {
             e.hourly_peaks()
                 .find(|(i, _)| **i == id)
-                .map(|(_, p)| p.hours(now_hour).collect::<Vec<_>>())
+                .map(|(_, p)| p.peaks().hours(now_hour).collect::<Vec<_>>())
                 .unwrap()
         };
         let peaks = |e: &Engine| at(e, h + 1);

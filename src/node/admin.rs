@@ -295,19 +295,24 @@ impl pb::admin_server::Admin for AdminService {
                 "another suggestion is being worked out; ask again in a moment",
             ));
         };
-        // Copied under the lock (336 bytes a key, at most UnusualKeys
-        // keys), worked out without it, so that decisions do not wait.
-        let (keys, policy, now) = {
+        // The peaks are shared under the lock (a pointer a key, at most
+        // UnusualKeys keys), copied and worked out without it, so that
+        // decisions do not wait.
+        let (shared, policy, now) = {
             let state = self.node.state().read().expect("state lock");
-            let keys: Vec<_> = state
+            let shared: Vec<_> = state
                 .engine()
                 .hourly_peaks()
                 .map(|(id, peaks)| (id.clone(), peaks))
                 .collect();
-            (keys, state.policy().clone(), state.now_ms() / 1000)
+            (shared, state.policy().clone(), state.now_ms() / 1000)
         };
         let text = tokio::task::spawn_blocking(move || {
             let _one = one;
+            let keys = shared
+                .into_iter()
+                .map(|(id, peaks)| (id, peaks.peaks()))
+                .collect();
             let cluster = crate::history::suggest::ClusterPeaks {
                 keys,
                 policy: &policy,
