@@ -562,7 +562,8 @@ fn memory(_: &mut Criterion) {
 /// The copy of the engine's state that a Raft snapshot takes while it
 /// holds the state's lock (decisions that write wait meanwhile): 100k IP
 /// keys, each with its MsgRate counter and, with baselines on, its
-/// baseline and hourly peaks; and the same with baselines off.
+/// baseline and hourly peaks; and the same with baselines off. With them
+/// on, also what `relayratectl suggest` collects under that lock.
 fn snapshot_copy(c: &mut Criterion) {
     let events = messages(&clients());
     let mut group = c.benchmark_group("snapshot");
@@ -575,6 +576,18 @@ fn snapshot_copy(c: &mut Criterion) {
         group.bench_function(format!("state_100k_keys_baselines_{state}"), |b| {
             b.iter(|| black_box(engine.state()))
         });
+        if state == "on" {
+            // What the Admin Suggest RPC collects under the same lock.
+            group.bench_function("hourly_peaks_100k_keys", |b| {
+                b.iter(|| {
+                    let shared: Vec<_> = engine
+                        .hourly_peaks()
+                        .map(|(id, peaks)| (id.clone(), peaks))
+                        .collect();
+                    black_box(shared)
+                })
+            });
+        }
     }
     group.finish();
 }
