@@ -4,7 +4,8 @@
 //!
 //! A baseline is 224 bytes (24 × two `f32`, a mask of the hours learned,
 //! the last bucket learned, the hourly peaks' header) and, once the key
-//! has counted, a block of 336 bytes of hourly peaks; with its key and
+//! has counted, a block of 352 bytes of hourly peaks (336 and two
+//! reference counts: snapshots share it); with its key and
 //! the engine's hash table, `BENCHMARKS.md` gives the bytes per key.
 
 use serde::{Deserialize, Serialize};
@@ -28,11 +29,11 @@ const ALPHA_UNUSUAL: f32 = ALPHA / 16.0;
 pub const DEFAULT_FACTOR: u32 = 4;
 /// `UnusualFloor` when the policy does not set it.
 pub const DEFAULT_FLOOR: u32 = 10;
-/// `UnusualKeys` when the policy does not set it: about 140 to 190 MB of
-/// baselines (700 to 960 bytes each with its key and hourly peaks,
+/// `UnusualKeys` when the policy does not set it: about 140 to 195 MB of
+/// baselines (715 to 975 bytes each with its key and hourly peaks,
 /// `BENCHMARKS.md`).
 pub const DEFAULT_KEYS: u32 = 200_000;
-/// The largest `UnusualKeys`: about 7 to 9.6 GB.
+/// The largest `UnusualKeys`: about 7.2 to 9.8 GB.
 pub const MAX_KEYS: u32 = 10_000_000;
 /// The largest `UnusualFactor` and `UnusualFloor`.
 pub const MAX_FACTOR: u32 = 1_000;

@@ -257,27 +257,24 @@ pub struct EngineState {
     pub leases: Vec<(ConnId, IpAddr)>,
     pub swept: u64,
     /// What is usual for each key, and the counters unusual now.
-    /// Shared with the engine's own (serialized as the baselines
-    /// themselves): a snapshot copies pointers under the state's lock,
-    /// and the engine copies a baseline only when it changes one that a
-    /// snapshot still holds.
-    pub baselines: Vec<(CounterId, Arc<Baseline>)>,
+    pub baselines: Vec<(CounterId, Baseline)>,
     pub unusual: Vec<CounterId>,
 }
 
-/// A key's hourly peaks as the engine holds them: its baseline, shared,
-/// and the peak of its counter in the hour in progress (hour since the
-/// Unix epoch, count), not yet folded in.
+/// A key's hourly peaks as the engine holds them: those its baseline
+/// kept (shared), and the peak of its counter in the hour in progress
+/// (hour since the Unix epoch, count), not yet folded in.
 #[derive(Clone, Debug)]
-pub struct SharedPeaks {
-    baseline: Arc<Baseline>,
+pub struct PeaksNow {
+    kept: HourlyPeaks,
     now: Option<(u64, u32)>,
 }
 
-impl SharedPeaks {
-    /// A copy of the peaks (336 bytes), the hour in progress included.
-    pub fn peaks(&self) -> HourlyPeaks {
-        let mut peaks = self.baseline.peaks().clone();
+impl PeaksNow {
+    /// The peaks, the hour in progress included (a copy of 336 bytes if
+    /// that hour raises one).
+    pub fn peaks(self) -> HourlyPeaks {
+        let mut peaks = self.kept;
         if let Some((hour, peak)) = self.now {
             peaks.note(hour, peak);
         }
@@ -358,7 +355,7 @@ pub struct Engine {
     counters: HashMap<CounterId, Counter>,
     /// What is usual per (check, key), kept after a counter goes idle; at
     /// most `UnusualKeys` of them after each sweep.
-    baselines: HashMap<CounterId, Arc<Baseline>>,
+    baselines: HashMap<CounterId, Baseline>,
     /// Counters unusual now, by check.
     unusual: [u64; Check::ALL.len()],
     /// Keys that became unusual, for the caller to log.
@@ -412,8 +409,7 @@ impl Engine {
             let ratio = to.bucket_secs() as f32 / from.bucket_secs() as f32;
             let rebucket = |b: u64| b * u64::from(from.bucket_secs()) / u64::from(to.bucket_secs());
             for b in self.baselines.values_mut() {
-                let last = b.last();
-                Arc::make_mut(b).rescale(ratio, rebucket(last));
+                b.rescale(ratio, rebucket(b.last()));
             }
             self.swept = rebucket(self.swept);
         }
@@ -622,9 +618,9 @@ impl Engine {
 
     /// Each (check, key) with a baseline, and its hourly peaks, the hour
     /// in progress included. At most `UnusualKeys` keys. The peaks are
-    /// shared, not copied ([`SharedPeaks::peaks`] copies them), so that a
+    /// shared, not copied ([`PeaksNow::peaks`] copies them), so that a
     /// caller holding a lock collects them quickly and copies after.
-    pub fn hourly_peaks(&self) -> impl Iterator<Item = (&CounterId, SharedPeaks)> {
+    pub fn hourly_peaks(&self) -> impl Iterator<Item = (&CounterId, PeaksNow)> {
         let size = u64::from(self.window.bucket_secs());
         self.baselines.iter().map(move |(id, b)| {
             let now = self
@@ -632,8 +628,8 @@ impl Engine {
                 .get(id)
                 .filter(|c| c.peak > 0)
                 .map(|c| (c.window.newest() * size / 3600, c.peak));
-            let shared = SharedPeaks {
-                baseline: b.clone(),
+            let shared = PeaksNow {
+                kept: b.peaks().clone(),
                 now,
             };
             (id, shared)
@@ -994,7 +990,7 @@ impl Engine {
 struct Judge<'a> {
     config: UnusualConfig,
     window: WindowConfig,
-    baselines: &'a mut HashMap<CounterId, Arc<Baseline>>,
+    baselines: &'a mut HashMap<CounterId, Baseline>,
     /// Counters unusual now, of the counter's check.
     unusual: &'a mut u64,
 }
@@ -1051,13 +1047,13 @@ impl Judge<'_> {
         let size = u64::from(self.window.bucket_secs());
         let room = self.baselines.len() < self.config.keys as usize;
         let b = match self.baselines.get_mut(id) {
-            Some(b) => Arc::make_mut(b),
+            Some(b) => b,
             None if make && room => {
                 let owned = CounterId {
                     check: id.check,
                     key: id.key.to_owned(),
                 };
-                Arc::make_mut(self.baselines.entry(owned).or_default())
+                self.baselines.entry(owned).or_default()
             }
             None => {
                 (c.due, c.trip, c.peak) = (NO_BASELINE, u32::MAX, 0);
@@ -1301,37 +1297,28 @@ mod tests {
         assert_eq!(due_bucket(100, one), 100, "every bucket");
     }
 
-    /// A snapshot's copy of the state shares the baselines (a pointer a
-    /// key, under the state's lock), and keeps them as they were when the
-    /// engine learns more after it: the engine copies the one it changes.
+    /// A snapshot's copy of the state shares each key's block of hourly
+    /// peaks (so the copy under the state's lock is short), and keeps the
+    /// peaks of then when the engine notes more after it.
     #[test]
-    fn a_snapshot_shares_baselines_and_keeps_them_as_they_were() {
+    fn a_snapshot_shares_the_hourly_peaks_and_keeps_them_as_they_were() {
         let mut e = engine("");
-        let b0 = 500 * 120;
-        for ip in ["10.5.0.1", "10.5.0.2"] {
-            drive(&mut e, ip, b0..b0 + 2, |_| 3);
-        }
+        let (h, b0) = (500u64, 500 * 120);
+        drive(&mut e, "10.5.0.1", b0..b0 + 2, |_| 3);
+        // An hour later its peak is folded in at the catch-up.
+        drive(&mut e, "10.5.0.1", b0 + 120..b0 + 121, |_| 2);
         let snap = e.state();
-        assert_eq!(snap.baselines.len(), 2);
-        for (id, b) in &snap.baselines {
-            assert!(Arc::ptr_eq(b, &e.baselines[id]), "{id:?} was copied");
-        }
-        let before: Vec<Baseline> = snap.baselines.iter().map(|(_, b)| (**b).clone()).collect();
-        // Two windows on, the baselines learn the buckets since.
-        drive(&mut e, "10.5.0.1", b0 + 40..b0 + 41, |_| 9);
-        let now: Vec<Baseline> = snap.baselines.iter().map(|(_, b)| (**b).clone()).collect();
-        assert_eq!(now, before, "the snapshot's baselines changed");
-        let (id, b) = snap
-            .baselines
-            .iter()
-            .find(|(i, _)| i.key.to_string() == "10.5.0.1")
-            .unwrap();
-        assert_ne!(*e.baselines[id], **b, "{id:?} learned nothing");
-        assert!(!Arc::ptr_eq(b, &e.baselines[id]), "changed in place");
-        // Restored from the snapshot, an engine has the baselines of then.
-        let r = Engine::from_state(e.policy().clone(), snap);
-        assert_eq!(r.baselines.len(), 2);
-        assert!(r.baselines.values().all(|b| before.contains(b)));
+        let (id, b) = &snap.baselines[0];
+        assert!(b.peaks().same_block(e.baselines[id].peaks()), "copied");
+        let then: Vec<_> = b.peaks().hours(h + 2).collect();
+        assert_eq!(then, [(h, 6)]);
+        // Another hour on the engine notes hour h + 1; the snapshot has not.
+        drive(&mut e, "10.5.0.1", b0 + 240..b0 + 241, |_| 1);
+        assert_eq!(b.peaks().hours(h + 2).collect::<Vec<_>>(), then);
+        assert_eq!(
+            e.baselines[id].peaks().hours(h + 2).collect::<Vec<_>>(),
+            [(h, 6), (h + 1, 2)]
+        );
     }
 
     #[test]

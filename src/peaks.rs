@@ -3,7 +3,12 @@
 //! limits from what the cluster has seen. Pure: hours and counts in.
 //!
 //! 168 hours × 2 bytes, in a block of its own made at the first peak:
-//! 336 bytes and the allocator's header per key (`BENCHMARKS.md`).
+//! 336 bytes, its reference counts and the allocator's header per key
+//! (`BENCHMARKS.md`). The block is shared by the copies of the peaks that
+//! a Raft snapshot or `suggest` takes under the state's lock, and copied
+//! only when the peaks change while a copy holds it.
+
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -20,8 +25,8 @@ pub struct HourlyPeaks {
     /// The newest hour noted, in hours since the epoch.
     newest: u64,
     /// `peaks[h % HOURS]` holds hour `h`, for the `HOURS` hours up to
-    /// `newest`; empty until the first peak.
-    peaks: Box<[u16]>,
+    /// `newest`; empty until the first peak. Shared by copies.
+    peaks: Arc<[u16]>,
 }
 
 impl HourlyPeaks {
@@ -32,21 +37,26 @@ impl HourlyPeaks {
             return;
         }
         if self.peaks.is_empty() {
-            self.peaks = vec![0; HOURS].into_boxed_slice();
-            self.newest = hour;
-        }
-        if hour > self.newest {
-            let gone = (hour - self.newest).min(HOURS as u64);
-            for h in hour + 1 - gone..=hour {
-                self.peaks[(h % HOURS as u64) as usize] = 0;
-            }
+            self.peaks = vec![0; HOURS].into();
             self.newest = hour;
         }
         if hour + (HOURS as u64) <= self.newest {
             return;
         }
-        let slot = &mut self.peaks[(hour % HOURS as u64) as usize];
-        *slot = (*slot).max(peak.min(MAX_PEAK) as u16);
+        let slot = (hour % HOURS as u64) as usize;
+        let peak = peak.min(MAX_PEAK) as u16;
+        if hour <= self.newest && self.peaks[slot] >= peak {
+            return; // nothing changes: a shared block stays shared
+        }
+        let peaks = Arc::make_mut(&mut self.peaks);
+        if hour > self.newest {
+            let gone = (hour - self.newest).min(HOURS as u64);
+            for h in hour + 1 - gone..=hour {
+                peaks[(h % HOURS as u64) as usize] = 0;
+            }
+            self.newest = hour;
+        }
+        peaks[slot] = peaks[slot].max(peak);
     }
 
     /// The hours with a peak among the [`HOURS`] up to `now_hour`, as
@@ -59,6 +69,11 @@ impl HourlyPeaks {
             .filter(|_| !self.peaks.is_empty())
             .map(|h| (h, u32::from(self.peaks[(h % HOURS as u64) as usize])))
             .filter(|(_, p)| *p > 0)
+    }
+
+    /// Whether `self` and `other` share one block of peaks.
+    pub fn same_block(&self, other: &HourlyPeaks) -> bool {
+        Arc::ptr_eq(&self.peaks, &other.peaks)
     }
 
     /// Whether this code could have made it: no ring, or one of [`HOURS`].
@@ -91,5 +106,22 @@ mod tests {
         p.note(10, 9);
         assert_eq!(p.hours(5000).count(), 1);
         assert!(p.is_sound());
+    }
+
+    /// A copy shares the block; a change to either copies it, and the
+    /// other keeps what it had.
+    #[test]
+    fn a_copy_shares_the_peaks_until_one_changes() {
+        let mut p = HourlyPeaks::default();
+        p.note(1000, 5);
+        let copy = p.clone();
+        assert!(Arc::ptr_eq(&p.peaks, &copy.peaks));
+        p.note(1000, 4); // lower: nothing changes
+        assert!(Arc::ptr_eq(&p.peaks, &copy.peaks));
+        p.note(1000, 6);
+        p.note(1001, 1);
+        assert!(!Arc::ptr_eq(&p.peaks, &copy.peaks));
+        assert_eq!(copy.hours(1001).collect::<Vec<_>>(), [(1000, 5)]);
+        assert_eq!(p.hours(1001).collect::<Vec<_>>(), [(1000, 6), (1001, 1)]);
     }
 }
