@@ -30,7 +30,7 @@ pub const DEFAULT_FACTOR: u32 = 4;
 /// `UnusualFloor` when the policy does not set it.
 pub const DEFAULT_FLOOR: u32 = 10;
 /// `UnusualKeys` when the policy does not set it: about 140 to 195 MB of
-/// baselines (715 to 975 bytes each with its key and hourly peaks,
+/// baselines (715 to 974 bytes each with its key and hourly peaks,
 /// `BENCHMARKS.md`).
 pub const DEFAULT_KEYS: u32 = 200_000;
 /// The largest `UnusualKeys`: about 7.2 to 9.8 GB.

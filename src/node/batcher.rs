@@ -31,16 +31,19 @@ use crate::raft::{Command, RequestId, Response, Sender};
 /// 0.49 either way.
 pub const MAX_WRITES: usize = 8;
 /// The least time between two batches leaving this node (written or
-/// forwarded). Under load the events of one pace share a log entry, so
+/// forwarded; tokio's timer rounds up to its next 1 ms tick, so 1.5 to
+/// about 2.5 ms). Under load the events of one pace share a log entry, so
 /// the entries, fsyncs and AppendEntries a second stay under 1 / pace
 /// whatever the rate of events; when events are further apart than this,
-/// none waits. Each entry costs an fsync, and sled 0.34 hands each fsync
-/// to its I/O threads, waking all of them: measured (2026-12-01, 1 node,
-/// seed's checks through Postfix) 0.4 ms of CPU per entry in those threads
-/// alone. Measured the same way, 1.5 ms took the log entries per message
-/// from 1.8 to 1.1 (1 node) and 1.9 to 1.4 (3 nodes), and 3 nodes' CPU
-/// per message from 3.8 to 3.2 ms; 3 ms cut entries further but cost
-/// throughput (BENCHMARKS.md).
+/// none waits. A follower's events are paced there and again in the
+/// leader's batch. Each entry costs an fsync, and sled 0.34 hands each
+/// fsync to its I/O threads, waking all of them: measured (2026-12-01,
+/// seed's checks through Postfix) 0.25 to 0.4 ms of CPU per entry on each
+/// node in those threads alone. Measured the same way, 1.5 ms took the
+/// log entries per message from 1.8 to 1.1 (1 node) and 1.9 to 1.4 (3
+/// nodes), and 3 nodes' CPU per message from 3.8 to 3.2 ms; 3 ms cut
+/// entries by another 30% but not the CPU, and each decision waits longer
+/// (BENCHMARKS.md).
 pub const WRITE_PACE: std::time::Duration = std::time::Duration::from_micros(1500);
 /// Batches a follower has forwarded and not yet had answered, at most.
 pub const MAX_FORWARDS: usize = 16;

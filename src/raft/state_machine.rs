@@ -198,6 +198,9 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
         let mut data = SNAPSHOT_FORMAT.to_vec();
         bincode::serialize_into(&mut data, &snap)
             .map_err(|e| StorageIOError::read_state_machine(&e))?;
+        // Let go of the shared blocks of peaks at once, so that the engine
+        // does not copy one it changes while the file is written.
+        drop(snap);
         let snapshot_id = match last_applied {
             Some(id) => format!("{}-{}-{}", id.leader_id, id.index, self.builds),
             None => format!("none-{}", self.builds),
