@@ -52,6 +52,10 @@ impl Relay {
         config.peer_listen = Some(node.peer_addr);
         config.start = Start::Resume;
         let mut mc = MilterConfig::new(format!("http://{}", node.addr));
+        // These tests are about what the node decides: a slow fsync on a
+        // busy machine (over the default 250 ms) must not turn a decision
+        // into the fail mode's. Tests of the timeout set their own.
+        mc.timeout = Duration::from_secs(5);
         tune(&mut mc);
         let (milter, decider, stop) = start_milter(mc).await;
         Relay {
