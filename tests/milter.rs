@@ -37,17 +37,24 @@ async fn wait_ready(h: &NodeHandle) {
     }
 }
 
+/// A lone voter with `policy` in force, its data in `dir`: its config
+/// (for a restart) and its handle.
+async fn lone_node(dir: &TempDir, policy: &str) -> (NodeConfig, NodeHandle) {
+    let listen: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let mut config = NodeConfig::new(1, listen, dir.path().to_path_buf(), Start::Bootstrap);
+    config.policy = vec![PolicyFile {
+        name: "test".into(),
+        text: policy.into(),
+    }];
+    let node = node::start(config.clone()).await.unwrap();
+    wait_ready(&node).await;
+    (config, node)
+}
+
 impl Relay {
     async fn start(policy: &str, tune: impl FnOnce(&mut MilterConfig)) -> Relay {
         let dir = TempDir::new().unwrap();
-        let listen: SocketAddr = "127.0.0.1:0".parse().unwrap();
-        let mut config = NodeConfig::new(1, listen, dir.path().to_path_buf(), Start::Bootstrap);
-        config.policy = vec![PolicyFile {
-            name: "test".into(),
-            text: policy.into(),
-        }];
-        let node = node::start(config.clone()).await.unwrap();
-        wait_ready(&node).await;
+        let (mut config, node) = lone_node(&dir, policy).await;
         config.listen = node.addr;
         config.peer_listen = Some(node.peer_addr);
         config.start = Start::Resume;
@@ -826,14 +833,7 @@ async fn a_session_with_no_rate_in_force_writes_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_close_rides_in_the_entry_of_the_next_write() {
     let dir = TempDir::new().unwrap();
-    let listen: SocketAddr = "127.0.0.1:0".parse().unwrap();
-    let mut config = NodeConfig::new(1, listen, dir.path().to_path_buf(), Start::Bootstrap);
-    config.policy = vec![PolicyFile {
-        name: "test".into(),
-        text: "CHECK_OPEN_CONNECTIONS YES\nConnOpen:default 100\n".into(),
-    }];
-    let h = node::start(config).await.unwrap();
-    wait_ready(&h).await;
+    let (_, h) = lone_node(&dir, "CHECK_OPEN_CONNECTIONS YES\nConnOpen:default 100\n").await;
     let node = h.node.clone();
     let last = || node.raft.metrics().borrow().last_log_index.unwrap_or(0);
     let client = Client::from_ip(ip("10.9.7.1"));
@@ -888,14 +888,7 @@ async fn a_close_rides_in_the_entry_of_the_next_write() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_that_come_within_a_pace_share_an_entry() {
     let dir = TempDir::new().unwrap();
-    let listen: SocketAddr = "127.0.0.1:0".parse().unwrap();
-    let mut config = NodeConfig::new(1, listen, dir.path().to_path_buf(), Start::Bootstrap);
-    config.policy = vec![PolicyFile {
-        name: "test".into(),
-        text: "CHECK_CONN_RATE YES\nConnRate:default 1000\n".into(),
-    }];
-    let h = node::start(config).await.unwrap();
-    wait_ready(&h).await;
+    let (_, h) = lone_node(&dir, "CHECK_CONN_RATE YES\nConnRate:default 1000\n").await;
     let node = h.node.clone();
     let last = || node.raft.metrics().borrow().last_log_index.unwrap_or(0);
     let client = Client::from_ip(ip("10.9.7.2"));
