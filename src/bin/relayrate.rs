@@ -42,10 +42,12 @@ struct Cli {
     /// Log lines as text for people, or as JSON objects for collectors.
     #[arg(long, global = true, default_value = "human")]
     log_format: LogFormat,
-    /// Threads that do the work [default: one per CPU; bench: one, which
-    /// drives more load with less CPU (see BENCHMARKS.md)].
-    #[arg(long, global = true, value_parser = clap::value_parser!(u16).range(1..=256))]
-    threads: Option<u16>,
+    /// Threads that do the work. One costs the least CPU a message: tasks
+    /// hand work to each other without waking another thread (see
+    /// BENCHMARKS.md); more serve more messages a second on a busy node.
+    #[arg(long, global = true, default_value_t = 1,
+          value_parser = clap::value_parser!(u16).range(1..=256))]
+    threads: u16,
     #[command(subcommand)]
     command: Command,
 }
@@ -451,7 +453,7 @@ fn main() -> ExitCode {
             };
             serve(config, args.milter.config(), serving)
         }
-        Command::Bench(args) => block_on(threads.or(Some(1)), relayrate::bench::run(args)),
+        Command::Bench(args) => block_on(threads, relayrate::bench::run(args)),
         Command::Replay(args) => {
             history_cli::replay(&args.policy, &args.logs.maillog, args.logs.year, args.json)
         }
@@ -511,24 +513,23 @@ fn local_address(listen: SocketAddr) -> SocketAddr {
     }
 }
 
-/// A runtime of `threads` threads (one per CPU when `None`). With one,
-/// everything runs on the calling thread, with no hand-overs.
-fn runtime(threads: Option<u16>) -> tokio::runtime::Runtime {
+/// A runtime of `threads` threads. With one, everything runs on the
+/// calling thread, with no hand-overs.
+fn runtime(threads: u16) -> tokio::runtime::Runtime {
     let mut builder = match threads {
-        Some(1) => tokio::runtime::Builder::new_current_thread(),
-        Some(n) => {
+        1 => tokio::runtime::Builder::new_current_thread(),
+        n => {
             let mut b = tokio::runtime::Builder::new_multi_thread();
             b.worker_threads(usize::from(n));
             b
         }
-        None => tokio::runtime::Builder::new_multi_thread(),
     };
     builder.enable_all().build().expect("tokio runtime")
 }
 
 /// Runs `work` to its end on a [`runtime`]; then leaves at once, even if
 /// a blocking task (a name lookup, a file) still runs.
-fn block_on(threads: Option<u16>, work: impl std::future::Future<Output = ExitCode>) -> ExitCode {
+fn block_on(threads: u16, work: impl std::future::Future<Output = ExitCode>) -> ExitCode {
     let rt = runtime(threads);
     let code = rt.block_on(work);
     rt.shutdown_timeout(Duration::from_millis(500));
@@ -584,7 +585,7 @@ struct Serving {
     /// Re-read on SIGHUP.
     policy_paths: Vec<PathBuf>,
     metrics: Option<SocketAddr>,
-    threads: Option<u16>,
+    threads: u16,
 }
 
 /// Starts the metrics endpoint, if asked, with a node's dashboard; false
@@ -767,7 +768,7 @@ fn serve_milter(
     listen: ListenAddr,
     config: MilterConfig,
     metrics: Option<SocketAddr>,
-    threads: Option<u16>,
+    threads: u16,
 ) -> ExitCode {
     block_on(threads, async move {
         let mut stop = match Stop::listen() {

@@ -295,20 +295,21 @@ impl pb::admin_server::Admin for AdminService {
                 "another suggestion is being worked out; ask again in a moment",
             ));
         };
-        // The peaks are shared under the lock (a pointer a key, at most
-        // UnusualKeys keys), copied and worked out without it, so that
-        // decisions do not wait.
-        let (shared, policy, now) = {
-            let state = self.node.state().read().expect("state lock");
-            let shared: Vec<_> = state
-                .engine()
-                .hourly_peaks()
-                .map(|(id, peaks)| (id.clone(), peaks))
-                .collect();
-            (shared, state.policy().clone(), state.now_ms() / 1000)
-        };
+        // All on a blocking thread, not the runtime's. The peaks are shared
+        // under the lock (a pointer a key, at most UnusualKeys keys), then
+        // copied and worked out without it, so that decisions do not wait.
+        let state = self.node.state().clone();
         let text = tokio::task::spawn_blocking(move || {
             let _one = one;
+            let (shared, policy, now) = {
+                let state = state.read().expect("state lock");
+                let shared: Vec<_> = state
+                    .engine()
+                    .hourly_peaks()
+                    .map(|(id, peaks)| (id.clone(), peaks))
+                    .collect();
+                (shared, state.policy().clone(), state.now_ms() / 1000)
+            };
             let keys = shared
                 .into_iter()
                 .map(|(id, peaks)| (id, peaks.peaks()))

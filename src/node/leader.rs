@@ -397,15 +397,25 @@ impl Node {
                 if let Err(reply) = self.read_index().await {
                     return reply;
                 }
-                let state = self.state.read().expect("state lock");
-                let now = state.now_ms() / 1000;
-                let engine = state.engine();
-                ProposalReply::Counts(match question {
-                    Inspect::Top { check, n, unusual } => {
-                        inspect::top(engine, check, n, unusual, now)
+                // `top` reads every key: on a blocking thread, not the
+                // runtime's (one by default), which answers the milters.
+                let state = self.state.clone();
+                let counts = tokio::task::spawn_blocking(move || {
+                    let state = state.read().expect("state lock");
+                    let now = state.now_ms() / 1000;
+                    let engine = state.engine();
+                    match question {
+                        Inspect::Top { check, n, unusual } => {
+                            inspect::top(engine, check, n, unusual, now)
+                        }
+                        Inspect::Show { key } => inspect::show(engine, &key, now),
                     }
-                    Inspect::Show { key } => inspect::show(engine, &key, now),
                 })
+                .await;
+                match counts {
+                    Ok(counts) => ProposalReply::Counts(counts),
+                    Err(e) => ProposalReply::Failed(format!("inspecting the counts: {e}")),
+                }
             }
         }
     }

@@ -125,14 +125,6 @@ impl StateMachine {
         self.clock.clone()
     }
 
-    /// Carries the cluster's time forward to the state's latest stamp.
-    fn observe_time(&self, state: &LimiterState) {
-        if state.now_ms() > 0 {
-            let mut clock = self.clock.lock().expect("clock lock");
-            clock.observe(state.now_ms(), Instant::now());
-        }
-    }
-
     fn stored(&self) -> StoreResult<Option<StoredSnapshot>> {
         let bytes = self
             .snapshots
@@ -161,46 +153,89 @@ impl StateMachine {
     }
 
     fn restore(&mut self, meta: &SnapshotMeta<NodeId, Node>, data: &[u8]) -> StoreResult<()> {
-        let bad = |e: &dyn std::error::Error| {
-            StorageIOError::read_snapshot(
-                Some(meta.signature()),
-                openraft::AnyError::error(e.to_string()),
-            )
-        };
-        let body = snapshot_body(data).map_err(|e| bad(&e))?;
-        let snap: LimiterSnapshot = super::decode_bounded(body).map_err(|e| bad(&e))?;
-        let state = LimiterState::from_snapshot(snap).map_err(|e| bad(&e))?;
-        let mut current = self.state.write().expect("state lock");
-        *current = state;
-        self.observe_time(&current);
-        *self.applied.lock().expect("applied lock") = AppliedTo {
-            last: meta.last_log_id,
-            membership: meta.last_membership.clone(),
-        };
-        Ok(())
+        restore(&self.shared_parts(), meta, data)
     }
+
+    fn shared_parts(&self) -> SharedParts {
+        SharedParts {
+            state: self.state.clone(),
+            applied: self.applied.clone(),
+            clock: self.clock.clone(),
+        }
+    }
+}
+
+/// What a snapshot is read from and restored into, for a blocking thread.
+struct SharedParts {
+    state: SharedState,
+    applied: Arc<Mutex<AppliedTo>>,
+    clock: SharedClock,
+}
+
+/// Carries the cluster's time forward to the state's latest stamp.
+fn observe_time(clock: &SharedClock, state: &LimiterState) {
+    if state.now_ms() > 0 {
+        let mut clock = clock.lock().expect("clock lock");
+        clock.observe(state.now_ms(), Instant::now());
+    }
+}
+
+/// Decodes a snapshot's bytes and puts its state in force. Costs CPU in
+/// proportion to the keys (all of them decoded and indexed).
+fn restore(parts: &SharedParts, meta: &SnapshotMeta<NodeId, Node>, data: &[u8]) -> StoreResult<()> {
+    let bad = |e: &dyn std::error::Error| {
+        StorageIOError::read_snapshot(
+            Some(meta.signature()),
+            openraft::AnyError::error(e.to_string()),
+        )
+    };
+    let body = snapshot_body(data).map_err(|e| bad(&e))?;
+    let snap: LimiterSnapshot = super::decode_bounded(body).map_err(|e| bad(&e))?;
+    let state = LimiterState::from_snapshot(snap).map_err(|e| bad(&e))?;
+    let mut current = parts.state.write().expect("state lock");
+    *current = state;
+    observe_time(&parts.clock, &current);
+    *parts.applied.lock().expect("applied lock") = AppliedTo {
+        last: meta.last_log_id,
+        membership: meta.last_membership.clone(),
+    };
+    Ok(())
+}
+
+/// Copies the state under its read lock and encodes it: the snapshot's
+/// bytes, and the log id and membership they are applied to.
+fn encode(parts: &SharedParts) -> Result<(Vec<u8>, AppliedTo), bincode::Error> {
+    let (snap, applied) = {
+        let state = parts.state.read().expect("state lock");
+        let applied = parts.applied.lock().expect("applied lock").clone();
+        (state.snapshot(), applied)
+    };
+    // Encoded outside the lock: deciding goes on meanwhile.
+    let mut data = SNAPSHOT_FORMAT.to_vec();
+    bincode::serialize_into(&mut data, &snap)?;
+    // `snap` is dropped here, letting go of the shared blocks of peaks
+    // at once, so that the engine does not copy one it changes while
+    // the snapshot is stored.
+    Ok((data, applied))
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     async fn build_snapshot(&mut self) -> StoreResult<Snapshot<TypeConfig>> {
-        // Copy under the lock, encode outside it: deciding goes on meanwhile.
+        // On a blocking thread: the copy and the encoding take CPU in
+        // proportion to the keys (tens of ms per 100k keys), and on the
+        // runtime's thread (one by default) would hold up every milter
+        // answer and Raft message behind them. The same for a restore.
+        let parts = self.shared_parts();
         let (
-            snap,
+            data,
             AppliedTo {
                 last: last_applied,
                 membership,
             },
-        ) = {
-            let state = self.state.read().expect("state lock");
-            let applied = self.applied.lock().expect("applied lock").clone();
-            (state.snapshot(), applied)
-        };
-        let mut data = SNAPSHOT_FORMAT.to_vec();
-        bincode::serialize_into(&mut data, &snap)
+        ) = tokio::task::spawn_blocking(move || encode(&parts))
+            .await
+            .map_err(|e| StorageIOError::read_state_machine(&e))?
             .map_err(|e| StorageIOError::read_state_machine(&e))?;
-        // Let go of the shared blocks of peaks at once, so that the engine
-        // does not copy one it changes while the file is written.
-        drop(snap);
         let snapshot_id = match last_applied {
             Some(id) => format!("{}-{}-{}", id.leader_id, id.index, self.builds),
             None => format!("none-{}", self.builds),
@@ -249,7 +284,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 }
             });
         }
-        self.observe_time(&state);
+        observe_time(&self.clock, &state);
         Ok(responses)
     }
 
@@ -268,7 +303,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> StoreResult<()> {
         let data = snapshot.into_inner();
-        self.restore(meta, &data)?;
+        let (parts, for_restore) = (self.shared_parts(), meta.clone());
+        let data = tokio::task::spawn_blocking(move || {
+            restore(&parts, &for_restore, &data).map(|()| data)
+        })
+        .await
+        .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))??;
         self.store(&StoredSnapshot {
             meta: meta.clone(),
             data,
