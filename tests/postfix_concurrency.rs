@@ -51,9 +51,14 @@ struct Site {
 impl Site {
     /// One relay: Postfix asking `relayrate run`.
     async fn single(policy: &str) -> Site {
+        Site::single_with(policy, &[]).await
+    }
+
+    /// [`Site::single`], `relayrate run` given more arguments.
+    async fn single_with(policy: &str, args: &[&std::ffi::OsStr]) -> Site {
         let root = temp_root();
         let sink = Sink::start(root.path());
-        let rr = Relayrate::run(root.path(), "a", policy);
+        let rr = Relayrate::run_with(root.path(), "a", policy, args);
         rr.wait_ready().await;
         let pf = Postfix::start_with_auth(root.path(), "relay-a", &rr.milter(), sink.port, USERS);
         pf.wait_ready().await;
@@ -391,6 +396,18 @@ async fn twenty_sessions_at_once_deliver_exactly_msgrate_5() {
         return;
     }
     let site = Site::single(MSG_POLICY).await;
+    let delivered = twenty_sessions_at_once(&site, By::Client).await;
+    site.delivered(&delivered).await;
+}
+
+/// The same on two threads (`--threads 2`; one is the default): the
+/// milter's sessions then run in parallel with the node's work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_sessions_at_once_deliver_exactly_msgrate_5_on_two_threads() {
+    if !sasl_available("twenty_sessions_at_once_deliver_exactly_msgrate_5_on_two_threads") {
+        return;
+    }
+    let site = Site::single_with(MSG_POLICY, &["--threads".as_ref(), "2".as_ref()]).await;
     let delivered = twenty_sessions_at_once(&site, By::Client).await;
     site.delivered(&delivered).await;
 }
