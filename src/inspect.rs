@@ -116,6 +116,18 @@ pub fn top(
     unusual: bool,
     now: Time,
 ) -> Vec<KeyCount> {
+    rank(top_candidates(engine, check, unusual, now), n)
+}
+
+/// The counts [`top`] ranks, unsorted: every nonzero one of `check` (or
+/// of all), of unusual keys only with `unusual`. The part of `top` that
+/// reads the engine, for a caller that sorts after letting go of it.
+pub fn top_candidates(
+    engine: &Engine,
+    check: Option<Check>,
+    unusual: bool,
+    now: Time,
+) -> Vec<KeyCount> {
     let policy = engine.policy();
     let wanted = |c: Check| check.is_none_or(|w| w == c);
     let windowed = engine
@@ -127,7 +139,11 @@ pub fn top(
         .open_counts()
         .filter(|_| wanted(Check::ConnOpen) && !unusual)
         .map(|(ip, count)| key_count(policy, Check::ConnOpen, &CounterKey::Ip(ip), count));
-    let mut all: Vec<KeyCount> = windowed.chain(open).collect();
+    windowed.chain(open).collect()
+}
+
+/// The first `n` of `all` in [`top`]'s order.
+pub fn rank(mut all: Vec<KeyCount>, n: usize) -> Vec<KeyCount> {
     let rank = |k: &KeyCount| (k.limit.is_some(), k.percent(), k.count);
     // Ties in key order, so that the same state always lists the same.
     all.sort_by(|a, b| {

@@ -924,3 +924,65 @@ async fn writes_that_come_within_a_pace_share_an_entry() {
         40
     );
 }
+
+/// On one thread (a current-thread runtime, as `--threads 1`, the
+/// default), a blocking thread that holds the state's read lock, as a
+/// snapshot's copy or `top` does, must hold up the writes only: before,
+/// the entry's `apply` parked the only thread in `write()`, and with it
+/// every milter answer, timer and read, until the lock was let go.
+#[tokio::test]
+async fn a_read_lock_held_elsewhere_holds_up_writes_not_the_runtime() {
+    use relayrate::engine::{ConnId, Event, Verdict};
+    let dir = TempDir::new().unwrap();
+    let (_config, node) = lone_node(&dir, "CHECK_CONN_RATE YES\nConnRate:default 100\n").await;
+    let client = Client::from_ip("192.0.2.7".parse().unwrap());
+
+    // Another thread holds the read lock until told, for 20 s at most.
+    let state = node.node.state().clone();
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    let (held_tx, held) = oneshot::channel();
+    let holder = std::thread::spawn(move || {
+        let _read = state.read().unwrap();
+        held_tx.send(()).unwrap();
+        released.recv_timeout(Duration::from_secs(20)).is_ok()
+    });
+    held.await.unwrap();
+
+    let (n, c) = (node.node.clone(), client.clone());
+    let write = tokio::spawn(async move {
+        let connect = Event::Connect {
+            conn: ConnId { owner: 0, conn: 1 },
+            client: c,
+        };
+        n.decide(vec![connect]).await
+    });
+    // The entry reaches the log; its apply then waits for the lock.
+    let raft = node.node.raft.clone();
+    let logged_not_applied = || {
+        let m = raft.metrics().borrow().clone();
+        m.last_log_index > m.last_applied.map(|l| l.index)
+    };
+    eventually(
+        "the entry logged",
+        Duration::from_secs(10),
+        logged_not_applied,
+    )
+    .await;
+    // The runtime goes on meanwhile: a timer fires, a recheck reads.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let recheck = Event::Recheck {
+        client: client.clone(),
+    };
+    assert_eq!(
+        node.node.read_local([&recheck].into_iter()),
+        [Verdict::Allow]
+    );
+    assert!(!write.is_finished(), "the write did not wait for the lock");
+    release.send(()).unwrap();
+    assert!(
+        holder.join().unwrap(),
+        "the runtime was parked until the lock holder gave up"
+    );
+    let verdicts = write.await.unwrap().expect("decided once the lock is free");
+    assert_eq!(verdicts, [Verdict::Allow]);
+}

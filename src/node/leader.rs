@@ -375,7 +375,7 @@ impl Node {
             Proposal::Remove { id } => self.remove_member(id).await,
             // The leader's notice to a node it removed or added back.
             Proposal::Membership { member, .. } => {
-                self.set_member(member);
+                self.set_member(member).await;
                 ProposalReply::Response(Response::Done)
             }
             Proposal::Policy => {
@@ -398,23 +398,33 @@ impl Node {
                     return reply;
                 }
                 // `top` reads every key: on a blocking thread, not the
-                // runtime's (one by default), which answers the milters.
+                // runtime's (one by default), which answers the milters;
+                // sorted after the lock is let go.
                 let state = self.state.clone();
                 let counts = tokio::task::spawn_blocking(move || {
-                    let state = state.read().expect("state lock");
-                    let now = state.now_ms() / 1000;
-                    let engine = state.engine();
-                    match question {
-                        Inspect::Top { check, n, unusual } => {
-                            inspect::top(engine, check, n, unusual, now)
+                    // `Some(n)` for top: ranked, the first n kept.
+                    let (counts, top_n) = {
+                        let state = state.read().expect("state lock");
+                        let now = state.now_ms() / 1000;
+                        let engine = state.engine();
+                        match question {
+                            Inspect::Top { check, n, unusual } => (
+                                inspect::top_candidates(engine, check, unusual, now),
+                                Some(n),
+                            ),
+                            Inspect::Show { key } => (inspect::show(engine, &key, now), None),
                         }
-                        Inspect::Show { key } => inspect::show(engine, &key, now),
+                    };
+                    match top_n {
+                        Some(n) => inspect::rank(counts, n),
+                        None => counts,
                     }
                 })
                 .await;
                 match counts {
                     Ok(counts) => ProposalReply::Counts(counts),
-                    Err(e) => ProposalReply::Failed(format!("inspecting the counts: {e}")),
+                    // Not `Failed`, which is asked again: it would fail again.
+                    Err(e) => ProposalReply::Refused(format!("inspecting the counts: {e}")),
                 }
             }
         }
@@ -496,7 +506,7 @@ impl Node {
                         tracing::warn!(id, %why, "the removed node was not told");
                     }
                 } else {
-                    self.set_member(false);
+                    self.set_member(false).await;
                 }
                 ProposalReply::Response(Response::Done)
             }

@@ -613,7 +613,7 @@ async fn watch_clock(node: Arc<Node>) {
     loop {
         if let Some(offset) = node.clock_offset_ms() {
             if stored.is_none_or(|s| s.abs_diff(offset) > STORE_CHANGE_MS) {
-                node.store_clock_offset(offset);
+                node.store_clock_offset(offset).await;
                 stored = Some(offset);
             }
             crate::metrics::set_clock_offset(offset);

@@ -227,7 +227,7 @@ impl Node {
     }
 
     /// The leader's word on whether this node is a member.
-    fn set_member(&self, member: bool) {
+    async fn set_member(&self, member: bool) {
         let was_removed = self.removed.send_replace(!member);
         if was_removed == member {
             if member {
@@ -239,7 +239,13 @@ impl Node {
                 true => self.meta.remove(REMOVED_KEY).map(|_| ()),
                 false => self.meta.insert(REMOVED_KEY, &[1]).map(|_| ()),
             };
-            if let Err(e) = stored.and_then(|()| self.meta.flush().map(|_| ())) {
+            // flush_async: a flush waits for the disk, which must not
+            // hold up the runtime's one thread.
+            let flushed = match stored {
+                Ok(()) => self.meta.flush_async().await.map(|_| ()),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = flushed {
                 tracing::error!(error = %e, "could not store whether this node is a member");
             }
         }
@@ -384,11 +390,11 @@ impl Node {
     }
 
     /// Keeps this host's clock offset (ms) for the next start.
-    fn store_clock_offset(&self, offset_ms: i64) {
-        let stored = self
-            .meta
-            .insert(CLOCK_OFFSET_KEY, &offset_ms.to_be_bytes())
-            .and_then(|_| self.meta.flush());
+    async fn store_clock_offset(&self, offset_ms: i64) {
+        let stored = match self.meta.insert(CLOCK_OFFSET_KEY, &offset_ms.to_be_bytes()) {
+            Ok(_) => self.meta.flush_async().await.map(|_| ()),
+            Err(e) => Err(e),
+        };
         if let Err(e) = stored {
             tracing::warn!(error = %e, "the clock offset was not stored");
         }

@@ -4,8 +4,8 @@
 //! openraft re-applies the log entries after it.
 
 use std::io::Cursor;
-use std::sync::{Arc, Mutex, RwLock};
-use std::time::Instant;
+use std::sync::{Arc, Mutex, RwLock, RwLockWriteGuard, TryLockError};
+use std::time::{Duration, Instant};
 
 use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{
@@ -138,18 +138,33 @@ impl StateMachine {
             .transpose()
     }
 
-    async fn store(&self, stored: &StoredSnapshot) -> StoreResult<()> {
+    /// Writes `stored` as the current snapshot, flushed, and gives it
+    /// back. The encoding and sled's copy of the whole state's bytes run
+    /// on a blocking thread, not the runtime's.
+    async fn store(&self, stored: StoredSnapshot) -> StoreResult<StoredSnapshot> {
         let sig = Some(stored.meta.signature());
-        let bytes = bincode::serialize(stored)
-            .map_err(|e| StorageIOError::write_snapshot(sig.clone(), &e))?;
-        self.snapshots
-            .insert(CURRENT, bytes)
-            .map_err(|e| StorageIOError::write_snapshot(sig.clone(), &e))?;
-        self.db
-            .flush_async()
+        let bad = |e: &dyn std::fmt::Display| {
+            StorageIOError::write_snapshot(sig.clone(), openraft::AnyError::error(e.to_string()))
+        };
+        let tree = self.snapshots.clone();
+        let written = tokio::task::spawn_blocking(move || {
+            let bytes = bincode::serialize(&stored)?;
+            tree.insert(CURRENT, bytes)?;
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(stored)
+        })
+        .await
+        .map_err(|e| bad(&e))?
+        .map_err(|e| bad(&*e))?;
+        self.db.flush_async().await.map_err(|e| bad(&e))?;
+        Ok(written)
+    }
+
+    /// The current snapshot, read and decoded on a blocking thread.
+    async fn stored_off_the_runtime(&self) -> StoreResult<Option<StoredSnapshot>> {
+        let sm = self.clone();
+        tokio::task::spawn_blocking(move || sm.stored())
             .await
-            .map_err(|e| StorageIOError::write_snapshot(sig, &e))?;
-        Ok(())
+            .map_err(|e| StorageIOError::read_snapshot(None, &e))?
     }
 
     fn restore(&mut self, meta: &SnapshotMeta<NodeId, Node>, data: &[u8]) -> StoreResult<()> {
@@ -172,6 +187,22 @@ struct SharedParts {
     clock: SharedClock,
 }
 
+/// The state's write lock, waited for without parking the runtime's
+/// thread. A blocking thread may hold the read lock for a while (a
+/// snapshot's copy or a `top`: tens of ms per 100k keys); on one thread, an
+/// `apply` parked in `write()` would hold up every milter answer, read
+/// and Raft message meanwhile, and make later readers queue behind it.
+/// Tried again every millisecond while held.
+async fn write_lock(state: &SharedState) -> RwLockWriteGuard<'_, LimiterState> {
+    loop {
+        match state.try_write() {
+            Err(TryLockError::WouldBlock) => {}
+            locked => return locked.expect("state lock"),
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
 /// Carries the cluster's time forward to the state's latest stamp.
 fn observe_time(clock: &SharedClock, state: &LimiterState) {
     if state.now_ms() > 0 {
@@ -192,13 +223,18 @@ fn restore(parts: &SharedParts, meta: &SnapshotMeta<NodeId, Node>, data: &[u8]) 
     let body = snapshot_body(data).map_err(|e| bad(&e))?;
     let snap: LimiterSnapshot = super::decode_bounded(body).map_err(|e| bad(&e))?;
     let state = LimiterState::from_snapshot(snap).map_err(|e| bad(&e))?;
-    let mut current = parts.state.write().expect("state lock");
-    *current = state;
-    observe_time(&parts.clock, &current);
-    *parts.applied.lock().expect("applied lock") = AppliedTo {
-        last: meta.last_log_id,
-        membership: meta.last_membership.clone(),
+    let old = {
+        let mut current = parts.state.write().expect("state lock");
+        let old = std::mem::replace(&mut *current, state);
+        observe_time(&parts.clock, &current);
+        *parts.applied.lock().expect("applied lock") = AppliedTo {
+            last: meta.last_log_id,
+            membership: meta.last_membership.clone(),
+        };
+        old
     };
+    // Freed after the lock is let go: freeing every key takes a while.
+    drop(old);
     Ok(())
 }
 
@@ -245,8 +281,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
             last_membership: membership,
             snapshot_id,
         };
-        let stored = StoredSnapshot { meta, data };
-        self.store(&stored).await?;
+        let stored = self.store(StoredSnapshot { meta, data }).await?;
         Ok(Snapshot {
             meta: stored.meta,
             snapshot: Box::new(Cursor::new(stored.data)),
@@ -270,7 +305,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         I::IntoIter: OptionalSend,
     {
         let mut responses = Vec::new();
-        let mut state = self.state.write().expect("state lock");
+        let mut state = write_lock(&self.state).await;
         let mut applied = self.applied.lock().expect("applied lock");
         for entry in entries {
             applied.last = Some(entry.log_id);
@@ -309,7 +344,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         })
         .await
         .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))??;
-        self.store(&StoredSnapshot {
+        self.store(StoredSnapshot {
             meta: meta.clone(),
             data,
         })
@@ -322,7 +357,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 
     async fn get_current_snapshot(&mut self) -> StoreResult<Option<Snapshot<TypeConfig>>> {
-        Ok(self.stored()?.map(|s| Snapshot {
+        Ok(self.stored_off_the_runtime().await?.map(|s| Snapshot {
             meta: s.meta,
             snapshot: Box::new(Cursor::new(s.data)),
         }))
