@@ -144,13 +144,22 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, NodeError> {
         source,
     })?;
     wait_writable(&config.data_dir).await?;
-    let db = sled::open(config.data_dir.join("sled")).map_err(|e| NodeError::DataDir {
-        path: config.data_dir.clone(),
-        source: std::io::Error::other(e),
-    })?;
     let storage = |e: &dyn std::fmt::Display| NodeError::Storage(e.to_string());
-    let mut log = LogStore::open(&db).map_err(|e| storage(&e))?;
-    let mut sm = StateMachine::open(&db).map_err(|e| storage(&e))?;
+    // On a blocking thread: opening sled and restoring the snapshot take
+    // time with the keys, and the runtime's thread meanwhile serves
+    // /metrics and hears a stop signal.
+    let data_dir = config.data_dir.clone();
+    let (db, mut log, mut sm) = tokio::task::spawn_blocking(move || {
+        let db = sled::open(data_dir.join("sled")).map_err(|e| NodeError::DataDir {
+            path: data_dir.clone(),
+            source: std::io::Error::other(e),
+        })?;
+        let log = LogStore::open(&db).map_err(|e| storage(&e))?;
+        let sm = StateMachine::open(&db).map_err(|e| storage(&e))?;
+        Ok::<_, NodeError>((db, log, sm))
+    })
+    .await
+    .map_err(|e| storage(&e))??;
     {
         use openraft::storage::RaftLogStorage;
         let end = log.get_log_state().await.map_err(|e| storage(&e))?;
