@@ -72,7 +72,8 @@ impl HourlyPeaks {
     }
 
     /// Whether `self` and `other` share one block of peaks.
-    pub fn same_block(&self, other: &HourlyPeaks) -> bool {
+    #[cfg(test)]
+    pub(crate) fn same_block(&self, other: &HourlyPeaks) -> bool {
         Arc::ptr_eq(&self.peaks, &other.peaks)
     }
 
@@ -115,12 +116,12 @@ mod tests {
         let mut p = HourlyPeaks::default();
         p.note(1000, 5);
         let copy = p.clone();
-        assert!(Arc::ptr_eq(&p.peaks, &copy.peaks));
+        assert!(p.same_block(&copy));
         p.note(1000, 4); // lower: nothing changes
-        assert!(Arc::ptr_eq(&p.peaks, &copy.peaks));
+        assert!(p.same_block(&copy));
         p.note(1000, 6);
         p.note(1001, 1);
-        assert!(!Arc::ptr_eq(&p.peaks, &copy.peaks));
+        assert!(!p.same_block(&copy));
         assert_eq!(copy.hours(1001).collect::<Vec<_>>(), [(1000, 5)]);
         assert_eq!(p.hours(1001).collect::<Vec<_>>(), [(1000, 6), (1001, 1)]);
     }

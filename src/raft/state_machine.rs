@@ -96,7 +96,7 @@ impl StateMachine {
         let snapshots = db
             .open_tree("raft_snapshot")
             .map_err(|e| StorageIOError::read_state_machine(&e))?;
-        let mut sm = StateMachine {
+        let sm = StateMachine {
             state: Arc::new(RwLock::new(initial_state())),
             applied: Arc::default(),
             clock: Arc::default(),
@@ -106,7 +106,7 @@ impl StateMachine {
             replay_until: 0,
         };
         if let Some(stored) = sm.stored()? {
-            sm.restore(&stored.meta, &stored.data)?;
+            restore(&sm.shared_parts(), &stored.meta, &stored.data)?;
         }
         Ok(sm)
     }
@@ -165,10 +165,6 @@ impl StateMachine {
         tokio::task::spawn_blocking(move || sm.stored())
             .await
             .map_err(|e| StorageIOError::read_snapshot(None, &e))?
-    }
-
-    fn restore(&mut self, meta: &SnapshotMeta<NodeId, Node>, data: &[u8]) -> StoreResult<()> {
-        restore(&self.shared_parts(), meta, data)
     }
 
     fn shared_parts(&self) -> SharedParts {
